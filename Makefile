@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# torch is installed first and pinned: an unpinned torch makes pip fetch a multi-GB CUDA build
+# where a CPU wheel is what this machine needs (set TORCH_SPEC for a GPU node).
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean ui
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	# DS_BUILD_OPS=0: DeepSpeed builds its ops just in time, so installing needs no compiler step.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/orchestrator run jobs/quickstart.yaml
+	$(VENV)/bin/orchestrator generate models:/quickstart@candidate "Fill in the fact card for the animal.
+A brown owl at the river."
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf runs mlartifacts mlflow.db .pytest_cache

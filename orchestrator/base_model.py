@@ -1,0 +1,147 @@
+"""The base model: resolve `model.base` to a directory, load it (quantized or not), add the adapter.
+
+Every base, the built-in demo included, goes through the same `from_pretrained` path.
+bitsandbytes and peft are imported only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.spec import JobSpec, ModelSpec, Problem, SpecError
+
+# Module-path words that mark a linear layer as attention or MLP. Matching on the path
+# (`model.layers.0.self_attn.q_proj`, `transformer.h.0.mlp.c_fc`) works across Llama,
+# Mistral, Qwen, GPT-NeoX and Falcon without a per-architecture table.
+_ATTENTION_WORDS = ("attn", "attention")
+_MLP_WORDS = ("mlp", "feed_forward", "ffn")
+
+
+def resolve_base(model: ModelSpec) -> str:
+    """A local directory (built-in models are built and cached on first use) or a hub id."""
+    if model.base.startswith("builtin:"):
+        from orchestrator.builtin_models import resolve_builtin
+
+        return str(resolve_builtin(model.base))
+    return model.base
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(spec: JobSpec):
+    """The `BitsAndBytesConfig` for the spec, or None for an unquantized base."""
+    q = spec.quantization
+    if q.bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch_dtype(spec.model.dtype)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # ZeRO-3 partitions every parameter it is given, and can only shard the packed 4-bit
+    # weights if they are stored in the model's float dtype rather than uint8.
+    storage = dtype if spec.distributed.deepspeed.stage == 3 else None
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": storage} if storage else {}))
+
+
+def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = True):
+    """The base causal LM, in the spec's dtype and (when asked) quantized as the spec says."""
+    from transformers import AutoModelForCausalLM
+
+    qconfig = quantization_config(spec) if quantize else None
+    kwargs = {"quantization_config": qconfig, "device_map": {"": device}} if qconfig else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(spec.model.dtype), revision=spec.model.revision,
+        trust_remote_code=spec.model.trust_remote_code, **kwargs)
+    if not qconfig:
+        model.to(device)
+    return model
+
+
+def linear_module_names(model) -> dict[str, str]:
+    """Full path -> leaf name of every linear layer (plain, 4-bit or 8-bit), lm_head excluded."""
+    import torch
+
+    linear_types: tuple = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency, but planning needs none
+        pass
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, linear_types) and not name.endswith("lm_head"):
+            out[name] = name.rsplit(".", 1)[-1]
+    return out
+
+
+def resolve_target_modules(target: str | list[str], model) -> list[str]:
+    """Turn a preset (`attention`, `mlp`, `all-linear`) or a list into the model's leaf names.
+
+    Raises `SpecError` naming the modules the model has when nothing (or a wrong name) matches.
+    """
+    linears = linear_module_names(model)
+    available = sorted(set(linears.values()))
+    if isinstance(target, list):
+        unknown = [m for m in target if m not in available]
+        if unknown:
+            raise SpecError([Problem(path="peft.target_modules",
+                                     message=f"the model has no linear module named {', '.join(unknown)}",
+                                     fix=f"choose from {', '.join(available)}")])
+        return list(target)
+    if target == "all-linear":
+        return available
+
+    words = _ATTENTION_WORDS if target == "attention" else _MLP_WORDS
+    chosen = sorted({leaf for path, leaf in linears.items()
+                     if any(w in part for part in path.split(".")[:-1] for w in words)})
+    if not chosen:
+        raise SpecError([Problem(path="peft.target_modules",
+                                 message=f"preset '{target}' matches no module of this model",
+                                 fix=f"list module names instead, from {', '.join(available)}")])
+    return chosen
+
+
+def lora_config(spec: JobSpec, target_modules: list[str]):
+    from peft import LoraConfig
+
+    p = spec.peft
+    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def add_adapter(spec: JobSpec, model):
+    """Wrap `model` with the spec's adapter; only the adapter's parameters stay trainable."""
+    from peft import get_peft_model
+
+    targets = resolve_target_modules(spec.peft.target_modules, model)
+    if spec.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(spec, targets))
+
+
+def load_adapter_model(adapter_dir: str | Path, spec: JobSpec, base_path: str, quantize: bool = True):
+    """Base + a saved adapter, ready for inference."""
+    from peft import PeftModel
+
+    base = load_base(spec, base_path, quantize=quantize)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    return model

@@ -1,0 +1,177 @@
+"""Data: JSONL records -> formatted text with trained character spans -> token ids and labels.
+
+Three formats share one tokenization path. Each formatter returns the full text and the
+character spans whose tokens are trained; every other token (the prompt, the user turns)
+gets the label -100 and so adds nothing to the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.prompt_templates import format_alpaca_prompt
+from orchestrator.spec import DataSpec, Problem, SpecError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class DataSets:
+    train: list[Example]
+    eval: list[Example]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _data_error(path: str, message: str, fix: str) -> SpecError:
+    return SpecError([Problem(path=path, message=message, fix=fix)])
+
+
+def read_jsonl(path: str | Path, field_path: str = "data.train") -> list[dict]:
+    """Read a JSONL file; a bad line is reported with its file and line number."""
+    path = Path(path)
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise _data_error(field_path, f"file not found: {path}", "point it at an existing JSONL file") from None
+    except UnicodeDecodeError:
+        raise _data_error(field_path, f"{path} is not UTF-8 text", "re-encode the file as UTF-8") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _data_error(field_path, f"{path}:{number}: malformed JSON ({e.msg})",
+                              "make each line one JSON object") from None
+        if not isinstance(record, dict):
+            raise _data_error(field_path, f"{path}:{number}: a line is not a JSON object",
+                              "make each line one JSON object") from None
+        records.append(record)
+    if not records:
+        raise _data_error(field_path, f"{path} has no records", "add at least one JSON line")
+    return records
+
+
+# --- formatters: record -> (text, trained character spans) ------------------------------------
+
+
+def _format_alpaca(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tuple[int, int]], bool]:
+    prompt = format_alpaca_prompt(str(record["instruction"]), str(record.get("input") or ""))
+    text = prompt + str(record["output"])
+    return text, [(len(prompt), len(text))], True
+
+
+def _format_text(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tuple[int, int]], bool]:
+    text = str(record[data.text_field])
+    return text, [(0, len(text))], True
+
+
+def _format_chat(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tuple[int, int]], bool]:
+    messages = record["messages"]
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        # The assistant turn's characters are those the template adds after the prompt for it.
+        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+        spans.append((start, end))
+    # The chat template writes its own end-of-turn tokens, so no extra EOS is appended.
+    return text, spans, False
+
+
+_FORMATTERS = {"alpaca": (_format_alpaca, ("instruction", "output")),
+               "text": (_format_text, None),
+               "chat": (_format_chat, ("messages",))}
+
+
+def tokenize_example(text: str, spans: list[tuple[int, int]], add_eos: bool, tokenizer,
+                     max_seq_len: int) -> tuple[Example, bool]:
+    """Token ids and labels; tokens whose characters fall in `spans` are trained.
+
+    Returns the example and whether it was truncated to `max_seq_len`.
+    """
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    for tok, (s, e) in zip(ids, offsets):
+        trained = e > s and any(a <= s < b for a, b in spans)
+        labels.append(tok if trained else IGNORE_INDEX)
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+        labels = labels + [tokenizer.eos_token_id]
+    truncated = len(ids) > max_seq_len
+    return Example(input_ids=ids[:max_seq_len], labels=labels[:max_seq_len]), truncated
+
+
+def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
+                    field_path: str) -> tuple[list[Example], int]:
+    """Format and tokenize records; returns examples and how many were truncated."""
+    formatter, required = _FORMATTERS[data.format]
+    required = required or (data.text_field,)
+    examples, truncated = [], 0
+    for number, record in enumerate(records, start=1):
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise _data_error(field_path, f"{source}: record {number} lacks {', '.join(missing)} "
+                              f"(format '{data.format}' needs {', '.join(required)})",
+                              "fix the record or set data.format to the file's format")
+        text, spans, add_eos = formatter(record, tokenizer, data)
+        example, cut = tokenize_example(text, spans, add_eos, tokenizer, data.max_seq_len)
+        truncated += cut
+        if example.num_trained_tokens:
+            examples.append(example)
+    return examples, truncated
+
+
+def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
+    """Read, split (when `eval` is a fraction), format and tokenize the job's data."""
+    train_records = read_jsonl(data.train, "data.train")
+    if isinstance(data.eval, str):
+        eval_records = read_jsonl(data.eval, "data.eval")
+    elif data.eval:
+        shuffled = list(train_records)
+        random.Random(seed).shuffle(shuffled)
+        n_eval = max(1, int(round(len(shuffled) * data.eval)))
+        eval_records, train_records = shuffled[:n_eval], shuffled[n_eval:]
+    else:
+        eval_records = []
+    train, cut_train = prepare_records(train_records, data, tokenizer, data.train, "data.train")
+    evals, cut_eval = prepare_records(eval_records, data, tokenizer, str(data.eval), "data.eval")
+    tokens = sum(len(e.input_ids) for e in train)
+    stats = {"train_examples": len(train), "eval_examples": len(evals), "train_tokens": tokens,
+             "truncated_examples": cut_train + cut_eval,
+             "mean_seq_len": round(tokens / max(1, len(train)), 1)}
+    return DataSets(train=train, eval=evals, stats=stats)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-pad a batch to its longest example; padding is masked from attention and loss."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,110 @@
+"""The one module that talks to the Ray driver API: connect, fit a `TorchTrainer`, watch progress."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from orchestrator.plan import Resources
+from orchestrator.train_loop import ADAPTER_DIR, WorkerJob, train_loop_per_worker
+
+# Quiet third-party chatter in the workers; our own progress and summary are what users read.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "PYTHONWARNINGS": "ignore",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+@dataclass
+class FitResult:
+    adapter_dir: str
+    metrics: dict
+    storage_dir: str
+
+
+def connect(address: str | None = None, verbose: bool = False) -> float:
+    """Start a local Ray instance (or join `address`); returns the GPUs the cluster has."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        ray.init(address=address, log_to_driver=verbose, include_dashboard=False,
+                 logging_level="ERROR" if not verbose else "INFO",
+                 runtime_env={"env_vars": WORKER_ENV})
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _progress_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Progress:
+        """Rank 0 pushes (step, metrics) here; the driver polls it for its progress bar."""
+
+        def __init__(self):
+            self.step, self.metrics = 0, {}
+
+        def update(self, step: int, metrics: dict) -> None:
+            self.step, self.metrics = step, metrics
+
+        def get(self) -> tuple[int, dict]:
+            return self.step, self.metrics
+
+    return Progress.remote()
+
+
+def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, max_failures: int,
+        on_progress: Callable[[int, dict], None] | None = None) -> FitResult:
+    """Run the worker loop on `resources.num_workers` Ray Train workers and wait for it."""
+    import ray
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    progress = _progress_actor()
+    job.progress = progress
+    storage = str(Path(storage_path).resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=resources.scaling_config(),
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            try:
+                step, metrics = ray.get(progress.get.remote(), timeout=5)
+            except Exception:  # the actor is gone at shutdown; the bar simply stops
+                return
+            if on_progress:
+                on_progress(step, metrics)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        watcher.join(timeout=2)
+        ray.kill(progress)
+    if on_progress:
+        on_progress(job.total_steps, result.metrics or {})
+    return FitResult(adapter_dir=os.path.join(result.checkpoint.path, ADAPTER_DIR),
+                     metrics=dict(result.metrics or {}), storage_dir=os.path.join(storage, name))

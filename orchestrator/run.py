@@ -1,0 +1,91 @@
+"""`orchestrator run`: spec -> plan -> launch -> train (workers) -> track -> register -> summary."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from orchestrator.spec import JobSpec, Problem, SpecError
+
+StatusFn = Callable[[str], None]
+ProgressFn = Callable[[int, int, dict], None]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    experiment: str
+    tracking_uri: str
+    metrics: dict
+    registered_model: dict
+    data: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
+                "registered_model": self.registered_model}
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
+            status: StatusFn = lambda _: None, progress: ProgressFn | None = None) -> RunSummary:
+    """Run a job end to end and return its summary. Raises `SpecError` for problems with the
+    job that are found before any worker starts (data, model, sizes)."""
+    from orchestrator import launch, tracking
+    from orchestrator.base_model import load_tokenizer, resolve_base
+    from orchestrator.data import load_datasets
+    from orchestrator.plan import deepspeed_config, examples_per_step, optimizer_steps, resources
+    from orchestrator.train_loop import WorkerJob
+
+    started = time.time()
+    status(f"Resolving base model {spec.model.base}")
+    base_path = resolve_base(spec.model)
+    tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code)
+
+    status("Tokenizing data")
+    data = load_datasets(spec.data, tokenizer, spec.training.seed)
+
+    status("Connecting to Ray" if address else "Starting Ray")
+    gpus = launch.connect(address, verbose)
+    res = resources(spec, gpus_available=gpus)
+    needed = examples_per_step(spec, res.num_workers) // spec.training.grad_accum
+    if len(data.train) < needed:
+        raise SpecError([Problem(
+            path="training.micro_batch_size",
+            message=f"{len(data.train)} training examples cannot fill one micro batch on each of "
+                    f"{res.num_workers} workers ({needed} needed)",
+            fix="add data, or lower training.micro_batch_size or distributed.num_workers")])
+    total = optimizer_steps(spec, len(data.train), res.num_workers)
+    ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
+
+    handle = tracking.start_run(
+        spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
+                    "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage)},
+        artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats})
+    status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
+    try:
+        job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
+                        train=data.train, eval=data.eval, pad_id=tokenizer.pad_token_id,
+                        tracking_uri=handle.uri, run_id=handle.run_id)
+        status(f"Training {total} steps on {res.num_workers} worker(s), "
+               f"ZeRO stage {spec.distributed.deepspeed.stage}")
+        fit = launch.fit(job, name=f"{spec.name}-{handle.run_id[:8]}", resources=res,
+                         storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
+                         on_progress=(lambda step, m: progress(step, total, m)) if progress else None)
+        status(f"Registering adapter as '{spec.registered_name}'")
+        version = tracking.register_adapter(handle, spec, fit.adapter_dir,
+                                            tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
+        wall = time.time() - started
+        metrics = {"base_eval_loss": fit.metrics.get("base_eval_loss"), "eval_loss": fit.metrics.get("eval_loss"),
+                   "train_loss": fit.metrics.get("train_loss"), "tokens_per_s": fit.metrics.get("tokens_per_s"),
+                   "wall_s": round(wall, 1)}
+        tracking.log_metrics(handle, {"wall_s": wall, "final_eval_loss": metrics["eval_loss"]}, step=total)
+        tracking.set_tags(handle, {"registered_model": version.uri, "registered_version": version.version})
+        tracking.finish_run(handle, "FINISHED")
+    except BaseException:
+        tracking.finish_run(handle, "FAILED")
+        raise
+    metrics = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+    return RunSummary(run_id=handle.run_id, experiment=handle.experiment, tracking_uri=handle.uri,
+                      metrics=metrics, data=data.stats,
+                      registered_model={**asdict(version), "uri": version.uri})

@@ -1,0 +1,403 @@
+"""The job spec: one typed, validated description of a fine-tuning job.
+
+Everything a run does follows from a `JobSpec`. It is loaded from one YAML file plus
+`--set dotted.path=value` overrides; every problem (unknown keys, wrong types, values out
+of range, combinations that cannot work, missing files) is collected and raised at once
+as a `SpecError` whose lines read `dotted.path: what is wrong. Fix: what to do`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Target-module presets, resolved against the model's module names when the adapter is built.
+TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
+DATA_FORMATS = ("alpaca", "chat", "text")
+
+
+class Problem(BaseModel):
+    """One thing wrong with a spec: where, what, and how to fix it."""
+
+    path: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        fix = f" Fix: {self.fix}" if self.fix else ""
+        return f"{self.path}: {self.message}.{fix}"
+
+
+class SpecError(Exception):
+    """A job spec with one or more problems; `str()` gives one line per problem."""
+
+    def __init__(self, problems: list[Problem], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
+
+
+class _Section(BaseModel):
+    # Unknown keys are an error, never silently ignored (a typo must cost seconds, not a GPU hour).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    base: str = Field("builtin:tiny-llama", description="local directory, hub id, or builtin:NAME")
+    revision: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+class QuantizationSpec(_Section):
+    bits: Literal[4, 8] | None = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class PeftSpec(_Section):
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+class DataSpec(_Section):
+    train: str
+    # A path to an eval file, or the fraction of `train` held out for evaluation.
+    eval: Union[float, str, None] = 0.1
+    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    max_seq_len: int = Field(512, ge=8, le=1_048_576)
+    text_field: str = "text"
+
+
+class TrainingSpec(_Section):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    seed: int = 42
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int | None = Field(None, ge=1, description="cap on eval batches per evaluation")
+    checkpoint_every: int | None = Field(None, ge=1)
+
+
+class DeepSpeedSpec(_Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class DistributedSpec(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: Union[bool, Literal["auto"]] = "auto"
+    cpus_per_worker: int = Field(1, ge=1)
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    max_failures: int = Field(0, ge=-1)
+
+
+class TrackingSpec(_Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None
+
+
+class RegistrySpec(_Section):
+    name: str | None = None
+    mode: Literal["adapter"] = "adapter"
+    alias: str = "candidate"
+
+
+class StorageSpec(_Section):
+    # Where Ray Train persists checkpoints and results; relative paths are relative to the
+    # working directory of the driver.
+    path: str = "runs"
+
+
+class JobSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    model: ModelSpec = ModelSpec()
+    quantization: QuantizationSpec = QuantizationSpec()
+    peft: PeftSpec = PeftSpec()
+    data: DataSpec
+    training: TrainingSpec = TrainingSpec()
+    distributed: DistributedSpec = DistributedSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    registry: RegistrySpec = RegistrySpec()
+    storage: StorageSpec = StorageSpec()
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_name(self) -> str:
+        return self.registry.name or self.name
+
+    def spec_hash(self) -> str:
+        """A short content hash of the spec: equal specs give equal hashes."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> raw dict -> JobSpec, with every problem reported at once.
+# ---------------------------------------------------------------------------------------
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
+    """Apply `dotted.path=value` overrides to `raw` in place; values are parsed as YAML."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem(path=f"--set {item}", message="not of the form dotted.path=value",
+                                    fix="write e.g. --set training.max_steps=100"))
+            continue
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(Problem(path=key, message=f"'{part}' is a value, not a section",
+                                        fix="override the value itself"))
+                break
+            node = child
+        else:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return problems
+
+
+def _spec_path(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """The spec keys in a pydantic error location, and the section model that owns the last one.
+
+    pydantic adds union member names (`float`, `literal['auto']`) and list indexes to
+    locations; they are not keys a user can write, so the walk stops at them.
+    """
+    keys: list[str] = []
+    model: Any = JobSpec
+    owner: type[BaseModel] | None = JobSpec
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(part, str) or fields is None:
+            break
+        owner = model
+        keys.append(part)
+        if part not in fields:
+            break
+        model = fields[part].annotation
+    return keys, owner
+
+
+def _problem_from_pydantic(err: dict) -> Problem:
+    keys, owner = _spec_path(tuple(err["loc"]))
+    path = ".".join(keys) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(keys[-1], valid, n=1) if keys else []
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return Problem(path=path, message="unknown key", fix=f"{hint}valid keys here: {', '.join(valid)}")
+    if kind == "missing":
+        return Problem(path=path, message="required key is missing", fix="add it to the job file")
+    got = err.get("input")
+    got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    fix = _FIXES.get(kind) or _FIXES.get(kind.split("_")[0], "correct the value")
+    if path == "name" and kind == "string_pattern_mismatch":
+        fix = "use letters, digits, '.', '_' and '-' only, starting with a letter or digit"
+    return Problem(path=path, message=f"{err['msg']}{got_s}", fix=fix)
+
+
+_FIXES = {
+    "literal_error": "use one of the values listed",
+    "greater": "use a larger value",
+    "less": "use a smaller value",
+    "bool": "use true or false",
+    "int": "use a whole number",
+    "float": "use a number",
+    "string": "use a text value",
+    "dict": "write it as a section of keys",
+}
+
+
+def _drop(raw: dict, loc: tuple) -> None:
+    """Remove the key at `loc` from `raw` (so a re-validation falls back to its default)."""
+    node: Any = raw
+    for part in loc[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+            return
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(loc[-1], None)
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    # A union field reports one error per member type; one line per field is enough.
+    seen, out = set(), []
+    for p in problems:
+        if p.path not in seen:
+            seen.add(p.path)
+            out.append(p)
+    return out
+
+
+def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Problem]:
+    """Cross-field and filesystem checks that a single field's type cannot express."""
+    problems: list[Problem] = []
+    t, d, ds = spec.training, spec.data, spec.distributed.deepspeed
+    if t.max_steps is None and t.epochs is None:
+        problems.append(Problem(path="training.max_steps", message="neither max_steps nor epochs is set",
+                                fix="set training.max_steps (or training.epochs)"))
+    if t.max_steps is not None and t.epochs is not None:
+        problems.append(Problem(path="training.epochs", message="both max_steps and epochs are set",
+                                fix="keep one of training.max_steps and training.epochs"))
+    if ds.offload_params and ds.stage != 3:
+        problems.append(Problem(path="distributed.deepspeed.offload_params",
+                                message="parameter offload needs ZeRO stage 3",
+                                fix="set distributed.deepspeed.stage=3 or offload_params=false"))
+    if ds.offload_optimizer and ds.stage == 0:
+        problems.append(Problem(path="distributed.deepspeed.offload_optimizer",
+                                message="optimizer offload needs ZeRO stage 1, 2 or 3",
+                                fix="set distributed.deepspeed.stage to 2 or 3"))
+    q = spec.quantization
+    if q.bits is not None and spec.model.dtype == "float32" and ds.stage == 3:
+        problems.append(Problem(path="model.dtype",
+                                message="ZeRO-3 with a quantized base needs a 16-bit dtype",
+                                fix="set model.dtype=bfloat16"))
+    tm = spec.peft.target_modules
+    if isinstance(tm, str) and tm not in TARGET_MODULE_PRESETS:
+        problems.append(Problem(path="peft.target_modules",
+                                message=f"unknown preset '{tm}'",
+                                fix=f"use one of {', '.join(TARGET_MODULE_PRESETS)} or a list of module names"))
+    if isinstance(tm, list) and not tm:
+        problems.append(Problem(path="peft.target_modules", message="empty list",
+                                fix="name at least one module, or use a preset such as all-linear"))
+    if isinstance(d.eval, float) and not 0.0 < d.eval < 1.0:
+        problems.append(Problem(path="data.eval", message=f"eval fraction {d.eval} is not between 0 and 1",
+                                fix="use e.g. 0.1, or a path to an eval file"))
+    if t.checkpoint_every is not None and t.max_steps is not None and t.checkpoint_every > t.max_steps:
+        problems.append(Problem(path="training.checkpoint_every",
+                                message=f"{t.checkpoint_every} is beyond max_steps ({t.max_steps})",
+                                fix="lower it or leave it unset (the final adapter is always saved)"))
+    if base_dir is not None:
+        for field in ("train", "eval"):
+            value = getattr(d, field)
+            if isinstance(value, str) and not resolve_path(value, base_dir).is_file():
+                problems.append(Problem(path=f"data.{field}",
+                                        message=f"file not found: {value} (looked in {resolve_path(value, base_dir)})",
+                                        fix="point it at an existing JSONL file (paths are relative to the job file)"))
+        base = spec.model.base
+        if not base.startswith("builtin:") and (base.startswith((".", "/", "~")) or Path(base).exists()):
+            p = resolve_path(base, base_dir)
+            if not (p / "config.json").is_file():
+                problems.append(Problem(path="model.base", message=f"no model directory with a config.json at {p}",
+                                        fix="point it at a saved transformers model, or use builtin:tiny-llama"))
+    return problems
+
+
+def resolve_path(value: str, base_dir: Path) -> Path:
+    """Paths in a job file are relative to the file's own directory."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def parse_spec(raw: Any, base_dir: Path | None = None, source: str | None = None) -> JobSpec:
+    """Validate a raw mapping into a `JobSpec`, or raise `SpecError` listing every problem."""
+    if not isinstance(raw, dict):
+        raise SpecError([Problem(path="(top level)", message="the job file is not a mapping of sections",
+                                 fix="start from jobs/quickstart.yaml")], source)
+    problems: list[Problem] = []
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        problems = _dedupe([_problem_from_pydantic(err) for err in e.errors()])
+        spec = _partial_spec(raw, e)
+    if spec is not None:
+        reported = {p.path for p in problems}
+        problems += [p for p in semantic_problems(spec, base_dir) if p.path not in reported]
+    if problems:
+        raise SpecError(problems, source)
+    if base_dir is not None:
+        # Make file references absolute so the spec means the same thing wherever it travels.
+        d = spec.data
+        d.train = str(resolve_path(d.train, base_dir))
+        if isinstance(d.eval, str):
+            d.eval = str(resolve_path(d.eval, base_dir))
+        base = spec.model.base
+        if not base.startswith("builtin:") and (base.startswith((".", "/", "~")) or Path(base).exists()):
+            spec.model.base = str(resolve_path(base, base_dir))
+    return spec
+
+
+def _partial_spec(raw: dict, error: ValidationError) -> JobSpec | None:
+    """The spec with every invalid key dropped (defaults in its place), so that the
+    cross-field checks can still report their problems in the same pass."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for err in error.errors():
+        keys, _ = _spec_path(tuple(err["loc"]))
+        if keys:
+            _drop(raw, tuple(keys))
+    raw.setdefault("name", "x")
+    if not isinstance(raw.get("data"), dict):
+        raw["data"] = {}
+    raw["data"].setdefault("train", "")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read a job file, apply overrides, validate. Raises `SpecError` with every problem."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise SpecError([Problem(path="(file)", message=f"job file not found: {path}",
+                                 fix="pass the path of a YAML job file, e.g. jobs/quickstart.yaml")])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise SpecError([Problem(path="(file)", message=f"malformed YAML at {where}: {getattr(e, 'problem', e)}",
+                                 fix="fix the YAML syntax")], source) from None
+    except UnicodeDecodeError:
+        raise SpecError([Problem(path="(file)", message="not UTF-8 text", fix="save it as UTF-8")], source) from None
+    raw = raw if raw is not None else {}
+    problems = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else []
+    if problems:
+        raise SpecError(problems, source)
+    return parse_spec(raw, base_dir=path.parent.resolve(), source=source)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
