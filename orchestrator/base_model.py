@@ -17,12 +17,14 @@ _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
 
 
-def resolve_base(model: ModelSpec) -> str:
-    """A local directory (built-in models are built and cached on first use) or a hub id."""
+def resolve_base(model: ModelSpec, progress=None) -> str:
+    """A local directory (built-in models are built and cached on first use) or a hub id.
+
+    `progress(done, total)` is called while a built-in model is being pre-trained."""
     if model.base.startswith("builtin:"):
         from orchestrator.builtin_models import resolve_builtin
 
-        return str(resolve_builtin(model.base))
+        return str(resolve_builtin(model.base, progress=progress))
     return model.base
 
 
@@ -126,22 +128,29 @@ def lora_config(spec: JobSpec, target_modules: list[str]):
                       target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
 
 
-def add_adapter(spec: JobSpec, model):
-    """Wrap `model` with the spec's adapter; only the adapter's parameters stay trainable."""
-    from peft import get_peft_model
-
-    targets = resolve_target_modules(spec.peft.target_modules, model)
+def prepare_for_training(spec: JobSpec, model):
+    """Make the model trainable as the spec says: wrapped with LoRA (only the adapter trains),
+    or, for `full`, every weight trainable."""
     if spec.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if spec.peft.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    targets = resolve_target_modules(spec.peft.target_modules, model)
     return get_peft_model(model, lora_config(spec, targets))
 
 
-def load_adapter_model(adapter_dir: str | Path, spec: JobSpec, base_path: str, quantize: bool = True):
-    """Base + a saved adapter, ready for inference."""
-    from peft import PeftModel
+def load_trained_model(saved_dir: str | Path, spec: JobSpec, base_path: str, quantize: bool = True):
+    """A trained model ready for inference: base + saved adapter, or the saved full model."""
+    if spec.peft.method == "full":
+        model = load_base(spec, str(saved_dir), quantize=False)
+    else:
+        from peft import PeftModel
 
-    base = load_base(spec, base_path, quantize=quantize)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+        model = PeftModel.from_pretrained(load_base(spec, base_path, quantize=quantize), str(saved_dir))
     model.eval()
     return model

@@ -37,7 +37,7 @@ def _fail(e: SpecError):
     where = f" in {e.source}" if e.source else ""
     err.print(f"[bold red]error:[/] {len(e.problems)} problem(s){where}", highlight=False)
     for p in e.problems:
-        err.print(f"  {p}", highlight=False, markup=False)
+        err.print(f"  {p}", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -55,30 +55,46 @@ def validate(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
 def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
         address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray and worker logs.")):
-    """Fine-tune: train the job on Ray, track it in MLflow, register the adapter."""
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray and worker logs."),
+        force: bool = typer.Option(False, "--force", help="Run even if the memory plan says the job does not fit."),
+        gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory",
+                                                 help="Memory of one GPU for the fit check, e.g. 80GiB "
+                                                      "(default: the local GPU, else 80 GiB).")):
+    """Fine-tune: plan memory, train the job on Ray, track it in MLflow, register the adapter."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from orchestrator.run import run_job
+    from orchestrator.memory_plan import parse_bytes
+    from orchestrator.run import DoesNotFit, run_job
 
     spec = _load(job, set_)
-    bar = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), console=err, transient=False)
-    task = None
+    try:
+        budget = parse_bytes(gpu_memory) if gpu_memory is not None else None
+    except ValueError as e:
+        err.print(f"[bold red]error:[/] --gpu-memory: {e}", highlight=False)
+        raise typer.Exit(code=2)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+    tasks: dict[str, int] = {}
 
-    def on_progress(step: int, total: int, metrics: dict) -> None:
-        nonlocal task
-        if task is None:
+    def on_progress(label: str, done: int, total: int, metrics: dict) -> None:
+        if label not in tasks:
             bar.start()
-            task = bar.add_task("train", total=total, info="")
+            tasks[label] = bar.add_task(label, total=total, info="")
         info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if k in metrics)
-        bar.update(task, completed=step, info=info)
+        bar.update(tasks[label], completed=done, info=info)
 
     try:
-        summary = run_job(spec, address=address, verbose=verbose, progress=on_progress,
+        summary = run_job(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=budget,
+                          progress=on_progress,
                           status=lambda s: err.print(f"[dim]•[/] {s}", highlight=False))
     except SpecError as e:
         _fail(e)
+    except DoesNotFit as e:
+        bar.stop()
+        _print_plan(spec, e.plan, explain=False)
+        err.print("[bold red]error:[/] refusing to start a job that cannot fit (see the plan and the changes "
+                  "above); pass --force to run anyway", highlight=False)
+        raise typer.Exit(code=2)
     finally:
         bar.stop()
         from orchestrator.launch import shutdown
@@ -118,7 +134,12 @@ def generate(model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/
              tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI for models:/ URIs."),
              base: bool = typer.Option(False, "--base", help="Answer with the bare base model, for comparison.")):
     """Complete a prompt with a registered (or local) adapter and its base model."""
+    from transformers.utils import logging as hf_logging
+
     from orchestrator.inference import complete, load_adapter
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
     with tempfile.TemporaryDirectory() as tmp:
         if model.startswith("models:/"):
@@ -137,6 +158,128 @@ def generate(model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/
                 raise typer.Exit(code=2)
         loaded = load_adapter(adapter_dir, with_adapter=not base)
         typer.echo(complete(loaded, prompt, max_new_tokens=max_new_tokens))
+
+
+from orchestrator.cluster_cli import jobs_app, k8s_app, submit  # noqa: E402  (cluster commands)
+
+app.command()(submit)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(k8s_app, name="k8s")
+
+
+# --- plan: memory before any GPU is spent (orchestrator/memory_plan.py) ---------------------------
+
+
+@app.command()
+def plan(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
+         gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of one GPU, e.g. 80GiB or 40GB "
+                                                                            "(default: the local GPU, else 80 GiB)."),
+         num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=1,
+                                                help="GPUs to shard over (default: distributed.num_workers)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object on stdout."),
+         explain: bool = typer.Option(False, "--explain", help="Show where each byte goes, beside the rule of thumb.")):
+    """Plan the GPU and host memory of a job without a GPU; exit 0 if it fits, 1 if it does not."""
+    from orchestrator.memory_plan import architecture_for, gpu_budget, memory_plan, parse_bytes
+
+    spec = _load(job, set_)
+    try:
+        budget = parse_bytes(gpu_memory) if gpu_memory is not None else None
+    except ValueError as e:
+        err.print(f"[bold red]error:[/] --gpu-memory: {e}", highlight=False)
+        raise typer.Exit(code=2)
+    budget, source = gpu_budget(budget)
+    try:
+        arch = architecture_for(spec)
+    except SpecError as e:
+        _fail(e)
+    result = memory_plan(spec, arch, world_size=num_gpus or spec.distributed.num_workers,
+                         gpu_memory_bytes=budget, gpu_memory_source=source)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_plan(spec, result, explain)
+    raise typer.Exit(code=0 if result.fits else 1)
+
+
+def _print_plan(spec: JobSpec, p, explain: bool) -> None:
+    from orchestrator.memory_plan import count, human
+
+    out = Console()
+    ds = spec.distributed.deepspeed
+    n, t = p.params.total, p.params.trainable
+    method = "full fine-tuning" if spec.peft.method == "full" else (
+        f"{'Q' if spec.quantization.bits else ''}LoRA r={spec.peft.r}"
+        + (f", {spec.quantization.bits}-bit base" if spec.quantization.bits else ""))
+    out.print(f"[bold]{p.architecture.name}[/]: {count(n)} parameters, {count(t)} trainable ({100 * t / n:.2f}%), "
+              f"{method}; {p.world_size} GPU(s), ZeRO-{ds.stage}"
+              + (", optimizer offload" if ds.offload_optimizer else "")
+              + (", parameter offload" if ds.offload_params else ""), highlight=False)
+    table = Table(title="Per GPU", title_justify="left")
+    table.add_column("")
+    table.add_column("bytes", justify="right")
+    table.add_column("what")
+    for line in p.lines:
+        if line.where == "gpu":
+            table.add_row(line.category, human(line.bytes), line.what)
+    table.add_row("[bold]total", f"[bold]{human(p.total_bytes)}",
+                  f"of {human(p.gpu_memory_bytes)} ({p.gpu_memory_source})")
+    out.print(table)
+    if p.cpu_per_gpu_bytes:
+        host = Table(title=f"Host memory per node ({p.gpus_per_node} GPU(s) per node)", title_justify="left")
+        host.add_column("")
+        host.add_column("bytes per GPU", justify="right")
+        host.add_column("what")
+        for line in p.lines:
+            if line.where == "cpu":
+                host.add_row(line.category, human(line.bytes), line.what)
+        host.add_row("[bold]per node", f"[bold]{human(p.cpu_per_node_bytes)}", "")
+        out.print(host)
+    if explain:
+        _print_explain(p, spec)
+    if p.fits:
+        out.print(f"[bold green]fits[/]: {human(p.total_bytes)} of {human(p.gpu_memory_bytes)} per GPU, "
+                  f"{human(p.gpu_memory_bytes - p.total_bytes)} to spare", highlight=False)
+    else:
+        out.print(f"[bold red]does not fit[/]: {human(p.total_bytes)} needed, {human(p.gpu_memory_bytes)} per GPU",
+                  highlight=False)
+    if p.recommendations:
+        rec = Table(title="What would make it fit (cheapest first)", title_justify="left")
+        rec.add_column("change")
+        rec.add_column("per GPU", justify="right")
+        rec.add_column("--set", overflow="fold")
+        for r in p.recommendations:
+            rec.add_row(r.change, human(r.total_bytes) + ("" if r.fits else " (still too big)"), " ".join(r.sets))
+        out.print(rec)
+    for a in p.assumptions:
+        out.print(f"[dim]assumes: {a}[/]", highlight=False)
+
+
+def _print_explain(p, spec: JobSpec) -> None:
+    from orchestrator.memory_plan import count, human
+
+    out = Console()
+    n = p.params.total
+    table = Table(title="Where the bytes go, per parameter of the model", title_justify="left")
+    table.add_column("")
+    table.add_column("rule of thumb (full fine-tuning, Adam)")
+    table.add_column("this job, per GPU", justify="right")
+    table.add_column("B/param", justify="right")
+    rows = [("weights", "4 B fp32 (2 B in bf16)", p.gpu("weights") + p.gpu("trainable")),
+            ("gradients", "4 B fp32 (2 B bf16 + 4 B fp32 in mixed precision)", p.gpu("gradients")),
+            ("optimizer", "8 B Adam moments (+4 B fp32 master weights in mixed precision)", p.gpu("optimizer")),
+            ("activations", "grows with micro batch x sequence; ~4-8 B at typical sizes", p.gpu("activations")),
+            ("buffers + overhead", "DeepSpeed buckets, CUDA context, allocator slack",
+             p.gpu("buffers") + p.gpu("overhead"))]
+    for what, rule, nbytes in rows:
+        table.add_row(what, rule, human(nbytes), f"{nbytes / n:.2f}")
+    table.add_row("[bold]total", "[bold]~16 B model states + activations: ~24 B/param",
+                  f"[bold]{human(p.total_bytes)}", f"[bold]{p.total_bytes / n:.2f}")
+    out.print(table)
+    out.print(f"[dim]{count(n)} parameters x 24 B = {human(24 * n)} for full fine-tuning on one GPU by the rule "
+              f"of thumb; PEFT keeps only the frozen weights ({spec.model.dtype}: "
+              f"{2 if spec.model.dtype != 'float32' else 4} B/param, 4-bit NF4: ~0.52 B/param) and trains "
+              f"{p.params.trainable / n:.2%} of them; ZeRO divides the model states by the GPU count.[/]",
+              highlight=False)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ class Loaded:
 def load_adapter(adapter_dir: str | Path, with_adapter: bool = True) -> Loaded:
     """The base named by the adapter's saved job spec, quantized as it was trained, plus the
     adapter (or, with `with_adapter=False`, the bare base for comparison)."""
-    from orchestrator.base_model import load_adapter_model, load_base, load_tokenizer, resolve_base
+    from orchestrator.base_model import load_base, load_tokenizer, load_trained_model, resolve_base
 
     adapter_dir = Path(adapter_dir)
     spec_file = adapter_dir / SPEC_FILE
@@ -31,7 +31,7 @@ def load_adapter(adapter_dir: str | Path, with_adapter: bool = True) -> Loaded:
     spec = JobSpec.model_validate(yaml.safe_load(spec_file.read_text(encoding="utf-8")))
     base_path = resolve_base(spec.model)
     if with_adapter:
-        model = load_adapter_model(adapter_dir, spec, base_path)
+        model = load_trained_model(adapter_dir, spec, base_path)
     else:
         model = load_base(spec, base_path)
         model.eval()

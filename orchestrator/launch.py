@@ -30,12 +30,14 @@ class FitResult:
 
 
 def connect(address: str | None = None, verbose: bool = False) -> float:
-    """Start a local Ray instance (or join `address`); returns the GPUs the cluster has."""
+    """Start a new local Ray instance (or join the cluster at `address`); returns its GPU count.
+
+    With no address this never attaches to some other Ray instance that happens to run here."""
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-        ray.init(address=address, log_to_driver=verbose, include_dashboard=False,
+        ray.init(address=address or "local", log_to_driver=verbose, include_dashboard=False,
                  logging_level="ERROR" if not verbose else "INFO",
                  runtime_env={"env_vars": WORKER_ENV})
     return float(ray.cluster_resources().get("GPU", 0.0))
@@ -76,7 +78,8 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
 
     progress = _progress_actor()
     job.progress = progress
-    storage = str(Path(storage_path).resolve())
+    # A URI (s3://bucket/prefix) is Ray Train's to resolve; a local path is made absolute.
+    storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -106,5 +109,7 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
         ray.kill(progress)
     if on_progress:
         on_progress(job.total_steps, result.metrics or {})
-    return FitResult(adapter_dir=os.path.join(result.checkpoint.path, ADAPTER_DIR),
+    # A checkpoint in remote storage is downloaded, so the adapter can be registered from here.
+    checkpoint_dir = result.checkpoint.to_directory() if "://" in storage else result.checkpoint.path
+    return FitResult(adapter_dir=os.path.join(checkpoint_dir, ADAPTER_DIR),
                      metrics=dict(result.metrics or {}), storage_dir=os.path.join(storage, name))

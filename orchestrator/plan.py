@@ -68,9 +68,10 @@ def deepspeed_config(spec: JobSpec, *, world_size: int, use_gpu: bool, total_ste
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
             "weight_decay": t.weight_decay,
-            # Without a GPU, DeepSpeed's FusedAdam is a JIT-compiled CPU op; torch's AdamW is
-            # the same update with nothing to build. Optimizer offload uses DeepSpeedCPUAdam.
-            **({"torch_adam": True} if not use_gpu and not offload_opt else {}),
+            # DeepSpeed's FusedAdam is JIT-compiled on first use (it needs a CUDA compiler on the
+            # node, or builds a CPU op); torch's AdamW is the same update with nothing to build.
+            # Optimizer offload runs DeepSpeedCPUAdam, which DeepSpeed picks itself.
+            **({"torch_adam": True} if not offload_opt else {}),
         }},
         "scheduler": _scheduler(spec, total_steps),
         "zero_optimization": {"stage": ds.stage},

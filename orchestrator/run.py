@@ -10,7 +10,15 @@ from typing import Callable
 from orchestrator.spec import JobSpec, Problem, SpecError
 
 StatusFn = Callable[[str], None]
-ProgressFn = Callable[[int, int, dict], None]
+ProgressFn = Callable[[str, int, int, dict], None]  # (task, done, total, metrics)
+
+
+class DoesNotFit(Exception):
+    """The memory plan says the job cannot fit the GPUs it would get."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        super().__init__("the job does not fit the GPU memory it would get")
 
 
 @dataclass
@@ -27,19 +35,23 @@ class RunSummary:
                 "registered_model": self.registered_model}
 
 
-def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
+def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
+            gpu_memory_bytes: int | None = None,
             status: StatusFn = lambda _: None, progress: ProgressFn | None = None) -> RunSummary:
     """Run a job end to end and return its summary. Raises `SpecError` for problems with the
-    job that are found before any worker starts (data, model, sizes)."""
+    job found before any worker starts (data, model, sizes), and `DoesNotFit` when the memory
+    plan says a GPU job cannot fit (unless `force`)."""
     from orchestrator import launch, tracking
     from orchestrator.base_model import load_tokenizer, resolve_base
     from orchestrator.data import load_datasets
+    from orchestrator.memory_plan import human, plan_for_run
     from orchestrator.plan import deepspeed_config, examples_per_step, optimizer_steps, resources
     from orchestrator.train_loop import WorkerJob
 
     started = time.time()
     status(f"Resolving base model {spec.model.base}")
-    base_path = resolve_base(spec.model)
+    base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
+                             if progress else None)
     tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code)
 
     status("Tokenizing data")
@@ -55,13 +67,20 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
             message=f"{len(data.train)} training examples cannot fill one micro batch on each of "
                     f"{res.num_workers} workers ({needed} needed)",
             fix="add data, or lower training.micro_batch_size or distributed.num_workers")])
+    memory = plan_for_run(spec, res.num_workers, gpu_memory_bytes)
+    if res.use_gpu:
+        status(f"Memory plan: {human(memory.total_bytes)} of {human(memory.gpu_memory_bytes)} per GPU")
+        if not memory.fits and not force:
+            raise DoesNotFit(memory)
     total = optimizer_steps(spec, len(data.train), res.num_workers)
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 
     handle = tracking.start_run(
         spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
                     "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage)},
-        artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats})
+        artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats,
+                   "memory_plan.json": memory.to_json()})
+    tracking.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)
     status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
     try:
         job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
@@ -71,8 +90,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                f"ZeRO stage {spec.distributed.deepspeed.stage}")
         fit = launch.fit(job, name=f"{spec.name}-{handle.run_id[:8]}", resources=res,
                          storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
-                         on_progress=(lambda step, m: progress(step, total, m)) if progress else None)
-        status(f"Registering adapter as '{spec.registered_name}'")
+                         on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
+        what = "full model" if spec.peft.method == "full" else "adapter"
+        status(f"Registering the {what} as '{spec.registered_name}'")
         version = tracking.register_adapter(handle, spec, fit.adapter_dir,
                                             tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
         wall = time.time() - started

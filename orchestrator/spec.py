@@ -65,7 +65,8 @@ class QuantizationSpec(_Section):
 
 
 class PeftSpec(_Section):
-    method: Literal["lora"] = "lora"
+    # `full` trains every weight, with no adapter (`orchestrator plan` shows what PEFT saves).
+    method: Literal["lora", "full"] = "lora"
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -124,8 +125,12 @@ class RegistrySpec(_Section):
 
 class StorageSpec(_Section):
     # Where Ray Train persists checkpoints and results; relative paths are relative to the
-    # working directory of the driver.
+    # working directory of the driver. A URI (s3://bucket/prefix, gs://...) is used as is.
     path: str = "runs"
+    # True when `path` is a filesystem mounted at the same place on every node (NFS, EFS, a
+    # shared PVC). Once a job's workers span nodes, a local path must be shared: each worker
+    # writes its checkpoint where it runs and the driver reads it back on the head node.
+    shared: bool = False
 
 
 class JobSpec(_Section):
@@ -283,6 +288,9 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
         problems.append(Problem(path="model.dtype",
                                 message="ZeRO-3 with a quantized base needs a 16-bit dtype",
                                 fix="set model.dtype=bfloat16"))
+    if spec.peft.method == "full" and q.bits is not None:
+        problems.append(Problem(path="quantization.bits", message="full fine-tuning cannot train quantized weights",
+                                fix="set quantization.bits=null"))
     tm = spec.peft.target_modules
     if isinstance(tm, str) and tm not in TARGET_MODULE_PRESETS:
         problems.append(Problem(path="peft.target_modules",

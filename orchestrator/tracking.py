@@ -193,6 +193,11 @@ def _pip_requirements() -> list[str]:
                                              "pydantic", "pyyaml", "safetensors")]
 
 
+def _mode(spec: JobSpec) -> str:
+    """What a registered version holds: an adapter over a referenced base, or a whole model."""
+    return "full-model" if spec.peft.method == "full" else spec.registry.mode
+
+
 @dataclass
 class RegisteredVersion:
     name: str
@@ -222,7 +227,7 @@ def register_adapter(handle: RunHandle, spec: JobSpec, adapter_dir: str | Path,
             artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
             code_paths=[str(Path(orchestrator.__file__).parent)],
             pip_requirements=_pip_requirements())
-        version = mlflow.register_model(info.model_uri, name, tags={"mode": spec.registry.mode,
+        version = mlflow.register_model(info.model_uri, name, tags={"mode": _mode(spec),
                                                                      "run_id": handle.run_id, **tags})
     client.set_registered_model_alias(name, spec.registry.alias, version.version)
     return RegisteredVersion(name=name, version=str(version.version), alias=spec.registry.alias)

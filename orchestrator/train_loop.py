@@ -54,13 +54,13 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
     """Load the base (quantized as the spec says), add the adapter, wrap it in DeepSpeed."""
     import deepspeed
 
-    from orchestrator.base_model import add_adapter, load_base, resolve_base
+    from orchestrator.base_model import load_base, prepare_for_training, resolve_base
 
     # Each worker resolves the base itself: a built-in model is built deterministically, so
     # every node of a cluster gets the same weights without shipping them.
     model = load_base(spec, resolve_base(spec.model), device=str(device))
     model.config.use_cache = False
-    model = add_adapter(spec, model)
+    model = prepare_for_training(spec, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=job.deepspeed_config)
@@ -148,15 +148,22 @@ def evaluate(engine, examples: list[Example], size: int, pad_id: int, rank: int,
     return total / max(n, 1.0)
 
 
-def save_adapter(engine, out_dir: str, rank: int, zero_stage: int) -> None:
-    """Write the adapter (weights + config) from rank 0; under ZeRO-3 gather it first.
+def save_trained(engine, out_dir: str, rank: int, zero_stage: int, full: bool) -> None:
+    """Write what was trained from rank 0: the adapter (weights + config), or for `full` the
+    whole model. Under ZeRO-3 the partitioned weights are gathered first (a collective).
 
-    Only the trainable tensors are read: asking the whole model for its state dict would also
-    serialize the frozen 4-bit base, which is neither needed nor possible while ZeRO-3 holds it.
+    For an adapter only the trainable tensors are read: asking the whole model for its state
+    dict would also serialize the frozen 4-bit base, which is neither needed nor possible while
+    ZeRO-3 holds it.
     """
     import deepspeed
 
     model = engine.module
+    if full:
+        state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else model.state_dict()
+        if rank == 0:
+            model.save_pretrained(out_dir, state_dict=state)
+        return
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     gather = (deepspeed.zero.GatheredParameters(list(trainable.values()), modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
@@ -215,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, ADAPTER_DIR)
-        save_adapter(engine, out, rank, spec.distributed.deepspeed.stage)
+        save_trained(engine, out, rank, spec.distributed.deepspeed.stage, spec.peft.method == "full")
         final = {"step": job.total_steps, "base_eval_loss": base_eval, **metrics}
         if logger:
             logger.flush()

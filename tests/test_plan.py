@@ -34,8 +34,8 @@ def test_deepspeed_config_per_stage(stage, use_gpu):
     assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["bf16"] == {"enabled": True}
     assert cfg["optimizer"]["params"]["lr"] == spec.training.learning_rate
-    # Without a GPU, torch's AdamW (no JIT-compiled FusedAdam); on a GPU, DeepSpeed's fused one.
-    assert cfg["optimizer"]["params"].get("torch_adam", False) is (not use_gpu)
+    # torch's AdamW: nothing to JIT-compile on the node (FusedAdam would need a compiler).
+    assert cfg["optimizer"]["params"]["torch_adam"] is True
     assert ("stage3_gather_16bit_weights_on_model_save" in cfg["zero_optimization"]) is (stage == 3)
     assert "offload_optimizer" not in cfg["zero_optimization"]
 

@@ -1,0 +1,788 @@
+"""The memory planner: what a job needs on each GPU (and in each node's host memory), and how
+to make it fit, before any GPU is spent.
+
+The arithmetic of fine-tuning with Adam in mixed precision, per trained parameter:
+
+    2 B  16-bit weight (what forward and backward compute with)
+    2 B  16-bit gradient
+    4 B  fp32 gradient (DeepSpeed converts the gradient before the optimizer step)
+    4 B  fp32 master weight (Adam updates this copy; the 16-bit weight is cast from it)
+    8 B  Adam's two fp32 moments
+   ----
+   20 B  per parameter, before activations: a 7B model needs ~135 GB to fully fine-tune.
+
+The folk rule of "4 B weights + 8 B Adam + 4 B gradients, ~24 B/param with activations" is the
+fp32 version of the same table. PEFT trains ~0.1-1% of the parameters, so only the frozen
+weights stay (2 B/param in bf16, ~0.52 B/param at 4-bit NF4 with double quantization), and
+ZeRO stages 1/2/3 divide optimizer states / gradients / weights by the number of GPUs.
+
+Every figure below names the DeepSpeed, bitsandbytes or transformers structure it stands for;
+`tests/test_memory_measured.py` checks the parameter, gradient and optimizer figures against the
+tensors a live DeepSpeed engine holds, and the activation figures against a measured forward and
+backward pass. Everything here is pure except `architecture_for` (reads a `config.json`) and
+`plan_for_run` (asks torch for the local GPU's size); torch is never imported at module import.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from orchestrator.spec import JobSpec, Problem, SpecError
+
+GiB = 1024**3
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+# The Llama module names the planner (and PEFT's target presets) use; Mistral and Qwen share them.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# DeepSpeed defaults (deepspeed/runtime/zero/config.py) that orchestrator/plan.py leaves alone.
+DS_REDUCE_BUCKET_SIZE = 500_000_000  # elements: the gradient bucket ("ipg" buffer)
+DS_PREFETCH_BUCKET_SIZE = 50_000_000  # elements: ZeRO-3 gathers this many ahead of use
+DS_PERSISTENCE_THRESHOLD = 100_000  # elements: ZeRO-3 keeps smaller parameters whole on every rank
+DS_ALIGNMENT = 2  # ZeRO-1/2 pad their flat buffer to a multiple of 2 x world size elements
+DS_ALLREDUCE_BUCKET_SIZE = 500_000_000  # elements: stage 0 all-reduces gradients in such buckets
+
+# bitsandbytes 4-bit storage (bitsandbytes.functional.quantize_4bit): 2 weights per byte, one
+# absmax per 64 weights; with double quantization that absmax is itself 8-bit, with one fp32
+# absmax per 256 of them, a 256-entry fp32 code book and an fp32 offset. Each tensor also has its
+# 16-entry fp32 NF4/FP4 code.
+NF4_BLOCKSIZE = 64
+DOUBLE_QUANT_BLOCKSIZE = 256
+
+# What the CUDA caching allocator does not report: the CUDA context with cuBLAS/NCCL workspaces,
+# and fragmentation (memory reserved but not allocated).
+CUDA_CONTEXT_BYTES = 1 * GiB
+ALLOCATOR_SLACK = 0.10
+
+DEFAULT_GPU_MEMORY = 80 * GiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The numbers of a decoder-only transformer that decide its memory."""
+
+    name: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: q/k/v projections have biases
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys
+    source: str = ""
+    note: str = ""
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer of one decoder block."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def architecture_from_config(config: dict, name: str, source: str = "", note: str = "") -> Architecture:
+    """An `Architecture` from a transformers `config.json` mapping (pure)."""
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SpecError([Problem(path="model.base",
+                                 message=f"the planner does not know the architecture '{model_type or '?'}' of {name}",
+                                 fix=f"plan a model of type {', '.join(SUPPORTED_MODEL_TYPES)}")])
+    heads = config["num_attention_heads"]
+    return Architecture(
+        name=name, model_type=model_type, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3", source=source, note=note)
+
+
+def architecture_for(spec: JobSpec) -> Architecture:
+    """Read the architecture of `model.base` without weights: a local `config.json`, a built-in
+    model's recipe, the catalogue of well-known hub ids, or (when reachable) the hub."""
+    from orchestrator.architectures import CATALOGUE, catalogue_config
+
+    base = spec.model.base
+    if base.startswith("builtin:"):
+        return _builtin_architecture(base)
+    local = Path(base).expanduser()
+    if (local / "config.json").is_file():
+        config = json.loads((local / "config.json").read_text(encoding="utf-8"))
+        return architecture_from_config(config, base, source=f"{local / 'config.json'}")
+    config = catalogue_config(base)
+    if config is not None:
+        return architecture_from_config(config, base, source="built-in catalogue")
+    try:
+        config = _hub_config(base, spec.model.revision)
+    except Exception as e:  # offline, unknown repo, gated repo: all say the same to the user
+        known = ", ".join(sorted(CATALOGUE))
+        raise SpecError([Problem(path="model.base",
+                                 message=f"cannot read the architecture of '{base}': not a local directory with a "
+                                         f"config.json, not in the planner's catalogue, and the hub did not "
+                                         f"answer ({str(e) or type(e).__name__})",
+                                 fix=f"point model.base at a local model directory, or use a catalogue id: {known}")]
+                        ) from None
+    return architecture_from_config(config, base, source="Hugging Face hub")
+
+
+def _hub_config(repo: str, revision: str | None) -> dict:
+    """`config.json` from the local hub cache, else from one request to the hub (5 s, no retries:
+    huggingface_hub's own download retries for ~25 s when there is no network)."""
+    import os
+    import urllib.request
+
+    from huggingface_hub import constants, get_token, hf_hub_url, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text(encoding="utf-8"))
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConnectionError("HF_HUB_OFFLINE is set")
+    token = get_token()
+    request = urllib.request.Request(hf_hub_url(repo, "config.json", revision=revision),
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _builtin_architecture(base: str) -> Architecture:
+    from orchestrator.builtin_models import _lookup, default_cache_dir
+
+    try:
+        recipe = _lookup(base)
+    except ValueError as e:
+        raise SpecError([Problem(path="model.base", message=str(e), fix="use builtin:tiny-llama")]) from None
+    built = default_cache_dir() / recipe.dir_name() / "config.json"
+    if built.is_file():  # the vocabulary size is only known once the tokenizer is trained
+        config = json.loads(built.read_text(encoding="utf-8"))
+        return architecture_from_config(config, base, source=f"{built}")
+    config = {"model_type": "llama", "vocab_size": recipe.tokenizer_vocab_size, **recipe.model_config}
+    note = f"not built yet: vocabulary taken as its upper bound {recipe.tokenizer_vocab_size}"
+    return architecture_from_config(config, base, source="orchestrator/builtin_models.py", note=note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    """One parameter tensor of the model, as transformers creates it."""
+
+    name: str
+    numel: int
+    module: str  # leaf module: q_proj, ..., embed_tokens, lm_head, norm
+    quantizable: bool = False  # a decoder linear weight: bitsandbytes replaces it when quantizing
+    out_features: int = 0
+
+
+def parameter_tensors(arch: Architecture) -> list[ParamTensor]:
+    """Every parameter in transformers' order (embeddings, each layer, final norm, lm_head)."""
+    h, d = arch.hidden_size, arch.head_dim
+    out = [ParamTensor("model.embed_tokens.weight", arch.vocab_size * h, "embed_tokens")]
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}"
+        for name, (fan_in, fan_out) in arch.linear_shapes().items():
+            group = "self_attn" if name in ATTENTION_MODULES else "mlp"
+            out.append(ParamTensor(f"{p}.{group}.{name}.weight", fan_in * fan_out, name, True, fan_out))
+            if arch.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
+                out.append(ParamTensor(f"{p}.{group}.{name}.bias", fan_out, name))
+        if arch.qk_norm:
+            out += [ParamTensor(f"{p}.self_attn.q_norm.weight", d, "q_norm"),
+                    ParamTensor(f"{p}.self_attn.k_norm.weight", d, "k_norm")]
+        out += [ParamTensor(f"{p}.input_layernorm.weight", h, "input_layernorm"),
+                ParamTensor(f"{p}.post_attention_layernorm.weight", h, "post_attention_layernorm")]
+    out.append(ParamTensor("model.norm.weight", h, "norm"))
+    if not arch.tie_word_embeddings:  # tied: lm_head reuses the embedding matrix
+        out.append(ParamTensor("lm_head.weight", arch.vocab_size * h, "lm_head"))
+    return out
+
+
+def lora_targets(arch: Architecture, target_modules: str | list[str]) -> tuple[str, ...]:
+    """The linear layers a LoRA target preset or list resolves to (as orchestrator.base_model does)."""
+    if isinstance(target_modules, list):
+        unknown = [m for m in target_modules if m not in LINEAR_MODULES]
+        if unknown:
+            raise SpecError([Problem(path="peft.target_modules",
+                                     message=f"the model has no linear module named {', '.join(unknown)}",
+                                     fix=f"choose from {', '.join(sorted(LINEAR_MODULES))}")])
+        return tuple(m for m in LINEAR_MODULES if m in target_modules)
+    return {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES}.get(target_modules, LINEAR_MODULES)
+
+
+def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
+    """What the optimizer trains: every parameter (full), or LoRA's A (r x in) and B (out x r)
+    matrices on each targeted linear layer of each block."""
+    if spec.peft.method == "full":
+        return parameter_tensors(arch)
+    r, shapes = spec.peft.r, arch.linear_shapes()
+    out = []
+    for i in range(arch.num_layers):
+        for name in lora_targets(arch, spec.peft.target_modules):
+            fan_in, fan_out = shapes[name]
+            out += [ParamTensor(f"layers.{i}.{name}.lora_A", r * fan_in, name),
+                    ParamTensor(f"layers.{i}.{name}.lora_B", fan_out * r, name)]
+    return out
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    trainable: int
+
+
+def count_params(arch: Architecture, spec: JobSpec | None = None) -> ParamCount:
+    """Parameters of the model, and of what `spec` trains (all of them without a spec)."""
+    total = sum(t.numel for t in parameter_tensors(arch))
+    trainable = total if spec is None else sum(t.numel for t in trainable_tensors(spec, arch))
+    return ParamCount(total=total, trainable=trainable)
+
+
+def quantized_bytes(numel: int, out_features: int, bits: int, double_quant: bool) -> tuple[int, int]:
+    """(weight storage, quantization constants) of one linear weight in bitsandbytes."""
+    if bits == 8:
+        # Int8Params: int8 weights plus one fp32 scale per output row (SCB).
+        return numel, 4 * out_features
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    code = 16 * 4
+    if double_quant:
+        constants = blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCKSIZE) + 256 * 4 + 4 + code
+    else:
+        constants = 4 * blocks + code
+    return (numel + 1) // 2, constants
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes of activations on one GPU for one micro batch."""
+
+    saved_per_layer: int  # tensors one decoder layer saves for backward
+    saved: int  # everything saved for backward at the end of the forward pass
+    peak: int  # the most that is live at once during forward + backward
+
+
+def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") -> Activations:
+    """What autograd keeps for one micro batch in transformers' Llama with SDPA attention.
+
+    The terms follow the tensors each op saves for backward (checked against a CPU measurement in
+    tests/test_memory_measured.py): RMSNorm computes in fp32 and saves its fp32 input; attention
+    saves q, k, v (k and v repeated to every head: transformers does so whenever a padding mask
+    is passed), its output and an fp32 log-sum-exp; the SwiGLU MLP saves four I-wide tensors;
+    frozen linear layers save nothing of their own, LoRA saves its input and its r-wide middle.
+    """
+    e = DTYPE_BYTES[spec.model.dtype]
+    b, s = spec.training.micro_batch_size, spec.data.max_seq_len
+    t = b * s  # tokens per micro batch
+    h, a, d, i_size, v = arch.hidden_size, arch.num_heads, arch.head_dim, arch.intermediate_size, arch.vocab_size
+    full = spec.peft.method == "full"
+    targets = () if full else lora_targets(arch, spec.peft.target_modules)
+    r, dropout = spec.peft.r, spec.peft.dropout
+    # Dropout on the CPU multiplies by a noise tensor in the model dtype; CUDA keeps a bool mask.
+    mask_bytes = 1 if device == "cuda" else e
+    shapes = arch.linear_shapes()
+
+    def norm(input_grad: bool) -> int:
+        # x.float() and rsqrt(mean(x^2)) are saved when the input needs a gradient; the
+        # normalized value (model dtype) is saved for the weight's own gradient when it trains.
+        return (4 * h * t + 4 * t if input_grad else 0) + (e * h * t if full else 0)
+
+    def linears(names: tuple[str, ...], x_grad: bool, input_saved: bool = False) -> int:
+        """Saved by a group of linear layers reading the same input (`input_saved`: another op
+        already saves that input, e.g. attention its output, which o_proj reads)."""
+        fan_in = shapes[names[0]][0]
+        hit = [n for n in names if n in targets]
+        n = 0
+        if (full or (hit and dropout == 0)) and not input_saved:
+            n += e * fan_in * t  # the input, for the weight gradient (shared by the group)
+        for _ in hit:
+            n += e * r * t  # LoRA's A output, for B's gradient
+            if dropout > 0:  # LoRA applies its own dropout: the dropped input, and its mask
+                n += e * fan_in * t + (mask_bytes * fan_in * t if x_grad else 0)
+        return n
+
+    def layer(input_grad: bool) -> int:
+        n = norm(input_grad)
+        x1_grad = input_grad or full
+        n += linears(("q_proj", "k_proj", "v_proj"), x1_grad)
+        attn_grad = x1_grad or any(m in targets for m in ("q_proj", "k_proj", "v_proj"))
+        if attn_grad:
+            n += e * t * a * d * 4 + 4 * t * a  # q, k, v (all heads), output; fp32 log-sum-exp
+            if arch.qk_norm:  # Qwen3's per-head RMSNorm on q and k (before k is repeated)
+                heads = a + arch.num_kv_heads
+                n += 4 * t * heads * (d + 1) + (e * t * heads * d if full else 0)
+        n += linears(("o_proj",), attn_grad, input_saved=attn_grad)
+        mid_grad = input_grad or attn_grad or full or "o_proj" in targets
+        n += norm(mid_grad)
+        x2_grad = mid_grad or full
+        n += linears(("gate_proj", "up_proj"), x2_grad)
+        gate_grad = x2_grad or "gate_proj" in targets
+        up_grad = x2_grad or "up_proj" in targets
+        # silu(gate) saves gate; silu(gate) * up saves both factors for each other's gradient.
+        n += e * i_size * t * (int(gate_grad) + int(up_grad) + int(gate_grad))
+        n += linears(("down_proj",), gate_grad or up_grad)
+        return n
+
+    trains_below = full or bool(targets)
+    per_layer = layer(input_grad=trains_below)
+    # Without gradient checkpointing the first layer's input (the frozen embedding) needs no
+    # gradient under LoRA; with it, transformers makes the embedding output require one.
+    first = layer(input_grad=full or spec.model.gradient_checkpointing)
+    head = norm(trains_below) + (e * h * t if full else 0)  # final norm; lm_head's input if it trains
+    head += 8 * t * (2 if full else 1) + 4  # int64 labels (and input ids for the embedding gradient)
+    misc = e * b * s * s + 2 * e * s * d  # the 4D attention mask and RoPE cos/sin, shared by all layers
+    logits_saved = 4 * v * t  # fp32 log-softmax, saved by the loss
+    # The loss upcasts the logits to fp32; its backward holds the saved log-softmax, the gradient
+    # coming in and the one going out, all fp32 and vocabulary-wide: 12 B x vocab per token.
+    logits_peak = max(4 + 4 + 4, e + 4 + 4) * v * t
+
+    if spec.model.gradient_checkpointing:
+        # transformers checkpoints each decoder layer: only its input stays, and backward
+        # recomputes one layer at a time (by then the loss and head tensors are freed).
+        inputs = e * h * t * arch.num_layers
+        saved = inputs + head + logits_saved + misc
+        peak = max(inputs + head + logits_peak + misc, inputs + per_layer + misc + _backward_transient(arch, e, t))
+        return Activations(saved_per_layer=per_layer, saved=saved, peak=peak)
+    layers = first + per_layer * (arch.num_layers - 1)
+    saved = layers + head + logits_saved + misc
+    peak = max(layers + head + logits_peak + misc, layers + misc + _backward_transient(arch, e, t))
+    return Activations(saved_per_layer=per_layer, saved=saved, peak=peak)
+
+
+def _backward_transient(arch: Architecture, e: int, t: int) -> int:
+    # Gradients in flight inside one layer's backward: the MLP's three I-wide ones and the
+    # residual stream's.
+    return e * t * (3 * arch.intermediate_size + 2 * arch.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """One term of the plan: where the bytes go, and the arithmetic."""
+
+    category: str  # weights | trainable | gradients | optimizer | activations | buffers | overhead
+    key: str  # a stable name for the term (grad16, master, zero3_gathered_params, ...)
+    what: str
+    bytes: int
+    where: str = "gpu"  # gpu | cpu (per GPU; multiply by GPUs per node for the node)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    change: str
+    sets: tuple[str, ...]  # the --set overrides that make the change
+    total_bytes: int
+    fits: bool
+    world_size: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What one GPU (and each node's host memory) needs for a job, and whether it fits."""
+
+    architecture: Architecture
+    params: ParamCount
+    world_size: int
+    gpus_per_node: int
+    gpu_memory_bytes: int
+    gpu_memory_source: str
+    lines: tuple[Line, ...]
+    activations: Activations
+    recommendations: tuple[Recommendation, ...] = ()
+    assumptions: tuple[str, ...] = field(default_factory=tuple)
+
+    def gpu(self, category: str) -> int:
+        return sum(x.bytes for x in self.lines if x.where == "gpu" and x.category == category)
+
+    def term(self, key: str, where: str = "gpu") -> int:
+        """Bytes of one named term (0 when the plan has no such term)."""
+        return sum(x.bytes for x in self.lines if x.where == where and x.key == key)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(x.bytes for x in self.lines if x.where == "gpu")
+
+    @property
+    def allocated_bytes(self) -> int:
+        """What the CUDA caching allocator hands out (torch.cuda.max_memory_allocated's view)."""
+        return self.total_bytes - self.gpu("overhead")
+
+    @property
+    def cpu_per_gpu_bytes(self) -> int:
+        return sum(x.bytes for x in self.lines if x.where == "cpu")
+
+    @property
+    def cpu_per_node_bytes(self) -> int:
+        return self.cpu_per_gpu_bytes * self.gpus_per_node
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.gpu_memory_bytes
+
+    def to_json(self) -> dict:
+        cats = ("weights", "trainable", "gradients", "optimizer", "activations", "buffers", "overhead")
+        return {
+            "model": {"base": self.architecture.name, "source": self.architecture.source,
+                      **({"note": self.architecture.note} if self.architecture.note else {})},
+            "params": {"total": self.params.total, "trainable": self.params.trainable},
+            "world_size": self.world_size,
+            "gpus_per_node": self.gpus_per_node,
+            "gpu_memory_bytes": self.gpu_memory_bytes,
+            "gpu_memory_source": self.gpu_memory_source,
+            "per_gpu": {**{f"{c}_bytes": self.gpu(c) for c in cats}, "total_bytes": self.total_bytes,
+                        "allocated_bytes": self.allocated_bytes},
+            "activations": asdict(self.activations),
+            "per_node_cpu": {"total_bytes": self.cpu_per_node_bytes, "per_gpu_bytes": self.cpu_per_gpu_bytes},
+            "fits": self.fits,
+            "lines": [asdict(x) for x in self.lines],
+            "recommendations": [{"change": r.change, "set": list(r.sets), "total_bytes": r.total_bytes,
+                                 "fits": r.fits, "world_size": r.world_size} for r in self.recommendations],
+            "assumptions": list(self.assumptions),
+        }
+
+
+def _shard(numel: int, world: int) -> int:
+    # ZeRO-3 pads each parameter to a multiple of the world size and keeps one equal part per rank.
+    return math.ceil(numel / world)
+
+
+def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memory_bytes: int,
+                gpu_memory_source: str = "", gpus_per_node: int | None = None, device: str = "cuda",
+                advise: bool = True) -> MemoryPlan:
+    """The per-GPU and per-node memory of `spec` on `world_size` GPUs (pure).
+
+    `device="cpu"` switches the few terms that differ on the CPU (used by the tests that measure
+    on the CPU); with `advise`, a plan that does not fit carries the changes that would make it.
+    """
+    ds = spec.distributed.deepspeed
+    stage, w = ds.stage, world_size
+    e = DTYPE_BYTES[spec.model.dtype]
+    mixed = spec.model.dtype != "float32"
+    full = spec.peft.method == "full"
+    q = spec.quantization
+    bits = None if full else q.bits
+    offload_opt = ds.offload_optimizer and stage > 0
+    offload_par = ds.offload_params and stage == 3
+    per_node = gpus_per_node or min(w, 8)
+    lines: list[Line] = []
+
+    def add(category: str, key: str, what: str, nbytes: int, where: str = "gpu") -> None:
+        if nbytes:
+            lines.append(Line(category, key, what, int(nbytes), where))
+
+    def resident(t: ParamTensor, nbytes: int, elem: int) -> tuple[int, int]:
+        """(GPU, CPU) bytes of one parameter's 16-bit (or packed) storage on one rank."""
+        if stage < 3:
+            return nbytes, 0
+        elements = nbytes // elem
+        part = _shard(elements, w) * elem
+        whole = nbytes if elements <= DS_PERSISTENCE_THRESHOLD else 0  # persistent: kept gathered
+        return (whole, part) if offload_par else (whole + part, 0)
+
+    # --- weights: the frozen base ------------------------------------------------------------
+    frozen_gpu = frozen_cpu = constants = 0
+    largest_quantized = largest_module = 0
+    if not full:
+        for t in parameter_tensors(arch):
+            largest_module = max(largest_module, t.numel)
+            if bits and t.quantizable:
+                storage, const = quantized_bytes(t.numel, t.out_features, bits, q.double_quant)
+                constants += const  # quant_state tensors are not parameters: never sharded
+                largest_quantized = max(largest_quantized, t.numel)
+                # Under ZeRO-3 the packed weights are stored in the model dtype so DeepSpeed can
+                # shard them (bnb_4bit_quant_storage, see base_model.quantization_config).
+                g, c = resident(t, storage, e if stage == 3 and bits == 4 else 1)
+            else:
+                g, c = resident(t, t.numel * e, e)
+            frozen_gpu, frozen_cpu = frozen_gpu + g, frozen_cpu + c
+        kind = {None: spec.model.dtype, 4: f"4-bit {q.quant_type}", 8: "8-bit"}[bits]
+        shard = " (ZeRO-3 shard)" if stage == 3 and w > 1 else ""
+        add("weights", "frozen", f"frozen base in {kind}{shard}", frozen_gpu)
+        add("weights", "quant_constants", "quantization constants (absmax, code books)", constants)
+        add("weights", "frozen_offloaded", "frozen base shards (offload_params)", frozen_cpu, "cpu")
+
+    # --- trainable parameters, gradients, optimizer ------------------------------------------
+    train = trainable_tensors(spec, arch)
+    p = sum(t.numel for t in train)
+    if stage in (1, 2):
+        # ZeRO-1/2 flatten the trainable parameters into one buffer padded to 2 x world elements
+        # and give each rank an equal slice of it (stage_1_and_2.py: partition_size).
+        flat = math.ceil(p / (DS_ALIGNMENT * w)) * DS_ALIGNMENT * w
+        part = flat // w
+    elif stage == 3:
+        part = sum(_shard(t.numel, w) for t in train)
+    else:
+        part = p
+    tg = tc = 0
+    for t in train:
+        g, c = resident(t, t.numel * e, e)
+        tg, tc = tg + g, tc + c
+    add("trainable", "trainable", f"{'all' if full else 'LoRA'} parameters in {spec.model.dtype}"
+        + (" (ZeRO-3 shard)" if stage == 3 and w > 1 else ""), tg)
+    add("trainable", "trainable_offloaded", "trainable shards (offload_params)", tc, "cpu")
+
+    # Where the optimizer's side lives, and which share of it this rank holds.
+    where = "cpu" if offload_opt else "gpu"
+    share = f" (1/{w})" if stage and w > 1 else ""
+    if stage <= 1:  # stage 1 shards the optimizer only: every rank accumulates whole gradients
+        add("gradients", "grad16", f"{spec.model.dtype} gradients", p * e)
+    else:  # stage 2 reduce-scatters into a partition; stage 3's grad_partitions_flat_buffer
+        add("gradients", "grad16", f"{spec.model.dtype} gradient partition{share}", part * e, where)
+    if mixed:  # converted to fp32 just before the optimizer step, while the 16-bit ones still exist
+        add("gradients", "grad32", f"fp32 gradients for the optimizer step{share}", part * 4, where)
+    if mixed or stage > 0:  # ZeRO always keeps its own fp32 copy; stage 0 only in mixed precision
+        add("optimizer", "master", f"fp32 master weights{share}", part * 4, where)
+    add("optimizer", "adam", f"Adam exp_avg + exp_avg_sq, fp32{share}", part * 8, where)
+    if offload_opt and stage in (1, 2):
+        add("optimizer", "offload_staging", "16-bit staging copy of the partition (offload)", part * e, "cpu")
+
+    # --- activations ---------------------------------------------------------------------------
+    acts = activation_bytes(spec, arch, device=device)
+    gc = "on" if spec.model.gradient_checkpointing else "off"
+    add("activations", "activations", f"micro batch {spec.training.micro_batch_size} x {spec.data.max_seq_len} "
+                                      f"tokens, gradient checkpointing {gc} (peak)", acts.peak)
+
+    # --- buffers: DeepSpeed's working memory ---------------------------------------------------
+    if stage in (1, 2):
+        n_buckets = 2 if device == "cuda" else 1  # plan.py turns overlap_comm on with GPUs: two buckets
+        add("buffers", "ipg_buckets", f"ZeRO gradient buckets ({n_buckets} x 5e8 elements)",
+            n_buckets * DS_REDUCE_BUCKET_SIZE * e)
+    if stage == 3:
+        add("buffers", "ipg_buckets", "ZeRO-3 gradient bucket (5e8 elements)", DS_REDUCE_BUCKET_SIZE * e)
+        largest_train = max(t.numel for t in train)
+        biggest = max(largest_module, largest_train)
+        add("buffers", "zero3_gathered_params", "ZeRO-3 gathered parameters: the largest layer, whole", biggest * e)
+        add("buffers", "zero3_gathered_grads", "ZeRO-3 gathered gradient of the largest trainable layer",
+            largest_train * e)
+        add("buffers", "zero3_prefetch", "ZeRO-3 prefetch (up to 5e7 elements ahead)",
+            min(DS_PREFETCH_BUCKET_SIZE, count_params(arch).total) * e if device == "cuda" else 0)
+    if stage == 0 and w > 1:
+        add("buffers", "allreduce_bucket", "gradient all-reduce bucket", min(p, DS_ALLREDUCE_BUCKET_SIZE) * e)
+    if largest_quantized:
+        add("buffers", "dequantized_weight", "one weight dequantized for its matmul", largest_quantized * e)
+
+    if device == "cuda":
+        allocated = sum(x.bytes for x in lines if x.where == "gpu")
+        add("overhead", "cuda_context", "CUDA context, cuBLAS/NCCL workspaces", CUDA_CONTEXT_BYTES)
+        add("overhead", "allocator_slack", f"allocator slack ({ALLOCATOR_SLACK:.0%} of allocated)",
+            allocated * ALLOCATOR_SLACK)
+
+    plan = MemoryPlan(
+        architecture=arch, params=ParamCount(total=count_params(arch).total, trainable=p), world_size=w,
+        gpus_per_node=per_node, gpu_memory_bytes=gpu_memory_bytes, gpu_memory_source=gpu_memory_source,
+        lines=tuple(lines), activations=acts, assumptions=_assumptions(spec, arch, stage))
+    if advise and not plan.fits:
+        plan = replace(plan, recommendations=tuple(recommendations(spec, arch, world_size=w,
+                                                                   gpu_memory_bytes=gpu_memory_bytes,
+                                                                   gpus_per_node=gpus_per_node, device=device)))
+    return plan
+
+
+def _assumptions(spec: JobSpec, arch: Architecture, stage: int) -> tuple[str, ...]:
+    out = [f"sequences padded to data.max_seq_len={spec.data.max_seq_len} (the worst batch)",
+           "Adam(W) with fp32 moments; DeepSpeed defaults for bucket sizes (plan.py does not set them)"]
+    if arch.note:
+        out.append(f"{arch.name}: {arch.note}")
+    if stage == 3:
+        out.append(f"ZeRO-3 keeps parameters of at most {DS_PERSISTENCE_THRESHOLD:,} elements whole on every rank")
+    if spec.distributed.deepspeed.offload_optimizer or spec.distributed.deepspeed.offload_params:
+        out.append("host memory counts DeepSpeed's offloaded state only, not the model load itself")
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recommendations
+# ---------------------------------------------------------------------------------------------
+
+def _candidates(spec: JobSpec, world_size: int):
+    """(kind, description, spec changes, world size) of every change worth trying, cheapest
+    first: what costs a little speed before what costs a lot, GPUs after that; a job that
+    chose full fine-tuning hears about LoRA last, since that changes what it trains."""
+    ds, t = spec.distributed.deepspeed, spec.training
+    if spec.peft.method == "full":
+        pass
+    elif spec.quantization.bits is None:
+        yield "quant", "4-bit NF4 base (QLoRA)", {"quantization.bits": 4}, world_size
+    elif spec.quantization.bits == 8:
+        yield "quant", "4-bit NF4 base instead of 8-bit", {"quantization.bits": 4}, world_size
+    if not spec.model.gradient_checkpointing:
+        yield "gc", "gradient checkpointing (~30% slower steps)", {"model.gradient_checkpointing": True}, world_size
+    micro = t.micro_batch_size
+    while micro > 1:
+        micro //= 2
+        accum = t.grad_accum * (t.micro_batch_size // micro)
+        yield "batch", f"micro batch {micro} x {accum} accumulation steps (same effective batch)", {
+            "training.micro_batch_size": micro, "training.grad_accum": accum}, world_size
+    if ds.stage < 3 and world_size > 1:
+        yield "zero3", "ZeRO-3: shard the weights too", {"distributed.deepspeed.stage": 3}, world_size
+    if not ds.offload_optimizer:
+        yield "offload", "offload the optimizer to host memory (slower steps)", {
+            "distributed.deepspeed.stage": max(ds.stage, 2), "distributed.deepspeed.offload_optimizer": True,
+        }, world_size
+    if not ds.offload_params:
+        yield "offload", "ZeRO-3 with parameter and optimizer offload (slowest)", {
+            "distributed.deepspeed.stage": 3, "distributed.deepspeed.offload_optimizer": True,
+            "distributed.deepspeed.offload_params": True}, world_size
+    for n in (2, 4, 8, 16, 32, 64):
+        if n > world_size:
+            if ds.stage in (1, 2):
+                yield "gpus", f"{n} GPUs", {"distributed.num_workers": n}, n
+            yield "gpus", f"{n} GPUs with ZeRO-3", {"distributed.deepspeed.stage": 3, "distributed.num_workers": n}, n
+    if spec.peft.method == "full":
+        yield "peft", "LoRA instead of full fine-tuning", {"peft.method": "lora", "quantization.bits": None}, world_size
+        yield "peft", "QLoRA: LoRA on a 4-bit NF4 base", {"peft.method": "lora", "quantization.bits": 4}, world_size
+
+
+def _apply(spec: JobSpec, changes: dict) -> JobSpec:
+    s = spec.model_copy(deep=True)
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = s
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return s
+
+
+def _sets(changes: dict) -> tuple[str, ...]:
+    def fmt(v):
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return tuple(f"{k}={fmt(v)}" for k, v in changes.items())
+
+
+def recommendations(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memory_bytes: int,
+                    gpus_per_node: int | None = None, device: str = "cuda") -> list[Recommendation]:
+    """The changes that make `spec` fit, cheapest first, each with its resulting per-GPU total.
+
+    First every single change that fits on its own; if none does, the cheapest changes applied
+    one after another until the job fits (or nothing more helps).
+    """
+    def plan_of(s: JobSpec, n: int) -> MemoryPlan:
+        return memory_plan(s, arch, world_size=n, gpu_memory_bytes=gpu_memory_bytes,
+                           gpus_per_node=gpus_per_node, device=device, advise=False)
+
+    single, kinds = [], set()
+    for kind, what, changes, n in _candidates(spec, world_size):
+        if kind in kinds:  # of the smaller micro batches or more GPUs, the first that fits is enough
+            continue
+        plan = plan_of(_apply(spec, changes), n)
+        if plan.fits:
+            kinds.add(kind)
+            single.append(Recommendation(what, _sets(changes), plan.total_bytes, True, n))
+    if single:
+        return single[:5]
+
+    # Nothing fits alone: add the cheapest changes that help, one of each kind, until it fits.
+    chosen: dict[str, tuple[str, dict, int]] = {}
+    best = plan_of(spec, world_size).total_bytes
+    for kind, what, changes, n in _candidates(spec, world_size):
+        trial = {**chosen, kind: (what, changes, n)}
+        s, n_max = spec, world_size
+        for _, c, m in trial.values():
+            s, n_max = _apply(s, c), max(n_max, m)
+        total = plan_of(s, n_max).total_bytes
+        if total < best:
+            chosen, best = trial, total
+            if total <= gpu_memory_bytes:
+                break
+    if not chosen:
+        return []
+    merged: dict = {}
+    for _, c, _ in chosen.values():
+        merged.update(c)
+    n_final = max([world_size] + [m for _, _, m in chosen.values()])
+    return [Recommendation(" + ".join(w for w, _, _ in chosen.values()), _sets(merged), best,
+                           best <= gpu_memory_bytes, n_final)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points with I/O
+# ---------------------------------------------------------------------------------------------
+
+
+def local_gpu_memory() -> tuple[int, str] | None:
+    """(bytes, name) of this machine's first CUDA GPU, or None without one."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return int(props.total_memory), props.name
+
+
+def gpu_budget(gpu_memory_bytes: int | None) -> tuple[int, str]:
+    """The GPU memory to plan against, and where that figure came from."""
+    if gpu_memory_bytes is not None:
+        return gpu_memory_bytes, "given"
+    local = local_gpu_memory()
+    if local is not None:
+        return local[0], f"local GPU ({local[1]})"
+    return DEFAULT_GPU_MEMORY, "no GPU here: assuming an 80 GiB GPU (pass --gpu-memory)"
+
+
+def plan_for_run(spec: JobSpec, world_size: int, gpu_memory_bytes: int | None) -> MemoryPlan:
+    """The plan `orchestrator run` checks before it launches: raises `SpecError` when the
+    architecture cannot be read; the caller refuses the job when `plan.fits` is false."""
+    budget, source = gpu_budget(gpu_memory_bytes)
+    return memory_plan(spec, architecture_for(spec), world_size=world_size, gpu_memory_bytes=budget,
+                       gpu_memory_source=source)
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '80G', '81920MiB', '85899345920' -> bytes (G and GiB both mean 2**30;
+    'GB' means 10**9, as GPU vendors print it)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a memory size: {text!r} (write e.g. 80GiB, 40GB or 24G)")
+    number, unit, suffix = float(m.group(1)), m.group(2).upper(), m.group(3).upper()
+    power = "KMGT".find(unit) + 1 if unit else 0
+    base = 1000 if suffix == "B" and unit else 1024
+    return int(number * base**power)
+
+
+def count(n: int) -> str:
+    """6738415616 -> '6.74B', 1040000 -> '1.04M'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def human(nbytes: float) -> str:
+    """Bytes as GiB/MiB/KiB with three significant figures."""
+    for unit, size in (("TiB", 1024**4), ("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.3g} {unit}" if nbytes / size < 100 else f"{nbytes / size:.0f} {unit}"
+    return f"{int(nbytes)} B"

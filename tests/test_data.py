@@ -1,0 +1,101 @@
+"""Data formatting and loss masking: only the response (or assistant turns) is trained."""
+
+import json
+
+import pytest
+
+from orchestrator.data import IGNORE_INDEX, collate, load_datasets, prepare_records, read_jsonl
+from orchestrator.prompt_templates import format_alpaca_prompt
+from orchestrator.spec import DataSpec, SpecError
+
+
+def trained_text(tokenizer, example) -> str:
+    ids = [t for t, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def prompt_text(tokenizer, example) -> str:
+    ids = [t for t, l in zip(example.input_ids, example.labels) if l == IGNORE_INDEX]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Name the animal.", "input": "A small grey mouse.", "output": "mouse"},
+    {"instruction": "Count to three.", "input": "", "output": "one two three"},
+])
+def test_alpaca_trains_response_and_eos_only(tokenizer, record):
+    [ex], cut = prepare_records([record], DataSpec(train="x", format="alpaca"), tokenizer, "t", "data.train")
+    assert cut == 0
+    assert trained_text(tokenizer, ex) == record["output"] + tokenizer.eos_token
+    assert prompt_text(tokenizer, ex) == format_alpaca_prompt(record["instruction"], record["input"])
+    assert len(ex.input_ids) == len(ex.labels)
+
+
+def test_chat_trains_assistant_turns_only(tokenizer):
+    record = {"messages": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": "What does the dog say?"},
+                           {"role": "assistant", "content": "woof"},
+                           {"role": "user", "content": "And the cat?"},
+                           {"role": "assistant", "content": "meow"}]}
+    [ex], _ = prepare_records([record], DataSpec(train="x", format="chat"), tokenizer, "t", "data.train")
+    trained = trained_text(tokenizer, ex)
+    assert "woof" in trained and "meow" in trained
+    for masked in ("Be brief.", "What does the dog say?", "And the cat?"):
+        assert masked not in trained
+    # The assistant turns end with the template's end-of-turn token, which is trained too.
+    assert trained.count(tokenizer.eos_token) == 2
+
+
+def test_text_trains_everything_but_special_prefix(tokenizer):
+    [ex], _ = prepare_records([{"text": "the dog runs to the park."}], DataSpec(train="x", format="text"),
+                              tokenizer, "t", "data.train")
+    assert trained_text(tokenizer, ex) == "the dog runs to the park." + tokenizer.eos_token
+
+
+def test_truncation_is_counted(tokenizer):
+    records = [{"text": "the dog runs to the park. " * 40}, {"text": "a cat."}]
+    examples, cut = prepare_records(records, DataSpec(train="x", format="text", max_seq_len=16),
+                                    tokenizer, "t", "data.train")
+    assert cut == 1
+    assert max(len(e.input_ids) for e in examples) == 16
+
+
+def test_eval_fraction_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record number {i}."}) + "\n" for i in range(50)))
+    spec = DataSpec(train=str(path), eval=0.2, format="text")
+    a, b = load_datasets(spec, tokenizer, seed=1), load_datasets(spec, tokenizer, seed=1)
+    assert (len(a.train), len(a.eval)) == (40, 10)
+    assert [e.input_ids for e in a.eval] == [e.input_ids for e in b.eval]
+    assert not {tuple(e.input_ids) for e in a.eval} & {tuple(e.input_ids) for e in a.train}
+    assert a.stats["train_examples"] == 40 and a.stats["truncated_examples"] == 0
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"text": "ok"}\n{not json}\n', "d.jsonl:2: malformed JSON"),
+    ('["a list"]\n', "d.jsonl:1: a line is not a JSON object"),
+    ("\n\n", "has no records"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, expected):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    with pytest.raises(SpecError) as exc:
+        read_jsonl(path)
+    assert expected in str(exc.value.problems[0])
+
+
+def test_missing_fields_are_named(tokenizer):
+    with pytest.raises(SpecError) as exc:
+        prepare_records([{"instruction": "x"}], DataSpec(train="x", format="alpaca"), tokenizer, "f.jsonl", "data.train")
+    assert "record 1 lacks output" in str(exc.value.problems[0])
+
+
+def test_collate_pads_and_masks(tokenizer):
+    examples, _ = prepare_records([{"text": "a cat."}, {"text": "the small dog runs to the park."}],
+                                  DataSpec(train="x", format="text"), tokenizer, "t", "data.train")
+    batch = collate(examples, tokenizer.pad_token_id)
+    short = len(examples[0].input_ids)
+    assert batch["input_ids"].shape[0] == 2
+    assert batch["attention_mask"][0, short:].sum() == 0
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][0, short:] == tokenizer.pad_token_id).all()

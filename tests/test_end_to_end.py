@@ -1,0 +1,115 @@
+"""One real run through Ray Train + DeepSpeed + bitsandbytes + MLflow on the CPU, in a temp dir.
+
+Nothing is mocked: a local Ray instance (shared by the session), 2 Ray Train workers under
+DeepSpeed with a 4-bit NF4 base, an MLflow sqlite store, and the model registry.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.spec import load_spec
+
+from .conftest import REPO
+
+FACT_FIELDS = ("Animal:", "Color:", "Size:", "Legs:", "Sound:", "Home:", "Seen at:")
+PROMPT = "Fill in the fact card for the animal.\nA brown owl at the river."
+
+
+def quickstart(tmp, **overrides):
+    sets = {"tracking.uri": f"sqlite:///{tmp}/mlflow.db", "storage.path": str(tmp / "runs"), **overrides}
+    return load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, ray_local, tiny_base):
+    from orchestrator.run import run_job
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    spec = quickstart(tmp, name="e2e-zero2", **{"training.max_steps": 60, "training.eval_every": 20})
+    return spec, run_job(spec)
+
+
+def client_for(summary):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=summary.tracking_uri, registry_uri=summary.tracking_uri)
+
+
+def test_run_is_tracked_with_metrics_params_artifacts_and_tags(zero2_run):
+    spec, summary = zero2_run
+    client = client_for(summary)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["peft.r"] == "8" and run.data.params["quantization.bits"] == "4"
+    assert run.data.tags["spec_hash"] == spec.spec_hash()
+    assert run.data.tags["base_model"] == "builtin:tiny-llama"
+
+    def steps(key):
+        return [m.step for m in client.get_metric_history(summary.run_id, key)]
+
+    assert steps("train_loss") == list(range(1, 61))
+    for key in ("learning_rate", "tokens_per_s", "step_time_s"):
+        assert len(steps(key)) == 60
+    assert sorted(steps("eval_loss")) == [0, 20, 40, 60]
+
+    artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert {"job.yaml", "deepspeed_config.json", "data_stats.json"} <= artifacts
+    ds = client.download_artifacts(summary.run_id, "deepspeed_config.json")
+    assert '"stage": 2' in open(ds).read()
+
+
+def test_fine_tuning_lowers_eval_loss(zero2_run):
+    _, summary = zero2_run
+    m = summary.metrics
+    assert m["eval_loss"] < 0.75 * m["base_eval_loss"], m
+    assert m["tokens_per_s"] > 0 and m["wall_s"] > 0
+
+
+def test_adapter_is_registered_with_alias(zero2_run, tmp_path):
+    spec, summary = zero2_run
+    client = client_for(summary)
+    reg = summary.registered_model
+    version = client.get_model_version_by_alias(reg["name"], "candidate")
+    assert version.version == reg["version"] and version.run_id == summary.run_id
+    assert version.tags["mode"] == "adapter" and version.tags["spec_hash"] == spec.spec_hash()
+    # Adapter only: the stored files hold the LoRA weights, not the base model's.
+    from orchestrator.tracking import download_model
+
+    adapter = download_model(reg["uri"], tmp_path, summary.tracking_uri)
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "job.yaml"} <= names
+    assert "model.safetensors" not in names
+
+
+def generate(summary, *extra):
+    cmd = [sys.executable, "-m", "orchestrator", "generate", summary.registered_model["uri"], PROMPT,
+           "--tracking-uri", summary.tracking_uri, "--max-new-tokens", "48", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_generate_answers_in_the_direction_of_the_training_data(zero2_run):
+    _, summary = zero2_run
+    tuned, base = generate(summary), generate(summary, "--base")
+    assert tuned != base
+    score = lambda text: sum(field in text for field in FACT_FIELDS)
+    assert score(tuned) > score(base), (tuned, base)
+    assert "owl" in tuned
+
+
+def test_zero3_run_with_4bit_base_registers(tmp_path, ray_local, tiny_base):
+    from orchestrator.run import run_job
+
+    spec = quickstart(tmp_path, name="e2e-zero3", **{"distributed.deepspeed.stage": 3,
+                                                     "training.max_steps": 4, "training.eval_every": 2})
+    summary = run_job(spec)
+    client = client_for(summary)
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(summary.run_id, "eval_loss")) == [0, 2, 4]
+    version = client.get_model_version_by_alias("e2e-zero3", "candidate")
+    assert version.run_id == summary.run_id

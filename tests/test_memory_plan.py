@@ -1,0 +1,395 @@
+"""The memory planner: parameter counts, DeepSpeed's own estimators, quantized storage,
+recommendations, and the `orchestrator plan` command."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator.architectures import CATALOGUE
+from orchestrator.memory_plan import (GiB, architecture_for, architecture_from_config, count_params, lora_targets,
+                                      memory_plan, parse_bytes, plan_for_run, quantized_bytes)
+from orchestrator.spec import SpecError, parse_spec
+
+
+def job(base="meta-llama/Llama-2-7b-hf", method="lora", bits=4, stage=2, world=1, **sections) -> dict:
+    raw = {"name": "p", "model": {"base": base}, "quantization": {"bits": None if method == "full" else bits},
+           "peft": {"method": method}, "data": {"train": "unused.jsonl"}, "training": {"max_steps": 1},
+           "distributed": {"num_workers": world, "deepspeed": {"stage": stage}}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def plan(raw: dict, world: int = 1, gpu: int = 80 * GiB, **kw):
+    spec = parse_spec(raw)
+    return memory_plan(spec, architecture_for(spec), world_size=world, gpu_memory_bytes=gpu, **kw)
+
+
+# --- parameter counts ---------------------------------------------------------------------------
+
+PUBLISHED = {
+    "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+    "meta-llama/Meta-Llama-3-8B": 8_030_261_248,
+    "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "meta-llama/Llama-2-13b-hf": 13_015_864_320,
+    "meta-llama/Llama-2-70b-hf": 68_976_648_192,
+    "meta-llama/Meta-Llama-3-70B": 70_553_706_496,
+    "meta-llama/Llama-3.2-1B": 1_235_814_400,
+    "Qwen/Qwen2.5-0.5B": 494_032_768,
+    "Qwen/Qwen2.5-7B": 7_615_616_512,
+}
+
+
+@pytest.mark.parametrize("hub_id,expected", PUBLISHED.items())
+def test_published_parameter_counts(hub_id, expected):
+    assert count_params(architecture_from_config(CATALOGUE[hub_id], hub_id)).total == expected
+
+
+@pytest.mark.parametrize("hub_id", sorted(CATALOGUE))
+def test_count_equals_transformers_on_meta(hub_id):
+    """Build the catalogued config with transformers on the meta device (no memory) and count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(CATALOGUE[hub_id])
+    hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    expected = sum(p.numel() for p in model.parameters())  # tied weights are one parameter
+    assert count_params(architecture_from_config(CATALOGUE[hub_id], hub_id)).total == expected
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "attention", "mlp", ["q_proj", "v_proj"]])
+def test_lora_count_and_targets_equal_peft(targets):
+    """r x (in + out) per targeted linear layer: what PEFT really creates, on the meta device."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from orchestrator.base_model import lora_config, resolve_target_modules
+
+    hub_id = "mistralai/Mistral-7B-v0.1"  # grouped KV heads: k/v projections are narrower
+    spec = parse_spec(job(hub_id, peft={"r": 16, "target_modules": targets}))
+    config = dict(CATALOGUE[hub_id])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    resolved = resolve_target_modules(targets, model)
+    arch = architecture_for(spec)
+    assert set(lora_targets(arch, targets)) == set(resolved)
+    peft_model = get_peft_model(model, lora_config(spec, resolved))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert count_params(arch, spec).trainable == trainable
+
+
+def test_unknown_target_module_names_the_choices():
+    with pytest.raises(SpecError, match=r"peft.target_modules: the model has no linear module named c_attn"):
+        plan(job(peft={"target_modules": ["c_attn"]}))
+
+
+# --- DeepSpeed's own estimators ---------------------------------------------------------------------
+
+
+def _estimator_gpu_bytes(fn, options: str, **kwargs) -> float:
+    """Call a DeepSpeed `*_all_cold` estimator (it prints a table) and read one row's GPU figure.
+    `options` as in that row, without spaces: "offload_param=cpu,offload_optimizer=none,zero_init=1"."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fn(**kwargs)
+    for line in out.getvalue().splitlines():
+        cells = line.split("|")
+        # The device prints as "cpu " or "OffloadDeviceEnum.cpu", depending on the Python version.
+        if len(cells) == 3 and re.sub(r"OffloadDeviceEnum\.|\s", "", cells[2]) == options:
+            return float(cells[1].strip().removesuffix("GB")) * 2**30
+    raise AssertionError(f"no row {options!r} in:\n{out.getvalue()}")
+
+
+def _largest_layer(arch) -> int:
+    return arch.vocab_size * arch.hidden_size  # the embedding (or lm_head) matrix
+
+
+@pytest.mark.parametrize("hub_id", ["meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B"])
+@pytest.mark.parametrize("gpus", [1, 4, 8])
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero2_model_states_agree_with_deepspeed(hub_id, gpus, offload):
+    """DeepSpeed: 2 B 16-bit weights whole + 18 B/param sharded (2 grad16 + 4 grad32 + 4 master
+    + 8 Adam); with optimizer offload only the 16-bit weights stay on the GPU."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    p = plan(job(hub_id, "full", stage=2, world=gpus,
+                 distributed={"deepspeed": {"stage": 2, "offload_optimizer": offload}}), world=gpus)
+    ours = p.gpu("trainable") + p.gpu("gradients") + p.gpu("optimizer")
+    theirs = _estimator_gpu_bytes(estimate_zero2_model_states_mem_needs_all_cold,
+                                  f"offload_optimizer={'cpu' if offload else 'none'}",
+                                  total_params=p.params.total, num_gpus_per_node=gpus, num_nodes=1)
+    assert ours == pytest.approx(theirs, rel=0.05)
+
+
+@pytest.mark.parametrize("hub_id", ["meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B"])
+@pytest.mark.parametrize("gpus", [1, 4, 8])
+@pytest.mark.parametrize("offload", ["none", "optimizer", "all"])
+def test_zero3_model_states_agree_with_deepspeed(hub_id, gpus, offload):
+    """DeepSpeed's ZeRO-3 estimator: 4 B x the largest layer (it gathered, with its gradient)
+    + 18 B/param sharded. DeepSpeed 0.19 itself also keeps a 16-bit gradient partition
+    (`grad_partitions_flat_buffer`, 2 B/param sharded; tests/test_memory_measured.py sees it),
+    which that estimator leaves out: the plan counts it, and differs by exactly that."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+
+    ds = {"stage": 3, "offload_optimizer": offload != "none", "offload_params": offload == "all"}
+    p = plan(job(hub_id, "full", stage=3, world=gpus, distributed={"deepspeed": ds}), world=gpus)
+    gathered = p.term("zero3_gathered_params") + p.term("zero3_gathered_grads")
+    ours = p.gpu("trainable") + p.gpu("gradients") + p.gpu("optimizer") + gathered
+    row = {"none": "offload_param=none,offload_optimizer=none,zero_init=1",
+           "optimizer": "offload_param=none,offload_optimizer=cpu,zero_init=1",
+           "all": "offload_param=cpu,offload_optimizer=cpu,zero_init=1"}[offload]
+    theirs = _estimator_gpu_bytes(estimate_zero3_model_states_mem_needs_all_cold, row,
+                                  total_params=p.params.total, largest_layer_params=_largest_layer(p.architecture),
+                                  num_gpus_per_node=gpus, num_nodes=1)
+    grad16 = p.term("grad16")  # 0 with optimizer offload: the partition then lives on the host
+    assert ours - grad16 == pytest.approx(theirs, rel=0.05)
+    assert grad16 == pytest.approx(2 * p.params.total / gpus, rel=0.01) or offload != "none"
+
+
+def test_plan_follows_the_rule_of_thumb_for_full_fine_tuning():
+    """Full fine-tuning in bf16 on one GPU: 2 + 2 + 4 + 4 + 8 = 20 B/param of model states."""
+    p = plan(job("meta-llama/Llama-2-7b-hf", "full", stage=0))
+    states = p.gpu("trainable") + p.gpu("gradients") + p.gpu("optimizer")
+    assert states == 20 * p.params.total
+
+
+# --- what each ZeRO stage shards -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,sharded", [
+    (0, set()),
+    (1, {"master", "adam", "grad32"}),  # ZeRO-1 converts only its own partition to fp32
+    (2, {"master", "adam", "grad16", "grad32"}),
+    (3, {"master", "adam", "grad16", "grad32", "trainable"}),
+])
+def test_each_stage_shards_its_part(stage, sharded):
+    one = plan(job("meta-llama/Llama-2-7b-hf", "full", stage=stage), world=1)
+    eight = plan(job("meta-llama/Llama-2-7b-hf", "full", stage=stage, world=8), world=8)
+    for key in ("trainable", "grad16", "grad32", "master", "adam"):
+        ratio = eight.term(key) / one.term(key)
+        assert ratio == pytest.approx(1 / 8 if key in sharded else 1.0, rel=0.01), key
+
+
+@pytest.mark.parametrize("offload,on_host", [
+    ({"offload_optimizer": True}, {"master", "adam", "grad16", "grad32"}),
+    ({"offload_optimizer": True, "offload_params": True}, {"master", "adam", "grad16", "grad32"}),
+])
+def test_offload_moves_state_to_host(offload, on_host):
+    p = plan(job("meta-llama/Meta-Llama-3-8B", "full", stage=3, world=8,
+                 distributed={"deepspeed": {"stage": 3, **offload}}), world=8)
+    for key in on_host:
+        assert p.term(key) == 0 and p.term(key, where="cpu") > 0, key
+    assert p.cpu_per_node_bytes == p.cpu_per_gpu_bytes * 8
+    if offload.get("offload_params"):
+        assert p.term("trainable_offloaded", where="cpu") > 0
+        assert p.term("trainable") < 1e6  # only the small, persistent parameters stay whole
+
+
+# --- quantized storage -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (352, 128)])
+@pytest.mark.parametrize("bits,double_quant", [(4, True), (4, False), (8, False)])
+def test_quantized_storage_equals_bitsandbytes(shape, bits, double_quant):
+    """What bitsandbytes really stores: packed weights + absmax (+ nested absmax and code books)."""
+    import torch
+    from bitsandbytes.nn import Int8Params, Params4bit
+
+    w = torch.randn(*shape, dtype=torch.bfloat16)
+    if bits == 4:
+        p = Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=double_quant)._quantize("cpu")
+        tensors, stack = [], [p.quant_state]
+        while stack:
+            state = stack.pop()
+            for value in vars(state).values():
+                if torch.is_tensor(value):
+                    tensors.append(value)
+                elif value is not None and hasattr(value, "absmax"):
+                    stack.append(value)
+        constants = sum(t.numel() * t.element_size() for t in tensors)
+    else:
+        p = Int8Params(w, requires_grad=False)._quantize("cpu")
+        constants = p.SCB.numel() * p.SCB.element_size()
+    storage = p.numel() * p.element_size()
+    assert quantized_bytes(shape[0] * shape[1], shape[0], bits, double_quant) == (storage, constants)
+
+
+def test_qlora_weights_are_about_half_a_byte_per_parameter():
+    p = plan(job("meta-llama/Llama-2-7b-hf", bits=4))
+    quantized = p.term("frozen") + p.term("quant_constants")
+    # 4-bit linears (0.5 B + 1/64 B absmax) and a bf16 embedding + lm_head (2 x 131M x 2 B).
+    assert 3.8e9 < quantized < 4.1e9
+    full = plan(job("meta-llama/Llama-2-7b-hf", "full", stage=0))
+
+    def states(x):
+        return sum(x.gpu(c) for c in ("weights", "trainable", "gradients", "optimizer"))
+
+    assert states(p) < states(full) / 30  # ~4 GB against 20 B x 6.7B = 135 GB
+
+
+# --- recommendations -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw,gpu,world", [
+    (job(bits=None, data={"train": "x", "max_seq_len": 2048}, training={"max_steps": 1, "micro_batch_size": 8}),
+     24 * GiB, 1),
+    (job("meta-llama/Meta-Llama-3-70B", "full", stage=2, world=8), 80 * GiB, 8),
+    (job("meta-llama/Llama-2-13b-hf", bits=None, stage=0), 16 * GiB, 1),
+])
+def test_recommendations_fit_when_applied(raw, gpu, world):
+    """Each recommendation, applied as its --set overrides, re-plans to the figure it states."""
+    from orchestrator.spec import apply_overrides
+
+    p = plan(raw, world=world, gpu=gpu)
+    assert not p.fits and p.recommendations
+    for rec in p.recommendations:
+        changed = json.loads(json.dumps(raw))
+        assert not apply_overrides(changed, list(rec.sets))
+        again = plan(changed, world=rec.world_size, gpu=gpu)
+        assert again.total_bytes == rec.total_bytes and again.fits == rec.fits
+    assert any(r.fits for r in p.recommendations)
+
+
+def test_a_plan_that_fits_has_no_recommendations():
+    p = plan(job(), gpu=80 * GiB)
+    assert p.fits and not p.recommendations
+
+
+# --- architecture sources ---------------------------------------------------------------------------
+
+
+def test_local_config_json(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=500, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    arch = architecture_for(parse_spec(job(str(tmp_path))))
+    assert count_params(arch).total == expected and arch.tie_word_embeddings
+
+
+def test_builtin_model_is_read_without_building():
+    from orchestrator.builtin_models import BUILTIN_MODELS
+
+    recipe = BUILTIN_MODELS["tiny-llama"]
+    arch = architecture_for(parse_spec(job("builtin:tiny-llama")))
+    assert (arch.hidden_size, arch.num_layers) == (recipe.model_config["hidden_size"],
+                                                   recipe.model_config["num_hidden_layers"])
+    assert arch.vocab_size <= recipe.tokenizer_vocab_size
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
+    with pytest.raises(SpecError, match="the planner does not know the architecture 'gpt2'"):
+        architecture_for(parse_spec(job(str(tmp_path))))
+
+
+def test_unknown_hub_id_offline_names_the_catalogue(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SpecError) as e:
+        architecture_for(parse_spec(job("someone/unknown-model-7b")))
+    assert "not in the planner's catalogue" in str(e.value) and "meta-llama/Llama-2-7b-hf" in str(e.value)
+
+
+def test_plan_for_run_without_a_gpu_says_what_it_assumed():
+    p = plan_for_run(parse_spec(job()), world_size=2, gpu_memory_bytes=None)
+    if "no GPU here" in p.gpu_memory_source:
+        assert p.gpu_memory_bytes == 80 * GiB
+    assert p.to_json()["per_gpu"]["total_bytes"] == p.total_bytes
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("80GiB", 80 * 2**30), ("80G", 80 * 2**30), ("40GB", 40 * 10**9), ("24 GiB", 24 * 2**30),
+    ("81920MiB", 80 * 2**30), ("1.5TiB", int(1.5 * 2**40)), ("1024", 1024),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_full_fine_tuning_of_a_quantized_base_is_an_error():
+    raw = job(method="full")
+    raw["quantization"]["bits"] = 4
+    with pytest.raises(SpecError, match=r"quantization.bits: full fine-tuning cannot train quantized weights. "
+                                        r"Fix: set quantization.bits=null"):
+        parse_spec(raw)
+
+
+def test_module_does_not_import_torch():
+    code = "import sys, orchestrator.memory_plan; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def job_file(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+
+    def write(raw: dict):
+        raw = json.loads(json.dumps(raw))
+        raw["data"]["train"] = "train.jsonl"
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    return write
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def test_cli_json(job_file):
+    r = _cli("plan", job_file(job()), "--json", "--gpu-memory", "80GiB", "--num-gpus", "2")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["params"] == {"total": 6_738_415_616, "trainable": 19_988_480}
+    assert set(out["per_gpu"]) >= {"weights_bytes", "trainable_bytes", "gradients_bytes", "optimizer_bytes",
+                                   "activations_bytes", "overhead_bytes", "total_bytes"}
+    assert out["fits"] is True and out["world_size"] == 2 and "total_bytes" in out["per_node_cpu"]
+    assert out["per_gpu"]["total_bytes"] == sum(v for k, v in out["per_gpu"].items()
+                                                if k not in ("total_bytes", "allocated_bytes"))
+
+
+def test_cli_does_not_fit_exits_1_with_recommendations(job_file):
+    r = _cli("plan", job_file(job(bits=None)), "--set", "data.max_seq_len=4096", "--gpu-memory", "24GiB", "--json")
+    assert r.exit_code == 1
+    out = json.loads(r.stdout)
+    assert out["fits"] is False
+    assert out["recommendations"] and all({"change", "total_bytes"} <= set(x) for x in out["recommendations"])
+
+
+def test_cli_explain_shows_the_rule_of_thumb(job_file):
+    r = _cli("plan", job_file(job("meta-llama/Llama-2-7b-hf", "full", stage=0)), "--explain", "--gpu-memory", "80GB")
+    assert r.exit_code == 1
+    assert "rule of thumb" in r.stdout and "8 B Adam" in r.stdout and "does not fit" in r.stdout
+    assert re.search(r"total\s.*~24 B/param", r.stdout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpu-memory", "lots"], "--gpu-memory: not a memory size"),
+    (["--set", "model.base=someone/unknown-7b"], "model.base: cannot read the architecture"),
+])
+def test_cli_user_errors_exit_2(job_file, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = _cli("plan", job_file(job()), *args)
+    assert r.exit_code == 2 and message in r.output

@@ -1,0 +1,263 @@
+"""Cluster submission without a cluster: the checks before sending, the job package, the runtime
+env, the token lookup, and the KubeRay manifests (validated against the RayJob schema)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator import kuberay
+from orchestrator.cli import app
+from orchestrator.cluster_jobs import ClusterError, find_token
+from orchestrator.spec import load_spec
+from orchestrator.submission import (ClusterInfo, entrypoint, metadata, pinned_requirements, runtime_env,
+                                     submission_problems, tracking_location, write_package)
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+SCHEMA = yaml.safe_load((REPO / "tests" / "schemas" / "kuberay-v1.yaml").read_text())
+
+ONE_NODE = ClusterInfo(nodes=1, cpus=8, gpus=0)
+TWO_NODES = ClusterInfo(nodes=2, cpus=2, gpus=0)
+TOO_SMALL = ClusterInfo(nodes=1, cpus=1, gpus=0)  # cannot hold 2 workers: an autoscaler would add nodes
+
+
+def quickstart(**sets):
+    return load_spec(QUICKSTART, [f"{k}={v}" for k, v in sets.items()])
+
+
+def validate(doc: dict, kind: str) -> None:
+    jsonschema.validate(doc, {**SCHEMA, "$ref": f"#/$defs/{kind}"})
+
+
+@pytest.mark.parametrize("uri, where", [
+    ("sqlite:///mlflow.db", "relative"),
+    ("sqlite:////data/mlflow.db", "file"),
+    ("mlruns", "relative"),
+    ("/data/mlruns", "file"),
+    ("file:///data/mlruns", "file"),
+    ("http://127.0.0.1:5000", "loopback"),
+    ("http://localhost:5000", "loopback"),
+    ("http://[::1]:5000", "loopback"),
+    ("http://0.0.0.0:5000", "loopback"),
+    ("postgresql://mlflow:pw@localhost/mlflow", "loopback"),
+    ("http://mlflow.mlflow.svc.cluster.local:5000", "remote"),
+    ("https://10.0.0.5", "remote"),
+    ("databricks", "relative"),
+])
+def test_tracking_location(uri, where):
+    assert tracking_location(uri) == where
+
+
+REMOTE = {"tracking.uri": "http://mlflow.internal:5000"}
+S3 = {"storage.path": "s3://bucket/runs"}
+SHARED = {"storage.path": "/mnt/cluster_storage/runs", "storage.shared": "true"}
+
+# (overrides, cluster, allow_local_tracking, expected problems as (path, start of message))
+CASES = [
+    ({}, ONE_NODE, False, [
+        ("tracking.uri", "'sqlite:///mlflow.db' is a file relative to the job's working directory"),
+        ("storage.path", "'runs' is relative to the job's working directory")]),
+    ({**REMOTE, **S3}, TWO_NODES, False, []),
+    ({**REMOTE, **SHARED}, TWO_NODES, False, []),
+    ({**REMOTE, "storage.path": "file:///mnt/shared/runs", "storage.shared": "true"}, TWO_NODES, False, []),
+    ({"tracking.uri": "http://127.0.0.1:5000", **S3}, ONE_NODE, False, [
+        ("tracking.uri", "'http://127.0.0.1:5000' names this machine (loopback)")]),
+    ({"tracking.uri": "http://127.0.0.1:5000", **S3}, TWO_NODES, True, []),
+    ({"tracking.uri": "postgresql://u:secret@localhost/db", **S3}, ONE_NODE, False, [
+        ("tracking.uri", "'postgresql://localhost/db' names this machine")]),
+    ({"tracking.uri": "sqlite:////data/mlflow.db", "storage.path": "/data/runs"}, ONE_NODE, False, []),
+    ({"tracking.uri": "sqlite:////data/mlflow.db", "storage.path": "/data/runs"}, TWO_NODES, False, [
+        ("tracking.uri", "'sqlite:////data/mlflow.db' is a file on one machine, but the job may run on several "
+                         "nodes (the cluster has 2)"),
+        ("storage.path", "'/data/runs' is a node-local path, but the job may run on several nodes (the cluster "
+                         "has 2)")]),
+    ({"tracking.uri": "sqlite:////data/mlflow.db", **SHARED}, TWO_NODES, True, []),
+    ({**REMOTE, "storage.path": "/data/runs"}, TOO_SMALL, False, [
+        ("storage.path", "'/data/runs' is a node-local path, but the job may run on several nodes (the cluster "
+                         "cannot hold all its workers now")]),
+    ({**REMOTE, "storage.path": "/data/runs", "distributed.use_gpu": "true"}, ONE_NODE, False, [
+        ("storage.path", "'/data/runs' is a node-local path")]),
+]
+
+
+@pytest.mark.parametrize("sets, cluster, allow_local, expected", CASES)
+def test_submission_problems(sets, cluster, allow_local, expected):
+    problems = submission_problems(quickstart(**sets), cluster, allow_local_tracking=allow_local)
+    assert [(p.path, p.message[:len(m)]) for p, (_, m) in zip(problems, expected)] == expected
+    assert len(problems) == len(expected)
+    assert all(p.fix for p in problems)
+    assert all("secret" not in str(p) for p in problems)
+
+
+def test_loopback_fix_names_the_flag():
+    [problem] = submission_problems(quickstart(**{"tracking.uri": "http://localhost:5000"}, **S3), ONE_NODE)
+    assert "--allow-local-tracking" in problem.fix
+
+
+# --- the package ---------------------------------------------------------------------------------
+
+
+def test_package_holds_the_resolved_spec_and_its_data_with_relative_paths(tmp_path):
+    spec = quickstart(**REMOTE, **SHARED, **{"training.max_steps": 7})
+    packaged = write_package(spec, tmp_path)
+    assert (packaged.data.train, packaged.data.eval) == ("train.jsonl", "eval.jsonl")
+    assert (tmp_path / "train.jsonl").read_bytes() == Path(spec.data.train).read_bytes()
+    # On the cluster, `orchestrator run job.yaml` loads it back relative to the package.
+    loaded = load_spec(tmp_path / "job.yaml")
+    assert loaded.data.train == str(tmp_path / "train.jsonl")
+    assert loaded.training.max_steps == 7 and loaded.storage.shared
+    assert loaded.model_dump(exclude={"data"}) == spec.model_dump(exclude={"data"})
+
+
+def test_package_carries_a_local_model_directory(tmp_path):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    spec = quickstart(**REMOTE, **S3, **{"model.base": str(model)})
+    packaged = write_package(spec, tmp_path / "pkg")
+    assert packaged.model.base == "./model"
+    assert (tmp_path / "pkg" / "model" / "config.json").is_file()
+    assert load_spec(tmp_path / "pkg" / "job.yaml").model.base == str(tmp_path / "pkg" / "model")
+
+
+def test_runtime_env_ships_code_and_pinned_requirements_or_an_image():
+    pins = pinned_requirements()
+    names = {p.split("==")[0].lower() for p in pins}
+    assert {"torch", "transformers", "peft", "deepspeed", "bitsandbytes", "mlflow"} <= names
+    assert "ray" not in names and not any("+" in p for p in pins)  # no laptop +cpu torch
+
+    env = runtime_env("/tmp/pkg", code_dir="/src/orchestrator", requirements=pins)
+    assert env["working_dir"] == "/tmp/pkg" and env["py_modules"] == ["/src/orchestrator"]
+    assert env["pip"]["packages"] == pins
+    image = runtime_env("/tmp/pkg", code_dir=None, requirements=pins, image="reg/orchestrator:1")
+    assert image["image_uri"] == "reg/orchestrator:1" and "pip" not in image
+    bare = runtime_env("/tmp/pkg", code_dir=None, requirements=None)
+    assert "pip" not in bare and "image_uri" not in bare
+    # The driver's ray.init adds its own env vars; the job's must not clash with them.
+    from orchestrator.launch import WORKER_ENV
+
+    assert not set(env["env_vars"]) & set(WORKER_ENV)
+    assert entrypoint() == "python -m orchestrator run job.yaml --address auto"
+
+
+def test_metadata_records_the_job_and_never_credentials():
+    spec = quickstart(**{"tracking.uri": "https://user:secret@mlflow.example.com"}, **S3)
+    meta = metadata(spec, user="ada")
+    assert meta["orchestrator.spec_hash"] == spec.spec_hash()
+    assert meta["orchestrator.user"] == "ada" and meta["orchestrator.job"] == "quickstart"
+    assert meta["orchestrator.tracking_uri"] == "https://mlflow.example.com"
+    assert all(isinstance(v, str) for v in meta.values())
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+
+def test_token_from_env_file_and_default_path(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("default-token\n")
+    (tmp_path / "tok").write_text("file-token\n")
+    local, remote = "http://127.0.0.1:8265", "http://head.example:8265"
+
+    assert find_token(remote, {"RAY_AUTH_TOKEN": "env-token"}, home=home).value == "env-token"
+    assert find_token(remote, {}, token_file=str(tmp_path / "tok"), home=home).source == f"file {tmp_path / 'tok'}"
+    assert find_token(remote, {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")}, home=home).value == "file-token"
+    # Ray's default file goes to a cluster on this machine, or anywhere once token auth is asked for.
+    assert find_token(local, {}, home=home).value == "default-token"
+    assert find_token(remote, {}, home=home) is None
+    assert find_token(remote, {"RAY_AUTH_MODE": "token"}, home=home).value == "default-token"
+
+
+@pytest.mark.parametrize("content, message", [(None, "cannot read the Ray auth token file"),
+                                              ("  \n", "is empty")])
+def test_unreadable_or_empty_token_file_is_an_error(tmp_path, content, message):
+    path = tmp_path / "tok"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ClusterError, match=message):
+        find_token("http://h:8265", {"RAY_AUTH_TOKEN_PATH": str(path)}, home=tmp_path)
+
+
+def test_token_value_never_appears_in_its_repr():
+    token = find_token("http://h:8265", {"RAY_AUTH_TOKEN": "s3cr3t-value"})
+    assert "s3cr3t-value" not in repr(token) and "s3cr3t-value" not in str(token)
+
+
+# --- KubeRay -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_gpu", ["true", "false", "auto"])
+def test_rendered_rayjob_and_configmap_match_the_kuberay_schema(use_gpu):
+    spec = quickstart(**REMOTE, **SHARED, **{"distributed.use_gpu": use_gpu, "distributed.cpus_per_worker": 4})
+    assert kuberay.render_problems(spec) == []
+    config_map, job = kuberay.manifests(spec, kuberay.K8sOptions(image="reg/orchestrator:1", namespace="ml"))
+    validate(config_map, "ConfigMap")
+    validate(job, "RayJob")
+    s = job["spec"]
+    assert s["shutdownAfterJobFinishes"] is True and s["entrypoint"].endswith("/home/ray/job/job.yaml --address auto")
+    assert yaml.safe_load(s["runtimeEnvYAML"]) == {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    [group] = s["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["cpu"] == "4"
+    assert ("nvidia.com/gpu" in limits) == (use_gpu != "false")
+    import ray
+
+    assert s["rayClusterSpec"]["rayVersion"] == ray.__version__
+    # The ConfigMap is the job package: job.yaml names its data beside it.
+    shipped = yaml.safe_load(config_map["data"]["job.yaml"])
+    assert shipped["data"]["train"] == "train.jsonl" and "train.jsonl" in config_map["data"]
+
+
+def test_rendered_yaml_round_trips():
+    spec = quickstart(**REMOTE, **S3)
+    docs = list(yaml.safe_load_all(kuberay.to_yaml(kuberay.manifests(spec))))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    assert docs[0]["data"]["train.jsonl"] == Path(spec.data.train).read_text()
+
+
+def test_schema_rejects_an_unknown_field():
+    spec = quickstart(**REMOTE, **S3)
+    _, job = kuberay.manifests(spec)
+    job["spec"]["shutdownAfterJobFinish"] = True  # misspelt
+    with pytest.raises(jsonschema.ValidationError):
+        validate(job, "RayJob")
+
+
+def test_k8s_render_cli(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "rayjob.yaml"
+    ok = runner.invoke(app, ["k8s", "render", str(QUICKSTART), "-o", str(out), "--image", "reg/o:1",
+                             "--set", "tracking.uri=http://mlflow.mlflow.svc.cluster.local:5000",
+                             "--set", "storage.path=/mnt/cluster_storage/runs", "--set", "storage.shared=true"])
+    assert ok.exit_code == 0, ok.output
+    config_map, job = yaml.safe_load_all(out.read_text())
+    validate(job, "RayJob")
+    assert job["metadata"]["name"] == "quickstart"
+
+    refused = runner.invoke(app, ["k8s", "render", str(QUICKSTART)])
+    assert refused.exit_code == 2
+    assert "tracking.uri: 'sqlite:///mlflow.db' is a file relative" in refused.output
+    assert "storage.path: 'runs' is relative" in refused.output
+
+
+@pytest.mark.parametrize("name, expected", [("quickstart", "quickstart"), ("My_Job.v2", "my-job-v2"),
+                                            ("x" * 80, "x" * 40), ("__", "job")])
+def test_k8s_name(name, expected):
+    assert kuberay.k8s_name(name) == expected
+
+
+def test_an_unreachable_cluster_is_one_line_and_exit_2():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(app, ["jobs", "list", "--address", f"http://127.0.0.1:{port}"])
+    assert result.exit_code == 2
+    assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in result.output
