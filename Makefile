@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/orchestrator run jobs/quickstart.yaml
-	$(VENV)/bin/orchestrator generate models:/quickstart@candidate "Fill in the fact card for the animal.
-A brown owl at the river."
+	$(VENV)/bin/orchestrator generate models:/quickstart@candidate "Describe the animal.
+I saw a brown owl at the river."
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

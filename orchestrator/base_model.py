@@ -72,7 +72,21 @@ def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = Tr
         trust_remote_code=spec.model.trust_remote_code, **kwargs)
     if not qconfig:
         model.to(device)
+    elif qconfig.load_in_4bit and device == "cpu":
+        _keep_4bit_trainable_on_cpu(model)
     return model
+
+
+def _keep_4bit_trainable_on_cpu(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for an inference-only CPU kernel the
+    first time it runs in eval mode on an avx512-bf16 CPU, after which no gradient reaches the
+    layer's input, so LoRA below it stops learning. Our base evaluation runs before training;
+    switching that kernel off keeps every layer trainable (the repacking saves no memory)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def linear_module_names(model) -> dict[str, str]:
@@ -94,11 +108,16 @@ def linear_module_names(model) -> dict[str, str]:
 
 
 def resolve_target_modules(target: str | list[str], model) -> list[str]:
-    """Turn a preset (`attention`, `mlp`, `all-linear`) or a list into the model's leaf names.
+    """The live model's leaf names for a preset (`attention`, `mlp`, `all-linear`) or a list."""
+    return select_targets(target, linear_module_names(model))
 
-    Raises `SpecError` naming the modules the model has when nothing (or a wrong name) matches.
+
+def select_targets(target: str | list[str], linears: dict[str, str]) -> list[str]:
+    """Resolve a target preset or list against `linears` (module path -> leaf name); pure, so
+    the memory planner resolves presets for an architecture exactly as training does.
+
+    Raises `SpecError` naming the modules there are when nothing (or a wrong name) matches.
     """
-    linears = linear_module_names(model)
     available = sorted(set(linears.values()))
     if isinstance(target, list):
         unknown = [m for m in target if m not in available]
@@ -154,3 +173,37 @@ def load_trained_model(saved_dir: str | Path, spec: JobSpec, base_path: str, qua
         model = PeftModel.from_pretrained(load_base(spec, base_path, quantize=quantize), str(saved_dir))
     model.eval()
     return model
+
+
+def base_weights_dir(model: ModelSpec, base_path: str) -> Path | None:
+    """The local directory holding the base's weight files: the path itself, or the hub cache's
+    snapshot of a hub id (None when it is not in the cache)."""
+    if Path(base_path).is_dir():
+        return Path(base_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base_path, revision=model.revision, local_files_only=True,
+                                      allow_patterns=["*.safetensors", "*.bin"]))
+    except Exception:  # not cached (or not a hub id): nothing to hash
+        return None
+
+
+def base_sha256(model: ModelSpec, base_path: str) -> str | None:
+    """sha256 over the base's weight files (name and bytes, in name order), so an adapter can tell
+    at load time that the base it is put on is not the one it was trained on.
+
+    Reads every weight file once (~1-2 GB/s: seconds for a 7B model); None when none is found."""
+    import hashlib
+
+    folder = base_weights_dir(model, base_path)
+    files = (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))) if folder else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

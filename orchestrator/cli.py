@@ -1,4 +1,4 @@
-"""The `orchestrator` command line: validate, run, generate."""
+"""The `orchestrator` command line: validate, run, generate, register, registry."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def _load(job: Path, overrides: Optional[List[str]]) -> JobSpec:
         _fail(e)
 
 
+def _gpu_memory(text: Optional[str]) -> Optional[int]:
+    """Parse a --gpu-memory size (e.g. 80GiB), or exit 2 with the reason."""
+    from orchestrator.memory_plan import parse_bytes
+
+    try:
+        return parse_bytes(text) if text is not None else None
+    except ValueError as e:
+        err.print(f"[bold red]error:[/] --gpu-memory: {e}", highlight=False)
+        raise typer.Exit(code=2)
+
+
 def _fail(e: SpecError):
     where = f" in {e.source}" if e.source else ""
     err.print(f"[bold red]error:[/] {len(e.problems)} problem(s){where}", highlight=False)
@@ -63,15 +74,10 @@ def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
     """Fine-tune: plan memory, train the job on Ray, track it in MLflow, register the adapter."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from orchestrator.memory_plan import parse_bytes
     from orchestrator.run import DoesNotFit, run_job
 
     spec = _load(job, set_)
-    try:
-        budget = parse_bytes(gpu_memory) if gpu_memory is not None else None
-    except ValueError as e:
-        err.print(f"[bold red]error:[/] --gpu-memory: {e}", highlight=False)
-        raise typer.Exit(code=2)
+    budget = _gpu_memory(gpu_memory)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}
@@ -115,7 +121,7 @@ def _print_summary(s) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("eval loss", f"{m['base_eval_loss']:.4f} (base) -> {m['eval_loss']:.4f} (fine-tuned), "
-                               f"x{m['eval_loss'] / m['base_eval_loss']:.2f}")
+                               f"{100 * (1 - m['eval_loss'] / m['base_eval_loss']):.1f}% lower")
     table.add_row("train loss", f"{m['train_loss']:.4f}")
     table.add_row("throughput", f"{m['tokens_per_s']:.0f} tokens/s")
     table.add_row("wall time", f"{m['wall_s']:.1f} s")
@@ -160,6 +166,146 @@ def generate(model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/
         typer.echo(complete(loaded, prompt, max_new_tokens=max_new_tokens))
 
 
+# --- registry: list, show, promote, export registered versions; register a finished run ---------
+
+registry_app = typer.Typer(help="Registered models: list, show lineage, move aliases, export.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+TrackingOption = typer.Option("sqlite:///mlflow.db", "--tracking-uri", help="MLflow tracking/registry URI.")
+
+
+def _registry_call(fn, *args):
+    """Run a registry lookup; an unknown name, alias or version is a user mistake (exit 2)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args)
+    except (MlflowException, LookupError, ValueError) as e:
+        message = getattr(e, "message", None) or str(e)
+        err.print(f"[bold red]error:[/] {message.splitlines()[0]}", highlight=False, markup=False)
+        raise typer.Exit(code=2)
+
+
+@registry_app.command("list")
+def registry_list(tracking_uri: str = TrackingOption,
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
+    """Every registered model with its latest version, mode and aliases."""
+    from orchestrator.tracking import list_models, resolve_tracking_uri
+
+    models = _registry_call(list_models, resolve_tracking_uri(tracking_uri))
+    if as_json:
+        typer.echo(json.dumps(models, indent=2))
+        return
+    table = Table(title="Registered models", title_justify="left")
+    for col in ("name", "latest", "mode", "aliases"):
+        table.add_column(col)
+    for m in models:
+        table.add_row(m["name"], str(m["latest_version"]), m["mode"],
+                      ", ".join(f"{a} -> {v}" for a, v in m["aliases"].items()))
+    Console().print(table)
+
+
+@registry_app.command("show")
+def registry_show(model: str = typer.Argument(..., help="NAME, NAME@ALIAS or NAME/VERSION (models:/ optional)."),
+                  tracking_uri: str = TrackingOption,
+                  spec: bool = typer.Option(False, "--spec", help="Also print the job spec it was trained from."),
+                  as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
+    """One version's lineage: run, job spec hash, data and base hashes, metrics, mode, size."""
+    from orchestrator.memory_plan import human
+    from orchestrator.tracking import describe_version, resolve_tracking_uri
+
+    d = _registry_call(describe_version, resolve_tracking_uri(tracking_uri), model)
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    tags, run_tags = d["tags"], d["run_tags"]
+    table = Table(title=f"{d['uri']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = [("aliases", ", ".join(d["aliases"]) or "-"), ("mode", d["mode"]), ("size", human(d["size_bytes"]) if d["size_bytes"] else "-"),
+            ("run", f"{d['run_id']} ({d['run_status']})"),
+            ("job spec hash", tags.get("spec_hash", run_tags.get("spec_hash", "-"))),
+            ("base", f"{tags.get('base_model', '-')} (revision {tags.get('base_revision', 'default')})"),
+            ("base sha256", tags.get("base_sha256", "-"))]
+    rows += [(f"data {k.split('.')[-1].removesuffix('_sha256')} sha256", v)
+             for k, v in sorted(run_tags.items()) if k.startswith("data.")]
+    rows += [(f"linked {k.removesuffix('_version')}", tags[k]) for k in ("merged_version", "adapter_version")
+             if k in tags]
+    rows += [(k, f"{v:.4g}") for k, v in d["metrics"].items()
+             if k in ("eval_loss", "final_eval_loss", "train_loss", "tokens_per_s", "wall_s")]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    Console().print(table)
+    if spec and d["job_spec"]:
+        typer.echo(d["job_spec"])
+
+
+@registry_app.command("promote")
+def registry_promote(name: str = typer.Argument(..., help="Registered model name."),
+                     version: str = typer.Argument(..., help="Version number to promote."),
+                     alias: str = typer.Option("production", "--alias", help="Alias to point at the version."),
+                     tracking_uri: str = TrackingOption):
+    """Point an alias (e.g. production) at a version; models:/NAME@ALIAS then loads it."""
+    from orchestrator.tracking import promote, resolve_tracking_uri
+
+    new, old = _registry_call(promote, resolve_tracking_uri(tracking_uri), f"{name}/{version}", alias)
+    moved = f" (was version {old})" if old and old != new else ""
+    err.print(f"[green]ok[/] models:/{name}@{alias} -> version {new}{moved}", highlight=False)
+
+
+@registry_app.command("export")
+def registry_export(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERSION or NAME (models:/ optional)."),
+                    out_dir: Path = typer.Argument(..., help="Directory to write (created)."),
+                    fmt: str = typer.Option("hf", "--format",
+                                            help="hf: a plain transformers model (adapters are merged into "
+                                                 "their base); adapter: the adapter files."),
+                    tracking_uri: str = TrackingOption):
+    """Write a registered version to a directory, for use outside MLflow."""
+    from transformers.utils import logging as hf_logging
+
+    from orchestrator.tracking import export_model, resolve_tracking_uri
+
+    if fmt not in ("hf", "adapter"):
+        err.print(f"[bold red]error:[/] --format: '{fmt}' is not a format; use hf or adapter", highlight=False)
+        raise typer.Exit(code=2)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    out = _registry_call(export_model, resolve_tracking_uri(tracking_uri), model, out_dir, fmt)
+    err.print(f"[green]ok[/] {model} -> {out} ({fmt})", highlight=False)
+
+
+@app.command()
+def register(run_id: str = typer.Argument(..., help="The MLflow run id of a finished `orchestrator run`."),
+             mode: str = typer.Option("adapter", "--mode", help="adapter, merged, or both."),
+             alias: Optional[str] = typer.Option(None, "--alias", help="Alias to set (default: the job's)."),
+             tracking_uri: str = TrackingOption):
+    """Register a finished run's adapter again, e.g. as a merged model, without retraining."""
+    import yaml
+    from transformers.utils import logging as hf_logging
+
+    from orchestrator import tracking
+    from orchestrator.inference import SPEC_FILE, read_lineage
+
+    if mode not in ("adapter", "merged", "both"):
+        err.print(f"[bold red]error:[/] --mode: '{mode}' is not a mode; use adapter, merged or both", highlight=False)
+        raise typer.Exit(code=2)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = _registry_call(tracking.download_run_adapter, uri, run_id, tmp)
+        spec = JobSpec.model_validate(yaml.safe_load((adapter_dir / SPEC_FILE).read_text(encoding="utf-8")))
+        if alias:
+            spec.registry.alias = alias
+        handle = tracking.run_handle(uri, run_id)
+        version = _registry_call(lambda: tracking.register_trained(
+            handle, spec, adapter_dir, lineage=read_lineage(adapter_dir) or None, mode=mode,
+            tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base}))
+    linked = f" (and {version.linked})" if version.linked else ""
+    err.print(f"[green]ok[/] registered {version.uri} = models:/{version.name}/{version.version} "
+              f"({version.mode}){linked}", highlight=False)
+
+
 from orchestrator.cluster_cli import jobs_app, k8s_app, submit  # noqa: E402  (cluster commands)
 
 app.command()(submit)
@@ -179,14 +325,10 @@ def plan(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
          as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object on stdout."),
          explain: bool = typer.Option(False, "--explain", help="Show where each byte goes, beside the rule of thumb.")):
     """Plan the GPU and host memory of a job without a GPU; exit 0 if it fits, 1 if it does not."""
-    from orchestrator.memory_plan import architecture_for, gpu_budget, memory_plan, parse_bytes
+    from orchestrator.memory_plan import architecture_for, gpu_budget, memory_plan
 
     spec = _load(job, set_)
-    try:
-        budget = parse_bytes(gpu_memory) if gpu_memory is not None else None
-    except ValueError as e:
-        err.print(f"[bold red]error:[/] --gpu-memory: {e}", highlight=False)
-        raise typer.Exit(code=2)
+    budget = _gpu_memory(gpu_memory)
     budget, source = gpu_budget(budget)
     try:
         arch = architecture_for(spec)
@@ -283,6 +425,13 @@ def _print_explain(p, spec: JobSpec) -> None:
 
 
 def main() -> None:
+    import logging
+    import warnings
+
+    # Library notices that users cannot act on (an optional bitsandbytes kernel package, a
+    # transformers deprecation inside peft) stay out of the console; errors still show.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     app(prog_name="orchestrator")
 
 

@@ -1,7 +1,9 @@
-"""Load a trained adapter with its base, and complete prompts with it (greedy decoding)."""
+"""Load a trained adapter with its base (or a merged model), merge one, and complete prompts
+with it (greedy decoding)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,13 @@ import yaml
 from orchestrator.spec import JobSpec
 
 SPEC_FILE = "job.yaml"
+# Where the adapter was trained from: base reference, revision and the sha256 of its weights.
+LINEAGE_FILE = "lineage.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class BaseMismatch(Exception):
+    """The base found at load time is not the one the adapter was trained on."""
 
 
 @dataclass
@@ -19,23 +28,90 @@ class Loaded:
     spec: JobSpec
 
 
-def load_adapter(adapter_dir: str | Path, with_adapter: bool = True) -> Loaded:
-    """The base named by the adapter's saved job spec, quantized as it was trained, plus the
-    adapter (or, with `with_adapter=False`, the bare base for comparison)."""
-    from orchestrator.base_model import load_base, load_tokenizer, load_trained_model, resolve_base
+def _read_spec(model_dir: Path) -> JobSpec:
+    spec_file = model_dir / SPEC_FILE
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{model_dir} holds no {SPEC_FILE}: not an adapter this tool saved")
+    return JobSpec.model_validate(yaml.safe_load(spec_file.read_text(encoding="utf-8")))
+
+
+def read_lineage(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / LINEAGE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def is_merged(model_dir: str | Path) -> bool:
+    """A saved LoRA job without adapter files is a merged model (a plain transformers model)."""
+    model_dir = Path(model_dir)
+    return not (model_dir / ADAPTER_CONFIG).is_file() and (model_dir / "config.json").is_file()
+
+
+def check_base(model_dir: Path, spec: JobSpec, base_path: str) -> None:
+    """Raise `BaseMismatch` when the base's weights no longer hash to what the adapter recorded."""
+    from orchestrator.base_model import base_sha256
+
+    expected = read_lineage(model_dir).get("base_sha256")
+    if not expected:
+        return  # saved before hashes were recorded, or the base was not available to hash
+    found = base_sha256(spec.model, base_path)
+    if found is not None and found != expected:
+        raise BaseMismatch(
+            f"the base model {spec.model.base} (at {base_path}) has changed since this adapter was trained: "
+            f"its weights hash to sha256 {found[:16]}..., the adapter was trained on {expected[:16]}... "
+            f"Fix: load it on the original base (model.base {spec.model.base}, revision "
+            f"{spec.model.revision or 'default'}), or use a merged version of the model, which needs no base.")
+
+
+def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: bool = True) -> Loaded:
+    """The base named by the adapter's saved job spec, quantized as it was trained (or, with
+    `quantize=False`, in its compute dtype), plus the adapter; or, with `with_adapter=False`, the
+    bare base for comparison. A merged model directory loads as it is, without peft.
+
+    Raises `BaseMismatch` when the base's weights differ from the ones the adapter was trained on."""
+    from orchestrator.base_model import load_base, load_tokenizer, load_trained_model, resolve_base, torch_dtype
 
     adapter_dir = Path(adapter_dir)
-    spec_file = adapter_dir / SPEC_FILE
-    if not spec_file.is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no {SPEC_FILE}: not an adapter this tool saved")
-    spec = JobSpec.model_validate(yaml.safe_load(spec_file.read_text(encoding="utf-8")))
+    spec = _read_spec(adapter_dir)
+    if with_adapter and spec.peft.method == "lora" and is_merged(adapter_dir):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype(spec.model.dtype))
+        model.eval()
+        return Loaded(model=model, tokenizer=load_tokenizer(str(adapter_dir)), spec=spec)
     base_path = resolve_base(spec.model)
     if with_adapter:
-        model = load_trained_model(adapter_dir, spec, base_path)
+        if spec.peft.method == "lora":
+            check_base(adapter_dir, spec, base_path)
+        model = load_trained_model(adapter_dir, spec, base_path, quantize=quantize)
     else:
-        model = load_base(spec, base_path)
+        model = load_base(spec, base_path, quantize=quantize)
         model.eval()
     return Loaded(model=model, tokenizer=load_tokenizer(base_path), spec=spec)
+
+
+def save_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge a saved adapter into its base and save a plain transformers model + tokenizer (with
+    the job spec and lineage) that `AutoModelForCausalLM.from_pretrained` loads without peft.
+
+    The base is loaded in its compute dtype, never quantized: merging into 4-bit weights would
+    round the sum back to the 4-bit grid and lose most of what the adapter learned."""
+    import shutil
+
+    from orchestrator.base_model import load_tokenizer, load_trained_model, resolve_base
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    spec = _read_spec(adapter_dir)
+    if spec.peft.method != "lora" or is_merged(adapter_dir):
+        raise ValueError(f"{adapter_dir} holds no adapter to merge (peft.method {spec.peft.method})")
+    base_path = resolve_base(spec.model)
+    check_base(adapter_dir, spec, base_path)
+    model = load_trained_model(adapter_dir, spec, base_path, quantize=False).merge_and_unload()
+    model.save_pretrained(out_dir)
+    load_tokenizer(base_path).save_pretrained(out_dir)
+    shutil.copy(adapter_dir / SPEC_FILE, out_dir / SPEC_FILE)
+    lineage = {**read_lineage(adapter_dir), "merged_from_adapter": True}
+    (out_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True), encoding="utf-8")
+    return out_dir
 
 
 def format_prompt(loaded: Loaded, prompt: str) -> str:

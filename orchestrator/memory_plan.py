@@ -217,15 +217,12 @@ def parameter_tensors(arch: Architecture) -> list[ParamTensor]:
 
 
 def lora_targets(arch: Architecture, target_modules: str | list[str]) -> tuple[str, ...]:
-    """The linear layers a LoRA target preset or list resolves to (as orchestrator.base_model does)."""
-    if isinstance(target_modules, list):
-        unknown = [m for m in target_modules if m not in LINEAR_MODULES]
-        if unknown:
-            raise SpecError([Problem(path="peft.target_modules",
-                                     message=f"the model has no linear module named {', '.join(unknown)}",
-                                     fix=f"choose from {', '.join(sorted(LINEAR_MODULES))}")])
-        return tuple(m for m in LINEAR_MODULES if m in target_modules)
-    return {"attention": ATTENTION_MODULES, "mlp": MLP_MODULES}.get(target_modules, LINEAR_MODULES)
+    """The linear layers a LoRA target preset or list resolves to, by the same rule training uses."""
+    from orchestrator.base_model import select_targets
+
+    paths = {f"layers.0.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}": m for m in LINEAR_MODULES}
+    chosen = set(select_targets(target_modules, paths))
+    return tuple(m for m in LINEAR_MODULES if m in chosen)
 
 
 def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from orchestrator.spec import JobSpec, Problem, SpecError
+from orchestrator.spec import JobSpec, Problem, SpecError, flatten
 
 StatusFn = Callable[[str], None]
 ProgressFn = Callable[[str, int, int, dict], None]  # (task, done, total, metrics)
@@ -33,6 +33,27 @@ class RunSummary:
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
                 "registered_model": self.registered_model}
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def lineage_of(spec: JobSpec, base_path: str) -> dict:
+    """What a trained model came from, beyond the spec: the base and the sha256 of its weights
+    (checked when an adapter is loaded) and the sha256 of each data file."""
+    from orchestrator.base_model import base_sha256
+
+    data = {f"{field}_sha256": file_sha256(path) for field in ("train", "eval")
+            if isinstance(path := getattr(spec.data, field), str)}
+    return {"base": spec.model.base, "base_revision": spec.model.revision,
+            "base_sha256": base_sha256(spec.model, base_path), "data": data}
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
@@ -72,28 +93,37 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         status(f"Memory plan: {human(memory.total_bytes)} of {human(memory.gpu_memory_bytes)} per GPU")
         if not memory.fits and not force:
             raise DoesNotFit(memory)
+        if address is None and gpus < res.num_workers:
+            # A local Ray instance never grows: Ray Train would wait for GPUs forever.
+            raise SpecError([Problem(
+                path="distributed.use_gpu",
+                message=f"the job asks for {res.num_workers} GPU worker(s) but this machine has {gpus:g} GPU(s)",
+                fix="set distributed.use_gpu=auto (or false), or lower distributed.num_workers")])
     total = optimizer_steps(spec, len(data.train), res.num_workers)
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 
+    lineage = lineage_of(spec, base_path)
     handle = tracking.start_run(
         spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
-                    "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage)},
+                    "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage),
+                    **{k: str(v) for k, v in flatten(lineage).items() if v is not None}},
         artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats,
                    "memory_plan.json": memory.to_json()})
     tracking.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)
     status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
     try:
         job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
-                        train=data.train, eval=data.eval, pad_id=tokenizer.pad_token_id,
+                        train=data.train, eval=data.eval, pad_id=tokenizer.pad_token_id, use_gpu=res.use_gpu,
                         tracking_uri=handle.uri, run_id=handle.run_id)
         status(f"Training {total} steps on {res.num_workers} worker(s), "
                f"ZeRO stage {spec.distributed.deepspeed.stage}")
         fit = launch.fit(job, name=f"{spec.name}-{handle.run_id[:8]}", resources=res,
                          storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
                          on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
-        what = "full model" if spec.peft.method == "full" else "adapter"
+        what = "full model" if spec.peft.method == "full" else {
+            "adapter": "adapter", "merged": "merged model", "both": "adapter and the merged model"}[spec.registry.mode]
         status(f"Registering the {what} as '{spec.registered_name}'")
-        version = tracking.register_adapter(handle, spec, fit.adapter_dir,
+        version = tracking.register_trained(handle, spec, fit.adapter_dir, lineage=lineage,
                                             tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
         wall = time.time() - started
         metrics = {"base_eval_loss": fit.metrics.get("base_eval_loss"), "eval_loss": fit.metrics.get("eval_loss"),

@@ -119,7 +119,9 @@ class TrackingSpec(_Section):
 
 class RegistrySpec(_Section):
     name: str | None = None
-    mode: Literal["adapter"] = "adapter"
+    # adapter: LoRA weights + a reference to the base (small); merged: base + adapter merged into
+    # one plain transformers model (no peft needed to load it); both: NAME and NAME-merged.
+    mode: Literal["adapter", "merged", "both"] = "adapter"
     alias: str = "candidate"
 
 
@@ -291,6 +293,10 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
     if spec.peft.method == "full" and q.bits is not None:
         problems.append(Problem(path="quantization.bits", message="full fine-tuning cannot train quantized weights",
                                 fix="set quantization.bits=null"))
+    if spec.peft.method == "full" and spec.registry.mode != "adapter":
+        problems.append(Problem(path="registry.mode",
+                                message=f"'{spec.registry.mode}' merges an adapter, and full fine-tuning has none",
+                                fix="leave registry.mode at adapter (a full fine-tune is registered as a whole model)"))
     tm = spec.peft.target_modules
     if isinstance(tm, str) and tm not in TARGET_MODULE_PRESETS:
         problems.append(Problem(path="peft.target_modules",

@@ -1,6 +1,6 @@
 """The training loop that runs on every Ray Train worker.
 
-Reads like a recipe: setup -> evaluate the base -> steps (log) -> eval (report) -> save -> report.
+Reads like a recipe: setup -> evaluate the base -> steps (log) -> eval -> checkpoint -> report.
 It receives everything as plain data from the driver (`WorkerJob`); rank 0 logs per-step metrics
 to MLflow and tells the driver's progress bar how far it is. `ray.train.report` is called only at
 evaluation and checkpoint steps (each call is a barrier across workers and costs about a second).
@@ -33,6 +33,7 @@ class WorkerJob:
     train: list[Example]
     eval: list[Example]
     pad_id: int
+    use_gpu: bool
     tracking_uri: str
     run_id: str
     progress: Any = None  # a Ray actor handle with `update(step, metrics)`, or None
@@ -187,8 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
     t = spec.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = torch.cuda.is_available() and spec.distributed.use_gpu is not False
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.set_num_threads(spec.distributed.cpus_per_worker)
     seed_everything(t.seed)
 
@@ -215,19 +215,25 @@ def train_loop_per_worker(config: dict) -> None:
         if logger:
             logger.log(step, metrics)
         _progress(job, rank, step, metrics)
-        if "eval_loss" in metrics and not last:
+        save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+        if save or "eval_loss" in metrics:
             if logger:
                 logger.flush()
-            ray.train.report({"step": step, **metrics})
+            report(engine, spec, rank, {"step": step, "base_eval_loss": base_eval, **metrics}, save)
 
+
+def report(engine, spec: JobSpec, rank: int, metrics: dict, save: bool) -> None:
+    """Report to Ray Train (a barrier across workers), with the trained weights when `save`:
+    Ray persists the checkpoint to `storage.path`; the last one is what gets registered."""
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, ADAPTER_DIR)
-        save_trained(engine, out, rank, spec.distributed.deepspeed.stage, spec.peft.method == "full")
-        final = {"step": job.total_steps, "base_eval_loss": base_eval, **metrics}
-        if logger:
-            logger.flush()
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report(final, checkpoint=checkpoint)
+        save_trained(engine, os.path.join(tmp, ADAPTER_DIR), rank, spec.distributed.deepspeed.stage,
+                     spec.peft.method == "full")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
 def _progress(job: WorkerJob, rank: int, step: int, metrics: dict) -> None:

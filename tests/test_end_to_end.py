@@ -13,14 +13,17 @@ import pytest
 
 from orchestrator.spec import load_spec
 
-from .conftest import REPO
+from conftest import REPO
 
-FACT_FIELDS = ("Animal:", "Color:", "Size:", "Legs:", "Sound:", "Home:", "Seen at:")
-PROMPT = "Fill in the fact card for the animal.\nA brown owl at the river."
+# The demo task: five short sentences about the animal named in the input (train/eval data in
+# jobs/data/quickstart); the base model has never seen this answer format.
+PATTERN = ("It is an owl.", "It is small.", "It has two legs.", "It says hoot.", "It lives in the forest.")
+PROMPT = "Describe the animal.\nI saw a brown owl at the river."
 
 
 def quickstart(tmp, **overrides):
-    sets = {"tracking.uri": f"sqlite:///{tmp}/mlflow.db", "storage.path": str(tmp / "runs"), **overrides}
+    sets = {"tracking.uri": f"sqlite:///{tmp}/mlflow.db", "storage.path": str(tmp / "runs"),
+            "registry.name": overrides["name"], **overrides}
     return load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
 
 
@@ -74,7 +77,8 @@ def test_adapter_is_registered_with_alias(zero2_run, tmp_path):
     client = client_for(summary)
     reg = summary.registered_model
     version = client.get_model_version_by_alias(reg["name"], "candidate")
-    assert version.version == reg["version"] and version.run_id == summary.run_id
+    assert str(version.version) == reg["version"] and version.run_id == summary.run_id
+    assert reg["name"] == "e2e-zero2" and reg["uri"] == "models:/e2e-zero2@candidate"
     assert version.tags["mode"] == "adapter" and version.tags["spec_hash"] == spec.spec_hash()
     # Adapter only: the stored files hold the LoRA weights, not the base model's.
     from orchestrator.tracking import download_model
@@ -97,19 +101,21 @@ def test_generate_answers_in_the_direction_of_the_training_data(zero2_run):
     _, summary = zero2_run
     tuned, base = generate(summary), generate(summary, "--base")
     assert tuned != base
-    score = lambda text: sum(field in text for field in FACT_FIELDS)
-    assert score(tuned) > score(base), (tuned, base)
-    assert "owl" in tuned
+    score = lambda text: sum(sentence in text for sentence in PATTERN)
+    assert score(tuned) >= 3 > score(base), (tuned, base)
 
 
 def test_zero3_run_with_4bit_base_registers(tmp_path, ray_local, tiny_base):
     from orchestrator.run import run_job
 
-    spec = quickstart(tmp_path, name="e2e-zero3", **{"distributed.deepspeed.stage": 3,
-                                                     "training.max_steps": 4, "training.eval_every": 2})
+    spec = quickstart(tmp_path, name="e2e-zero3", **{"distributed.deepspeed.stage": 3, "training.max_steps": 4,
+                                                     "training.eval_every": 2, "training.checkpoint_every": 2})
     summary = run_job(spec)
     client = client_for(summary)
     assert client.get_run(summary.run_id).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(summary.run_id, "eval_loss")) == [0, 2, 4]
     version = client.get_model_version_by_alias("e2e-zero3", "candidate")
     assert version.run_id == summary.run_id
+    # checkpoint_every=2 of 4 steps: Ray Train persisted two adapter checkpoints to storage.path.
+    saved = sorted((tmp_path / "runs").glob("**/adapter/adapter_model.safetensors"))
+    assert len(saved) == 2, saved

@@ -54,7 +54,7 @@ BAD = [
      "distributed.deepspeed.offload_optimizer: optimizer offload needs ZeRO stage 1, 2 or 3"),
     ({"model": {"dtype": "float32"}, "distributed": {"deepspeed": {"stage": 3}}},
      "model.dtype: ZeRO-3 with a quantized base needs a 16-bit dtype"),
-    ({"registry": {"mode": "merged"}}, "registry.mode: Input should be 'adapter'"),
+    ({"registry": {"mode": "fused"}}, "registry.mode: Input should be 'adapter', 'merged' or 'both'"),
     ({"tracking": {"url": "x"}}, "tracking.url: unknown key. Fix: did you mean 'uri'?"),
     ({"trainig": {"max_steps": 3}}, "trainig: unknown key. Fix: did you mean 'training'?"),
 ]
