@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/orchestrator run jobs/quickstart.yaml
-	$(VENV)/bin/orchestrator generate models:/quickstart@candidate "Describe the animal.
-I saw a brown owl at the river."
+	# An Alpaca-format prompt: the instruction, a newline, the input.
+	$(VENV)/bin/orchestrator generate models:/quickstart@candidate \
+		"$$(printf 'Describe the animal.\nI saw a brown owl at the river.')"
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -356,24 +356,22 @@ def _print_plan(spec: JobSpec, p, explain: bool) -> None:
               f"{method}; {p.world_size} GPU(s), ZeRO-{ds.stage}"
               + (", optimizer offload" if ds.offload_optimizer else "")
               + (", parameter offload" if ds.offload_params else ""), highlight=False)
-    table = Table(title="Per GPU", title_justify="left")
-    table.add_column("")
-    table.add_column("bytes", justify="right")
-    table.add_column("what")
-    for line in p.lines:
-        if line.where == "gpu":
-            table.add_row(line.category, human(line.bytes), line.what)
+    def lines_table(where: str, title: str, bytes_header: str) -> Table:
+        table = Table(title=title, title_justify="left")
+        table.add_column("")
+        table.add_column(bytes_header, justify="right")
+        table.add_column("what")
+        for line in p.lines:
+            if line.where == where:
+                table.add_row(line.category, human(line.bytes), line.what)
+        return table
+
+    table = lines_table("gpu", "Per GPU", "bytes")
     table.add_row("[bold]total", f"[bold]{human(p.total_bytes)}",
                   f"of {human(p.gpu_memory_bytes)} ({p.gpu_memory_source})")
     out.print(table)
     if p.cpu_per_gpu_bytes:
-        host = Table(title=f"Host memory per node ({p.gpus_per_node} GPU(s) per node)", title_justify="left")
-        host.add_column("")
-        host.add_column("bytes per GPU", justify="right")
-        host.add_column("what")
-        for line in p.lines:
-            if line.where == "cpu":
-                host.add_row(line.category, human(line.bytes), line.what)
+        host = lines_table("cpu", f"Host memory per node ({p.gpus_per_node} GPU(s) per node)", "bytes per GPU")
         host.add_row("[bold]per node", f"[bold]{human(p.cpu_per_node_bytes)}", "")
         out.print(host)
     if explain:
