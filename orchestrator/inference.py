@@ -9,9 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.spec import JobSpec
+from orchestrator.spec import SPEC_FILE, JobSpec
 
-SPEC_FILE = "job.yaml"
 # Where the adapter was trained from: base reference, revision and the sha256 of its weights.
 LINEAGE_FILE = "lineage.json"
 ADAPTER_CONFIG = "adapter_config.json"

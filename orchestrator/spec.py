@@ -17,6 +17,10 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# The file name a spec is saved under wherever it travels: run artifacts, saved adapters,
+# submitted job packages.
+SPEC_FILE = "job.yaml"
+
 # Target-module presets, resolved against the model's module names when the adapter is built.
 TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
 DATA_FORMATS = ("alpaca", "chat", "text")

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from orchestrator.spec import JobSpec, Problem
+from orchestrator.spec import SPEC_FILE, JobSpec, Problem
 
-JOB_FILE = "job.yaml"
+JOB_FILE = SPEC_FILE
 MODEL_DIR = "model"
 # Ray uploads a working directory through the GCS (hard limit 512 MiB, a warning past 256 MiB);
 # a model that size belongs on a hub or on shared storage, not in every submission.

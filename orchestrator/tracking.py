@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import JobSpec, flatten
+from orchestrator.spec import SPEC_FILE, JobSpec, flatten
 
 ADAPTER_ARTIFACT = "adapter"
-SPEC_FILE = "job.yaml"
 
 
 def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
