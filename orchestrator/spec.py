@@ -386,6 +386,19 @@ def _partial_spec(raw: dict, error: ValidationError) -> JobSpec | None:
         return None
 
 
+def _yaml_error_line(e: Exception) -> str:
+    """One line saying where the YAML breaks and why (PyYAML's own text spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+    elif getattr(e, "position", None) is not None:  # a reader error: a character YAML forbids
+        where = f"character {e.position}"
+    else:
+        where = "an unknown place"
+    why = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+    return " ".join(f"malformed YAML at {where}: {why}".split())
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Read a job file, apply overrides, validate. Raises `SpecError` with every problem."""
     path = Path(path)
@@ -396,10 +409,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
-        raise SpecError([Problem(path="(file)", message=f"malformed YAML at {where}: {getattr(e, 'problem', e)}",
-                                 fix="fix the YAML syntax")], source) from None
+        raise SpecError([Problem(path="(file)", message=_yaml_error_line(e), fix="fix the YAML syntax")],
+                        source) from None
     except UnicodeDecodeError:
         raise SpecError([Problem(path="(file)", message="not UTF-8 text", fix="save it as UTF-8")], source) from None
     raw = raw if raw is not None else {}
