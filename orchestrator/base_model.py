@@ -203,7 +203,12 @@ def base_sha256(model: ModelSpec, base_path: str) -> str | None:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                digest.update(chunk)
+        hash_file(digest, f)
     return digest.hexdigest()
+
+
+def hash_file(digest, path) -> None:
+    """Feed a file's bytes into `digest` in 16 MiB chunks (weights can be many GB)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)

@@ -44,6 +44,14 @@ def _gpu_memory(text: Optional[str]) -> Optional[int]:
         raise typer.Exit(code=2)
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars or notices from transformers around our own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _fail(e: SpecError):
     where = f" in {e.source}" if e.source else ""
     err.print(f"[bold red]error:[/] {len(e.problems)} problem(s){where}", highlight=False)
@@ -140,12 +148,9 @@ def generate(model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/
              tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI for models:/ URIs."),
              base: bool = typer.Option(False, "--base", help="Answer with the bare base model, for comparison.")):
     """Complete a prompt with a registered (or local) adapter and its base model."""
-    from transformers.utils import logging as hf_logging
-
     from orchestrator.inference import complete, load_adapter
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    _quiet_transformers()
 
     with tempfile.TemporaryDirectory() as tmp:
         if model.startswith("models:/"):
@@ -261,15 +266,12 @@ def registry_export(model: str = typer.Argument(..., help="NAME@ALIAS, NAME/VERS
                                                  "their base); adapter: the adapter files."),
                     tracking_uri: str = TrackingOption):
     """Write a registered version to a directory, for use outside MLflow."""
-    from transformers.utils import logging as hf_logging
-
     from orchestrator.tracking import export_model, resolve_tracking_uri
 
     if fmt not in ("hf", "adapter"):
         err.print(f"[bold red]error:[/] --format: '{fmt}' is not a format; use hf or adapter", highlight=False)
         raise typer.Exit(code=2)
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    _quiet_transformers()
     out = _registry_call(export_model, resolve_tracking_uri(tracking_uri), model, out_dir, fmt)
     err.print(f"[green]ok[/] {model} -> {out} ({fmt})", highlight=False)
 
@@ -280,21 +282,17 @@ def register(run_id: str = typer.Argument(..., help="The MLflow run id of a fini
              alias: Optional[str] = typer.Option(None, "--alias", help="Alias to set (default: the job's)."),
              tracking_uri: str = TrackingOption):
     """Register a finished run's adapter again, e.g. as a merged model, without retraining."""
-    import yaml
-    from transformers.utils import logging as hf_logging
-
     from orchestrator import tracking
-    from orchestrator.inference import SPEC_FILE, read_lineage
+    from orchestrator.inference import read_lineage, read_spec
 
     if mode not in ("adapter", "merged", "both"):
         err.print(f"[bold red]error:[/] --mode: '{mode}' is not a mode; use adapter, merged or both", highlight=False)
         raise typer.Exit(code=2)
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    _quiet_transformers()
     uri = tracking.resolve_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = _registry_call(tracking.download_run_adapter, uri, run_id, tmp)
-        spec = JobSpec.model_validate(yaml.safe_load((adapter_dir / SPEC_FILE).read_text(encoding="utf-8")))
+        spec = read_spec(adapter_dir)
         if alias:
             spec.registry.alias = alias
         handle = tracking.run_handle(uri, run_id)

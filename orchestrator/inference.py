@@ -27,7 +27,8 @@ class Loaded:
     spec: JobSpec
 
 
-def _read_spec(model_dir: Path) -> JobSpec:
+def read_spec(model_dir: Path) -> JobSpec:
+    """The job spec saved beside an adapter or merged model."""
     spec_file = model_dir / SPEC_FILE
     if not spec_file.is_file():
         raise FileNotFoundError(f"{model_dir} holds no {SPEC_FILE}: not an adapter this tool saved")
@@ -70,7 +71,7 @@ def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: b
     from orchestrator.base_model import load_base, load_tokenizer, load_trained_model, resolve_base, torch_dtype
 
     adapter_dir = Path(adapter_dir)
-    spec = _read_spec(adapter_dir)
+    spec = read_spec(adapter_dir)
     if with_adapter and spec.peft.method == "lora" and is_merged(adapter_dir):
         from transformers import AutoModelForCausalLM
 
@@ -99,7 +100,7 @@ def save_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     from orchestrator.base_model import load_tokenizer, load_trained_model, resolve_base
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    spec = _read_spec(adapter_dir)
+    spec = read_spec(adapter_dir)
     if spec.peft.method != "lora" or is_merged(adapter_dir):
         raise ValueError(f"{adapter_dir} holds no adapter to merge (peft.method {spec.peft.method})")
     base_path = resolve_base(spec.model)

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from orchestrator.spec import JobSpec, Problem, SpecError, flatten
+from orchestrator.spec import JobSpec, Problem, SpecError
 
 StatusFn = Callable[[str], None]
 ProgressFn = Callable[[str, int, int, dict], None]  # (task, done, total, metrics)
@@ -38,10 +38,10 @@ class RunSummary:
 def file_sha256(path: str) -> str:
     import hashlib
 
+    from orchestrator.base_model import hash_file
+
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            digest.update(chunk)
+    hash_file(digest, path)
     return digest.hexdigest()
 
 
@@ -106,7 +106,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     handle = tracking.start_run(
         spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
                     "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage),
-                    **{k: str(v) for k, v in flatten(lineage).items() if v is not None}},
+                    **tracking.lineage_tags(lineage)},
         artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats,
                    "memory_plan.json": memory.to_json()})
     tracking.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)

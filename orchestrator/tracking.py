@@ -161,7 +161,6 @@ class MetricLogger:
 # --- registry ------------------------------------------------------------------------------------
 
 MODEL_ARTIFACT = "model"        # the pyfunc artifact holding the adapter or merged model directory
-LINEAGE_FILE = "lineage.json"   # written beside job.yaml: base reference + hashes (see inference)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # logged as code: no cloudpickle
 EXAMPLE_PROMPT = "Say hello."
 
@@ -220,7 +219,8 @@ def _log_version(handle: RunHandle, model_dir: Path, *, name: str, alias: str, k
     return RegisteredVersion(name=name, version=str(version.version), alias=alias, mode=kind)
 
 
-def _lineage_tags(lineage: dict) -> dict[str, str]:
+def lineage_tags(lineage: dict) -> dict[str, str]:
+    """Lineage as flat run/version tags (`data.train_sha256`, ...); unknown values left out."""
     return {k: str(v) for k, v in flatten(lineage).items() if v is not None}
 
 
@@ -232,7 +232,7 @@ def register_trained(handle: RunHandle, spec: JobSpec, adapter_dir: str | Path, 
     adapter version for `both`, with the merged one in `linked`."""
     import tempfile
 
-    from orchestrator.inference import save_merged
+    from orchestrator.inference import LINEAGE_FILE, save_merged
 
     adapter_dir = Path(adapter_dir)
     (adapter_dir / SPEC_FILE).write_text(spec.to_yaml(), encoding="utf-8")
@@ -241,7 +241,7 @@ def register_trained(handle: RunHandle, spec: JobSpec, adapter_dir: str | Path, 
     mode = mode or _mode(spec)
     if spec.peft.method == "full":
         mode = "full-model"
-    tags = {**_lineage_tags(lineage or {}), **tags}
+    tags = {**lineage_tags(lineage or {}), **tags}
     name, alias = spec.registered_name, spec.registry.alias
     if mode in ("adapter", "full-model"):
         return _log_version(handle, adapter_dir, name=name, alias=alias, kind=mode, tags=tags)
