@@ -28,6 +28,24 @@ def resolve_base(model: ModelSpec, progress=None) -> str:
     return model.base
 
 
+def check_base_files(path: str) -> None:
+    """Raise `SpecError` when a local base directory lacks weights or a tokenizer (a config.json
+    alone is enough to plan memory, not to train)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: the hub says what is missing
+    missing = []
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("weight files (*.safetensors or *.bin)")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        missing.append("tokenizer files (tokenizer.json, tokenizer.model or tokenizer_config.json)")
+    if missing:
+        raise SpecError([Problem(path="model.base", message=f"the model directory {folder} has no "
+                                                            f"{' and no '.join(missing)}",
+                                 fix="copy the whole saved model (save_pretrained writes the weights and "
+                                     "tokenizer files), or point at a complete one")])
+
+
 def torch_dtype(name: str):
     import torch
 

@@ -78,13 +78,39 @@ def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
         force: bool = typer.Option(False, "--force", help="Run even if the memory plan says the job does not fit."),
         gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory",
                                                  help="Memory of one GPU for the fit check, e.g. 80GiB "
-                                                      "(default: the local GPU, else 80 GiB).")):
-    """Fine-tune: plan memory, train the job on Ray, track it in MLflow, register the adapter."""
+                                                      "(default: the local GPU, else 80 GiB)."),
+        restart: bool = typer.Option(False, "--restart",
+                                     help="Start afresh even if this job's last run stopped unfinished "
+                                          "(by default it resumes from its last checkpoint).")):
+    """Fine-tune: plan memory, train the job on Ray, track it in MLflow, register the adapter.
+
+    If the job's last run stopped unfinished (driver killed, node lost), this resumes it from its
+    last checkpoint, in the same MLflow run."""
+    _run(_load(job, set_), address=address, as_json=as_json, verbose=verbose, force=force,
+         gpu_memory=gpu_memory, restart=restart)
+
+
+@app.command()
+def resume(name: str = typer.Argument(..., help="The job name (its MLflow run name)."),
+           tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri",
+                                            help="MLflow tracking URI the job was tracked in."),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+           as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
+           verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray and worker logs.")):
+    """Resume the job NAME whose last run stopped unfinished, from its last checkpoint, with the
+    job spec that run was started with (run it from the same directory as the first run)."""
+    from orchestrator.tracking import resolve_tracking_uri, stopped_run_spec
+
+    _, spec = _registry_call(stopped_run_spec, resolve_tracking_uri(tracking_uri), name)
+    # The run it continues passed (or was forced past) the memory check when it started.
+    _run(spec, address=address, as_json=as_json, verbose=verbose, force=True, gpu_memory=None, restart=False)
+
+
+def _run(spec: JobSpec, *, address, as_json, verbose, force, gpu_memory, restart) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from orchestrator.run import DoesNotFit, run_job
 
-    spec = _load(job, set_)
     budget = _gpu_memory(gpu_memory)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
@@ -99,7 +125,7 @@ def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
 
     try:
         summary = run_job(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=budget,
-                          progress=on_progress,
+                          restart=restart, progress=on_progress,
                           status=lambda s: err.print(f"[dim]•[/] {s}", highlight=False))
     except SpecError as e:
         _fail(e)
@@ -131,6 +157,9 @@ def _print_summary(s) -> None:
     table.add_row("eval loss", f"{m['base_eval_loss']:.4f} (base) -> {m['eval_loss']:.4f} (fine-tuned), "
                                f"{100 * (1 - m['eval_loss'] / m['base_eval_loss']):.1f}% lower")
     table.add_row("train loss", f"{m['train_loss']:.4f}")
+    d = s.data
+    table.add_row("data", f"{d.get('train_examples')} train / {d.get('eval_examples')} eval examples, "
+                          f"{d.get('truncated_examples', 0)} truncated to data.max_seq_len")
     table.add_row("throughput", f"{m['tokens_per_s']:.0f} tokens/s")
     table.add_row("wall time", f"{m['wall_s']:.1f} s")
     table.add_row("MLflow run", f"{s.run_id} (experiment '{s.experiment}')")

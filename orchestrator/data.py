@@ -134,6 +134,10 @@ def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
                               "fix the record or set data.format to the file's format")
         text, spans, add_eos = formatter(record, tokenizer, data)
         example, cut = tokenize_example(text, spans, add_eos, tokenizer, data.max_seq_len)
+        if cut and data.too_long == "error":
+            raise _data_error(field_path, f"{source}: record {number} is longer than data.max_seq_len="
+                              f"{data.max_seq_len} tokens (data.too_long=error)",
+                              "raise data.max_seq_len, shorten the record, or set data.too_long=truncate")
         truncated += cut
         if example.num_trained_tokens:
             examples.append(example)

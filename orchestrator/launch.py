@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.plan import Resources
-from orchestrator.train_loop import ADAPTER_DIR, WorkerJob, train_loop_per_worker
+from orchestrator.train_loop import ADAPTER_DIR, TRAIN_STATE_FILE, WorkerJob, train_loop_per_worker
 
 # Quiet third-party chatter in the workers; our own progress and summary are what users read.
 WORKER_ENV = {
@@ -27,6 +27,27 @@ class FitResult:
     adapter_dir: str
     metrics: dict
     storage_dir: str
+    checkpoint_dir: str = ""
+
+
+def _storage(storage_path: str) -> str:
+    # A URI (s3://bucket/prefix) is Ray Train's to resolve; a local path is made absolute.
+    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+
+
+def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
+    """(step, directory) of the latest checkpoint Ray Train recorded for the run `name` (the one
+    a `fit` under that name resumes from); None when there is none, or the storage is remote."""
+    import json
+
+    run_dir = Path(_storage(storage_path)) / name
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if "://" in storage_path or not snapshot.is_file():
+        return None
+    latest = json.loads(snapshot.read_text(encoding="utf-8")).get("latest_checkpoint_result") or {}
+    directory = run_dir / str(latest.get("checkpoint_dir_name"))
+    state = directory / TRAIN_STATE_FILE
+    return (json.loads(state.read_text(encoding="utf-8"))["step"], str(directory)) if state.is_file() else None
 
 
 def connect(address: str | None = None, verbose: bool = False) -> float:
@@ -71,15 +92,17 @@ def _progress_actor():
 
 def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, max_failures: int,
         on_progress: Callable[[int, dict], None] | None = None) -> FitResult:
-    """Run the worker loop on `resources.num_workers` Ray Train workers and wait for it."""
+    """Run the worker loop on `resources.num_workers` Ray Train workers and wait for it.
+
+    Ray Train keeps the run's checkpoints under `storage_path/name`: a worker group restarted
+    after a failure, or a later `fit` under the same name, continues from the latest one."""
     import ray
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     progress = _progress_actor()
     job.progress = progress
-    # A URI (s3://bucket/prefix) is Ray Train's to resolve; a local path is made absolute.
-    storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    storage = _storage(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
@@ -112,4 +135,5 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
     # A checkpoint in remote storage is downloaded, so the adapter can be registered from here.
     checkpoint_dir = result.checkpoint.to_directory() if "://" in storage else result.checkpoint.path
     return FitResult(adapter_dir=os.path.join(checkpoint_dir, ADAPTER_DIR),
-                     metrics=dict(result.metrics or {}), storage_dir=os.path.join(storage, name))
+                     metrics=dict(result.metrics or {}), storage_dir=os.path.join(storage, name),
+                     checkpoint_dir=checkpoint_dir)

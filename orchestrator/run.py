@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ class RunSummary:
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
-                "registered_model": self.registered_model}
+                "registered_model": self.registered_model, "data": self.data}
 
 
 def file_sha256(path: str) -> str:
@@ -57,38 +58,48 @@ def lineage_of(spec: JobSpec, base_path: str) -> dict:
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
-            gpu_memory_bytes: int | None = None,
+            gpu_memory_bytes: int | None = None, restart: bool = False,
             status: StatusFn = lambda _: None, progress: ProgressFn | None = None) -> RunSummary:
     """Run a job end to end and return its summary. Raises `SpecError` for problems with the
-    job found before any worker starts (data, model, sizes), and `DoesNotFit` when the memory
-    plan says a GPU job cannot fit (unless `force`)."""
+    job found before any worker starts (data, model, sizes, an unreachable MLflow server), and
+    `DoesNotFit` when the memory plan says a GPU job cannot fit (unless `force`).
+
+    A job whose latest MLflow run stopped unfinished (driver killed, node lost) continues that
+    run from its last checkpoint, unless `restart`."""
     from orchestrator import launch, tracking
-    from orchestrator.base_model import load_tokenizer, resolve_base
+    from orchestrator.base_model import check_base_files, load_tokenizer, resolve_base
     from orchestrator.data import load_datasets
     from orchestrator.memory_plan import human, plan_for_run
     from orchestrator.plan import deepspeed_config, examples_per_step, optimizer_steps, resources
     from orchestrator.train_loop import WorkerJob
 
     started = time.time()
+    tracking.check_reachable(spec.tracking.uri)
     status(f"Resolving base model {spec.model.base}")
     base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
                              if progress else None)
+    check_base_files(base_path)
     tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code)
 
     status("Tokenizing data")
     data = load_datasets(spec.data, tokenizer, spec.training.seed)
-
-    status("Connecting to Ray" if address else "Starting Ray")
-    gpus = launch.connect(address, verbose)
-    res = resources(spec, gpus_available=gpus)
-    needed = examples_per_step(spec, res.num_workers) // spec.training.grad_accum
+    if data.stats["truncated_examples"]:
+        status(f"{data.stats['truncated_examples']} example(s) longer than data.max_seq_len="
+               f"{spec.data.max_seq_len} truncated (data.too_long=error refuses them instead)")
+    workers = spec.distributed.num_workers
+    needed = examples_per_step(spec, workers) // spec.training.grad_accum
     if len(data.train) < needed:
         raise SpecError([Problem(
             path="training.micro_batch_size",
             message=f"{len(data.train)} training examples cannot fill one micro batch on each of "
-                    f"{res.num_workers} workers ({needed} needed)",
+                    f"{workers} workers ({needed} needed)",
             fix="add data, or lower training.micro_batch_size or distributed.num_workers")])
-    memory = plan_for_run(spec, res.num_workers, gpu_memory_bytes)
+    # The plan also resolves peft.target_modules against the model's modules (a SpecError).
+    memory = plan_for_run(spec, workers, gpu_memory_bytes)
+
+    status("Connecting to Ray" if address else "Starting Ray")
+    gpus = launch.connect(address, verbose)
+    res = resources(spec, gpus_available=gpus)
     if res.use_gpu:
         status(f"Memory plan: {human(memory.total_bytes)} of {human(memory.gpu_memory_bytes)} per GPU")
         if not memory.fits and not force:
@@ -103,13 +114,27 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 
     lineage = lineage_of(spec, base_path)
-    handle = tracking.start_run(
-        spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
-                    "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage),
-                    **tracking.lineage_tags(lineage)},
-        artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats,
-                   "memory_plan.json": memory.to_json()})
-    tracking.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)
+    handle = tracking.resumable_run(spec)
+    if handle is not None and restart:
+        status(f"Starting afresh (--restart); the stopped MLflow run {handle.run_id} is marked KILLED")
+        tracking.finish_run(handle, "KILLED")
+        handle = None
+    if handle is not None:
+        # Ray Train finds the run's checkpoints under the same name and storage path.
+        latest = launch.latest_checkpoint(spec.storage.path, ray_run_name(spec, handle.run_id))
+        where = f"its checkpoint at step {latest[0]} of {total}" if latest else "step 0 (it saved no checkpoint)"
+        status(f"Resuming the stopped MLflow run {handle.run_id} from {where}; pass --restart to start afresh")
+        tracking.reopen_run(handle)
+        if latest:  # metrics a previous attempt could not send
+            sync_tracking(spec, handle, latest[1])
+    else:
+        handle = tracking.start_run(
+            spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
+                        "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage),
+                        **tracking.lineage_tags(lineage)},
+            artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats,
+                       "memory_plan.json": memory.to_json()})
+        tracking.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)
     status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
     try:
         job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
@@ -117,9 +142,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                         tracking_uri=handle.uri, run_id=handle.run_id)
         status(f"Training {total} steps on {res.num_workers} worker(s), "
                f"ZeRO stage {spec.distributed.deepspeed.stage}")
-        fit = launch.fit(job, name=f"{spec.name}-{handle.run_id[:8]}", resources=res,
+        fit = launch.fit(job, name=ray_run_name(spec, handle.run_id), resources=res,
                          storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
                          on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
+        sync_tracking(spec, handle, fit.checkpoint_dir)
         what = "full model" if spec.peft.method == "full" else {
             "adapter": "adapter", "merged": "merged model", "both": "adapter and the merged model"}[spec.registry.mode]
         status(f"Registering the {what} as '{spec.registered_name}'")
@@ -133,9 +159,42 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         tracking.set_tags(handle, {"registered_model": version.uri, "registered_version": version.version})
         tracking.finish_run(handle, "FINISHED")
     except BaseException:
-        tracking.finish_run(handle, "FAILED")
+        with contextlib.suppress(Exception):  # the server may be the thing that failed
+            tracking.finish_run(handle, "FAILED")
         raise
     metrics = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
     return RunSummary(run_id=handle.run_id, experiment=handle.experiment, tracking_uri=handle.uri,
                       metrics=metrics, data=data.stats,
                       registered_model={**asdict(version), "uri": version.uri})
+
+
+def ray_run_name(spec: JobSpec, run_id: str) -> str:
+    """The Ray Train run (directory under storage.path) of an MLflow run: resuming the MLflow run
+    reuses it, and with it its checkpoints."""
+    return f"{spec.name}-{run_id[:8]}"
+
+
+# How long the driver waits, after training, for an MLflow server that went away.
+MLFLOW_WAIT_S = 300.0
+
+
+def sync_tracking(spec: JobSpec, handle, checkpoint_dir: str, timeout_s: float = MLFLOW_WAIT_S) -> None:
+    """Wait (up to `timeout_s`) for a tracking server that went away during training, then send
+    the metrics rank 0 could not (they travel in the checkpoint). Raises `SpecError` when the
+    server stays unreachable."""
+    import json
+    from pathlib import Path
+
+    from orchestrator import tracking
+    from orchestrator.train_loop import PENDING_METRICS_FILE
+
+    path = Path(checkpoint_dir) / PENDING_METRICS_FILE
+    logger = tracking.MetricLogger(handle.uri, handle.run_id, fail_fast=False)
+    if checkpoint_dir and path.is_file():
+        logger.extend(json.loads(path.read_text(encoding="utf-8")))
+    if not tracking.wait_for_server(handle.uri, timeout_s) or logger.close(timeout_s):
+        raise SpecError([Problem(
+            path="tracking.uri", message=f"the MLflow server at {handle.uri} did not answer for {timeout_s:.0f} s "
+                                         f"after training ({logger.last_error}); the trained checkpoint is kept at "
+                                         f"{checkpoint_dir}",
+            fix=f"bring the server back and run `orchestrator resume {spec.name}` (training is not repeated)")])

@@ -83,6 +83,8 @@ class DataSpec(_Section):
     eval: Union[float, str, None] = 0.1
     format: Literal["alpaca", "chat", "text"] = "alpaca"
     max_seq_len: int = Field(512, ge=8, le=1_048_576)
+    # Examples longer than max_seq_len: cut to it (counted in the run summary), or refused.
+    too_long: Literal["truncate", "error"] = "truncate"
     text_field: str = "text"
 
 

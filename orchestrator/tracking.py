@@ -111,6 +111,96 @@ def start_run(spec: JobSpec, *, tags: dict[str, str], artifacts: dict[str, Any])
     return RunHandle(uri=uri, run_id=run_id, experiment=name, experiment_id=exp_id)
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise `SpecError` (tracking.uri) when an MLflow server URI does not answer within
+    `timeout_s`, so that a typo or a stopped server costs seconds, before any worker starts.
+    Database and file stores are opened by MLflow itself."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from orchestrator.spec import Problem, SpecError
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    # /health answers without credentials; the URI's own path prefix is kept (a proxied server).
+    url = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}/health"
+    try:
+        urllib.request.urlopen(url, timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy may not know /health): reachable
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise SpecError([Problem(path="tracking.uri",
+                                 message=f"cannot reach the MLflow server at {url.removesuffix('/health')} "
+                                         f"({reason})",
+                                 fix="start it (e.g. infra/mlflow, or `mlflow server --host 127.0.0.1 --port "
+                                     "5000`), fix the address, or use sqlite:///mlflow.db")]) from None
+
+
+def wait_for_server(uri: str, timeout_s: float, interval_s: float = 2.0) -> bool:
+    """True once the tracking server answers (at once for database and file stores); False
+    when it has not within `timeout_s`."""
+    from orchestrator.spec import SpecError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check_reachable(uri)
+            return True
+        except SpecError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval_s)
+
+
+# Runs a second `orchestrator run` of the same job picks up again: stopped before they finished.
+RESUMABLE_STATUSES = ("RUNNING", "FAILED", "KILLED")
+
+
+def resumable_run(spec: JobSpec) -> RunHandle | None:
+    """The job's latest MLflow run (same name, same spec hash) when it stopped unfinished, else
+    None: a finished latest run means the job is done and a new run starts."""
+    uri = resolve_tracking_uri(spec.tracking.uri)
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(spec.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"attributes.run_name = '{spec.name}' and "
+                                            f"tags.spec_hash = '{spec.spec_hash()}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or runs[0].info.status not in RESUMABLE_STATUSES:
+        return None
+    return RunHandle(uri=uri, run_id=runs[0].info.run_id, experiment=spec.experiment,
+                     experiment_id=experiment.experiment_id)
+
+
+def stopped_run_spec(uri: str, name: str) -> tuple[str, JobSpec]:
+    """The run id and job spec of the latest run named `name` that stopped unfinished, for
+    `orchestrator resume`. Raises LookupError when there is none."""
+    from orchestrator.spec import parse_spec
+
+    import yaml
+
+    client = _client(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or runs[0].info.status not in RESUMABLE_STATUSES:
+        state = f"its latest run {runs[0].info.run_id} is {runs[0].info.status}" if runs else "there is no run"
+        raise LookupError(f"no stopped run of job '{name}' in {uri} to resume ({state})")
+    run_id = runs[0].info.run_id
+    text = Path(client.download_artifacts(run_id, SPEC_FILE)).read_text(encoding="utf-8")
+    return run_id, parse_spec(yaml.safe_load(text), source=f"{SPEC_FILE} of run {run_id}")
+
+
+def reopen_run(handle: RunHandle) -> None:
+    """Mark a stopped run as running again (it is being resumed)."""
+    _client(handle.uri).update_run(handle.run_id, status="RUNNING")
+
+
 def log_metrics(handle: RunHandle, metrics: dict[str, float], step: int | None = None) -> None:
     from mlflow.entities import Metric
 
@@ -129,33 +219,75 @@ def finish_run(handle: RunHandle, status: str = "FINISHED") -> None:
     _client(handle.uri).set_terminated(handle.run_id, status=status)
 
 
+# A worker's MLflow calls fail fast when the server is down (MLflow's own default retries for
+# minutes); the logger keeps what it could not send and tries again at its next flush.
+_WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 class MetricLogger:
     """Buffered per-step metrics from rank 0 into an existing run.
 
-    Metrics are sent in batches (at evaluation steps and at the end) rather than one request
-    per step; a failed send keeps the buffer, so the next flush retries it.
+    Metrics are sent in batches (at evaluation and checkpoint steps and at the end) rather than
+    one request per step. A failed send keeps the buffer, so the next flush retries it: an
+    unreachable server never stops training. A step the run already has for a metric (logged
+    before a worker failure or a driver restart) is not sent again, so each step appears once.
     """
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 25):
+    def __init__(self, uri: str, run_id: str, flush_every: int = 25, fail_fast: bool = True):
         self.uri, self.run_id, self.flush_every = uri, run_id, flush_every
         self._buffer: list = []
+        self._logged: dict[str, set[int]] = {}  # metric -> steps the run has, fetched once per metric
+        self.last_error: Exception | None = None
+        if fail_fast:  # in a worker process, whose only MLflow calls are these
+            for k, v in _WORKER_HTTP_ENV.items():
+                os.environ.setdefault(k, v)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         if len(self._buffer) >= self.flush_every * 4:
             self.flush()
 
-    def flush(self) -> None:
+    def extend(self, pending: list[dict]) -> None:
+        """Add metrics that another process could not send (`close()`'s return value)."""
+        from mlflow.entities import Metric
+
+        self._buffer += [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in pending]
+
+    def flush(self) -> bool:
+        """Send what is buffered; True when nothing is left. Never raises: a failure is kept in
+        `last_error` and the metrics stay buffered."""
         if not self._buffer:
-            return
-        client = _client(self.uri)
-        while self._buffer:
-            chunk = self._buffer[:1000]  # MLflow takes at most 1000 metrics a batch
-            client.log_batch(self.run_id, metrics=chunk)
-            del self._buffer[:len(chunk)]
+            return True
+        try:
+            client = _client(self.uri)
+            for key in {m.key for m in self._buffer} - self._logged.keys():
+                self._logged[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
+            self._buffer = [m for m in self._buffer if m.step not in self._logged[m.key]]
+            while self._buffer:
+                chunk = self._buffer[:1000]  # MLflow takes at most 1000 metrics a batch
+                client.log_batch(self.run_id, metrics=chunk)
+                for m in chunk:
+                    self._logged[m.key].add(m.step)
+                del self._buffer[:len(chunk)]
+        except Exception as e:  # unreachable, timed out, 5xx: all mean "try again later"
+            if self.last_error is None:
+                print(f"MLflow at {self.uri} unreachable ({type(e).__name__}); keeping "
+                      f"{len(self._buffer)} metric value(s) to send later", flush=True)
+            self.last_error = e
+            return False
+        self.last_error = None
+        return True
+
+    def close(self, timeout_s: float, interval_s: float = 2.0) -> list[dict]:
+        """Flush, retrying for up to `timeout_s`; returns what is still unsent (empty when all
+        arrived), as plain dicts for `extend`."""
+        deadline = time.monotonic() + timeout_s
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(interval_s)
+        return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._buffer]
 
 
 # --- registry ------------------------------------------------------------------------------------

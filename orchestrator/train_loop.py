@@ -9,18 +9,27 @@ evaluation and checkpoint steps (each call is a barrier across workers and costs
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator.data import IGNORE_INDEX, Example, collate
 from orchestrator.spec import JobSpec
 
 ADAPTER_DIR = "adapter"
+# A checkpoint holds, beside `adapter/` (what registration uses), everything needed to continue
+# exactly: DeepSpeed's state (trainable weights, optimizer, scheduler; one shard per rank under
+# ZeRO), the step and base eval loss, and each rank's RNG states.
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+TRAIN_STATE_FILE = "train_state.json"
+PENDING_METRICS_FILE = "pending_metrics.json"
 
 
 @dataclass
@@ -37,6 +46,9 @@ class WorkerJob:
     tracking_uri: str
     run_id: str
     progress: Any = None  # a Ray actor handle with `update(step, metrics)`, or None
+    # How long rank 0 waits at the end for an unreachable MLflow before it leaves the unsent
+    # metrics in the final checkpoint for the driver to send.
+    final_flush_timeout_s: float = 120.0
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -71,17 +83,19 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
 # --- data order ------------------------------------------------------------------------------
 
 
-def micro_batches(train: list[Example], micro: int, rank: int, world: int, seed: int):
+def micro_batches(train: list[Example], micro: int, rank: int, world: int, seed: int, start: int = 0):
     """An endless stream of this rank's micro batches: each epoch is a fresh seeded shuffle,
-    dealt round-robin across ranks (as `DistributedSampler` does)."""
-    epoch = 0
+    dealt round-robin across ranks (as `DistributedSampler` does). `start` skips that many
+    batches, so a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = len(range(rank, len(train), world)) // micro
+    epoch, skip = divmod(start, per_epoch) if per_epoch else (0, 0)
     while True:
         order = list(range(len(train)))
         random.Random(seed + epoch).shuffle(order)
         mine = order[rank::world]
-        for i in range(0, len(mine) - micro + 1, micro):
+        for i in range(skip * micro, len(mine) - micro + 1, micro):
             yield [train[j] for j in mine[i:i + micro]]
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def eval_batches(examples: list[Example], size: int, rank: int, world: int, cap: int | None):
@@ -174,6 +188,70 @@ def save_trained(engine, out_dir: str, rank: int, zero_stage: int, full: bool) -
             model.save_pretrained(out_dir, state_dict=state)
 
 
+# --- checkpoint state ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where a run is, beyond the DeepSpeed state: the last finished optimizer step, and the
+    base model's eval loss (measured once, at step 0)."""
+
+    step: int = 0
+    base_eval_loss: float | None = None
+
+
+def rng_states() -> dict:
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_state(engine, out_dir: str, rank: int, state: TrainState) -> None:
+    """Write this rank's part of a full-state checkpoint into `out_dir` (a collective: every
+    rank calls it). DeepSpeed writes the trainable weights once and the optimizer state as one
+    shard per rank; frozen base weights are left out (each worker rebuilds the base)."""
+    import torch
+
+    engine.save_checkpoint(os.path.join(out_dir, DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    torch.save(rng_states(), os.path.join(out_dir, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        Path(out_dir, TRAIN_STATE_FILE).write_text(json.dumps(state.__dict__), encoding="utf-8")
+
+
+def restore_state(engine, rank: int) -> TrainState | None:
+    """The state of the latest checkpoint Ray Train holds for this run (after a worker failure,
+    or when the driver re-attaches to a stopped run), loaded into `engine` and the RNGs; None
+    when there is none."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        if not Path(d, TRAIN_STATE_FILE).is_file():  # a checkpoint from before full-state saves
+            return None
+        engine.load_checkpoint(os.path.join(d, DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False)
+        state = TrainState(**json.loads(Path(d, TRAIN_STATE_FILE).read_text(encoding="utf-8")))
+        rng = Path(d, f"rng_rank{rank}.pt")
+        if rng.is_file():  # absent when the run resumes on more workers than it saved from
+            set_rng_states(torch.load(rng, weights_only=False))
+    return state
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 
@@ -193,21 +271,30 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(t.seed)
 
     engine = setup_engine(spec, job, device)
+    state = restore_state(engine, rank) or TrainState()
+    # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
     logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
-    stream = micro_batches(job.train, t.micro_batch_size, rank, world, t.seed)
+    # Each optimizer step consumes `grad_accum` micro batches per rank.
+    stream = micro_batches(job.train, t.micro_batch_size, rank, world, t.seed, start=state.step * t.grad_accum)
     eval_size = t.micro_batch_size * 2
 
     def run_eval() -> float:
         return evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
 
-    base_eval = run_eval()
-    if logger:
-        logger.log(0, {"eval_loss": base_eval, "base_eval_loss": base_eval})
-        logger.flush()
-    _progress(job, rank, 0, {"eval_loss": base_eval})
+    if state.base_eval_loss is None:
+        state.base_eval_loss = run_eval()
+        if logger:
+            logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss})
+            logger.flush()
+        _progress(job, rank, 0, {"eval_loss": state.base_eval_loss})
+    elif logger:
+        logger.log(state.step, {"resumed_from_step": state.step})
+    if state.step >= job.total_steps:  # stopped after its last checkpoint: report that state again
+        report(engine, spec, rank, state, {"eval_loss": run_eval()}, save=True,
+               pending=logger.close(job.final_flush_timeout_s) if logger else [])
+        return
 
-    metrics: dict = {}
-    for step in range(1, job.total_steps + 1):
+    for step in range(state.step + 1, job.total_steps + 1):
         metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device)
         last = step == job.total_steps
         if step % t.eval_every == 0 or last:
@@ -217,23 +304,33 @@ def train_loop_per_worker(config: dict) -> None:
         _progress(job, rank, step, metrics)
         save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
         if save or "eval_loss" in metrics:
-            if logger:
+            # An unreachable MLflow never stops training: what is not sent stays buffered, and
+            # at the end whatever is still unsent travels in the final checkpoint.
+            if logger and not last:
                 logger.flush()
-            report(engine, spec, rank, {"step": step, "base_eval_loss": base_eval, **metrics}, save)
+            pending = logger.close(job.final_flush_timeout_s) if logger and last else []
+            state.step = step
+            report(engine, spec, rank, state, metrics, save, pending)
 
 
-def report(engine, spec: JobSpec, rank: int, metrics: dict, save: bool) -> None:
-    """Report to Ray Train (a barrier across workers), with the trained weights when `save`:
-    Ray persists the checkpoint to `storage.path`; the last one is what gets registered."""
+def report(engine, spec: JobSpec, rank: int, state: TrainState, metrics: dict, save: bool,
+           pending: list | None = None) -> None:
+    """Report to Ray Train (a barrier across workers), with a full-state checkpoint when `save`:
+    every rank adds its files to the same checkpoint, which Ray persists to `storage.path`; the
+    `adapter/` of the last one is what gets registered."""
     import ray.train
 
+    metrics = {"step": state.step, "base_eval_loss": state.base_eval_loss, **metrics}
     if not save:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_trained(engine, os.path.join(tmp, ADAPTER_DIR), rank, spec.distributed.deepspeed.stage,
                      spec.peft.method == "full")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        save_state(engine, tmp, rank, state)
+        if rank == 0 and pending:
+            Path(tmp, PENDING_METRICS_FILE).write_text(json.dumps(pending), encoding="utf-8")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _progress(job: WorkerJob, rank: int, step: int, metrics: dict) -> None:

@@ -1,0 +1,318 @@
+"""Faults a long run must survive: a training worker killed mid-run, the driver stopped mid-run, the
+MLflow server going away and coming back. Real Ray, DeepSpeed, MLflow (a real `mlflow server`);
+the faults are real processes killed by pid.
+
+Fake secrets sit in the environment of the stopped-and-resumed CLI runs, and everything those runs
+write (MLflow params, tags, metric names, artifacts, the Ray storage directory, the console) is
+searched for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO
+from test_end_to_end import quickstart
+
+
+def client_for(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def steps(uri: str, run_id: str, key: str) -> list[int]:
+    """The step numbers a run holds for `key`, in order, duplicates kept."""
+    return sorted(m.step for m in client_for(uri).get_metric_history(run_id, key))
+
+
+def train_worker_pids() -> list[int]:
+    """Ray Train worker processes of this test session's Ray instance (descendants of this process)."""
+    return sorted(p.pid for p in psutil.Process().children(recursive=True)
+                  if "RayTrainWorker" in " ".join(_cmdline(p)))
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def latest_checkpoint_step(storage: Path) -> int | None:
+    from orchestrator.launch import latest_checkpoint
+
+    found = [latest_checkpoint(str(storage), d.name) for d in storage.glob("*") if d.is_dir()]
+    return max((f[0] for f in found if f), default=None)
+
+
+# --- the pure part of resuming: the data order continues exactly ---------------------------------------
+
+
+@pytest.mark.parametrize("start", [0, 1, 3, 4, 7, 11])
+def test_micro_batches_resume_exactly_where_they_stopped(start):
+    from orchestrator.train_loop import micro_batches
+
+    train = list(range(9))  # 9 examples, 2 ranks: rank 1 holds 4 -> 2 batches of 2 per epoch
+    for rank in (0, 1):
+        uninterrupted = list(itertools.islice(micro_batches(train, 2, rank, 2, seed=5), start, start + 6))
+        resumed = list(itertools.islice(micro_batches(train, 2, rank, 2, seed=5, start=start), 6))
+        assert resumed == uninterrupted
+
+
+def test_rng_states_round_trip():
+    import random
+
+    import numpy as np
+    import torch
+
+    from orchestrator.train_loop import rng_states, set_rng_states
+
+    saved = rng_states()
+    draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    first = draw()
+    set_rng_states(saved)
+    assert draw() == first
+
+
+# --- a worker process dies ---------------------------------------------------------------------------
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once(tmp_path, ray_local, tiny_base):
+    from orchestrator.run import run_job
+
+    every, total = 5, 30
+    spec = quickstart(tmp_path, name="fault-worker", **{
+        "training.max_steps": total, "training.checkpoint_every": every, "training.eval_every": 4,
+        "training.eval_batches": 1, "distributed.max_failures": 1})
+    killed: dict = {}
+
+    def on_progress(task, step, _total, _metrics):
+        # After a checkpoint Ray Train has recorded, and before the end: kill one worker by pid.
+        if task != "training" or killed or step >= total:
+            return
+        saved = latest_checkpoint_step(tmp_path / "runs")
+        if saved is not None and step > saved:
+            pid = train_worker_pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.update(pid=pid, step=step, saved=saved)
+
+    summary = run_job(spec, progress=on_progress)
+    assert killed, "the run ended before a worker could be killed"
+    uri = summary.tracking_uri
+    assert client_for(uri).get_run(summary.run_id).info.status == "FINISHED"
+    # Every step exactly once, the final one included, although steps after the checkpoint ran twice.
+    assert steps(uri, summary.run_id, "train_loss") == list(range(1, total + 1))
+    assert steps(uri, summary.run_id, "eval_loss") == [0, *range(4, total, 4), total]
+    # Resumed from the checkpoint that existed when the worker died (or a later one): at most one
+    # checkpoint interval of steps was lost.
+    [resumed] = steps(uri, summary.run_id, "resumed_from_step")
+    assert resumed % every == 0 and resumed >= killed["saved"]
+    assert killed["step"] - resumed <= every, (killed, resumed)
+    assert summary.registered_model["version"] == "1"
+
+
+# --- the driver is stopped; running the job again resumes it ----------------------------------------------
+
+SECRETS = {"HF_TOKEN": "hf_FAKEtoken0123456789", "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pass-4242",
+           "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-4343", "AWS_SECRET_ACCESS_KEY": "fakeAwsSecretKey/4444",
+           "RAY_AUTH_TOKEN": "fake-ray-token-4545"}
+
+
+def _sets(tmp: Path) -> list[str]:
+    return [f"{k}={v}" for k, v in {
+        "name": "fault-driver", "registry.name": "fault-driver", "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
+        "storage.path": str(tmp / "runs"), "training.max_steps": 40, "training.checkpoint_every": 5,
+        "training.eval_every": 8, "training.eval_batches": 1}.items()]
+
+
+def _cli(tmp: Path) -> list[str]:
+    return [sys.executable, "-m", "orchestrator", "run", str(REPO / "jobs" / "quickstart.yaml"), "--json",
+            *[x for kv in _sets(tmp) for x in ("--set", kv)]]
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of `proc` and every process left in its session (Ray's own)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = [p for p in psutil.process_iter() if _sid(p.pid) == proc.pid]
+    for p in left:
+        p.kill()
+    psutil.wait_procs(left, timeout=60)
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def driver_stopped_and_resumed(tmp_path_factory, tiny_base):
+    tmp = tmp_path_factory.mktemp("driver")
+    env = {**os.environ, **SECRETS, "COLUMNS": "200"}
+    first = subprocess.Popen(_cli(tmp), cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while (saved := latest_checkpoint_step(tmp / "runs")) is None:
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+            time.sleep(0.2)
+        _stop_session(first)
+    finally:
+        if first.poll() is None:
+            _stop_session(first)
+    first_out, first_err = first.communicate()
+    second = subprocess.run(_cli(tmp), cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return {"tmp": tmp, "saved": saved, "console": first_out + first_err + second.stdout + second.stderr,
+            "first_err": first_err, "second_err": second.stderr, "summary": json.loads(second.stdout)}
+
+
+def test_a_stopped_driver_is_resumed_by_running_the_job_again(driver_stopped_and_resumed):
+    r = driver_stopped_and_resumed
+    summary, uri = r["summary"], f"sqlite:///{r['tmp']}/mlflow.db"
+    # The same MLflow run continues, from the checkpoint the stopped run had saved.
+    assert f"MLflow run {summary['run_id']}" in r["first_err"]
+    assert f"Resuming the stopped MLflow run {summary['run_id']} from its checkpoint at step" in r["second_err"]
+    [resumed] = steps(uri, summary["run_id"], "resumed_from_step")
+    assert resumed >= r["saved"]
+    assert client_for(uri).get_run(summary["run_id"]).info.status == "FINISHED"
+    assert steps(uri, summary["run_id"], "train_loss") == list(range(1, 41))
+    assert len(client_for(uri).search_runs([client_for(uri).get_experiment_by_name("quickstart").experiment_id])) == 1
+    assert summary["data"]["truncated_examples"] == 0
+
+
+def test_only_a_stopped_latest_run_is_resumed(driver_stopped_and_resumed, tmp_path):
+    """A job whose latest run finished starts a new run; one whose latest run was stopped (here:
+    marked KILLED in a copy of the store) is picked up again; `--restart` skips this lookup."""
+    import shutil
+
+    from orchestrator.spec import load_spec
+    from orchestrator.tracking import resumable_run
+
+    r = driver_stopped_and_resumed
+    shutil.copy(r["tmp"] / "mlflow.db", tmp_path / "mlflow.db")
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [*_sets(r["tmp"]), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert resumable_run(spec) is None
+    client_for(spec.tracking.uri).set_terminated(r["summary"]["run_id"], "KILLED")
+    assert resumable_run(spec).run_id == r["summary"]["run_id"]
+    spec.training.max_steps = 41  # another spec hash: another job
+    assert resumable_run(spec) is None
+
+
+def _all_text_under(root: Path) -> str:
+    out = []
+    for f in root.rglob("*"):
+        if f.is_file():
+            out.append(f.read_bytes().decode("latin-1"))
+    return "\n".join(out)
+
+
+def test_no_secret_appears_in_anything_a_run_writes(driver_stopped_and_resumed, tmp_path):
+    r = driver_stopped_and_resumed
+    uri = f"sqlite:///{r['tmp']}/mlflow.db"
+    client = client_for(uri)
+    run = client.get_run(r["summary"]["run_id"])
+    written = [r["console"], json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(list(run.data.metrics)),
+               _all_text_under(Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))),
+               _all_text_under(r["tmp"] / "runs"), _all_text_under(r["tmp"] / "mlartifacts")]
+    assert len(written[4]) > 0 and "deepspeed" in written[5]  # the searches did read something
+    for name, secret in SECRETS.items():
+        for text in written:
+            assert secret not in text, f"{name} leaked"
+
+
+# --- the MLflow server goes away mid-run and comes back -------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store; stop() and start() keep the store."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+               "--artifacts-destination", str(self.root / "artifacts")]
+        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def test_mlflow_server_down_mid_run_loses_no_metric(tmp_path, ray_local, tiny_base):
+    from orchestrator.run import run_job
+
+    server = MlflowServer(tmp_path)
+    server.start()
+    total = 12
+    spec = quickstart(tmp_path, name="fault-mlflow", **{
+        "tracking.uri": server.uri, "training.max_steps": total, "training.checkpoint_every": 6,
+        "training.eval_every": 3, "training.eval_batches": 1})
+    events: list[str] = []
+    restart = threading.Thread(target=server.start)
+
+    def on_status(line: str) -> None:
+        # The run exists in MLflow; the server goes away before any worker has logged a metric.
+        if line.startswith("Training "):
+            server.stop()
+            events.append("stopped")
+
+    def on_progress(task, step, _total, _metrics):
+        # It comes back once the last step is done (rank 0 then waits for it, within a bound).
+        if task == "training" and step >= total and not restart.is_alive() and "restarting" not in events:
+            events.append("restarting")
+            restart.start()
+
+    try:
+        summary = run_job(spec, status=on_status, progress=on_progress)
+        assert events == ["stopped", "restarting"]
+        client = client_for(server.uri)
+        assert client.get_run(summary.run_id).info.status == "FINISHED"
+        for key in ("train_loss", "learning_rate", "tokens_per_s", "step_time_s"):
+            assert steps(server.uri, summary.run_id, key) == list(range(1, total + 1)), key
+        assert steps(server.uri, summary.run_id, "eval_loss") == [0, 3, 6, 9, 12]
+        assert steps(server.uri, summary.run_id, "base_eval_loss") == [0]
+    finally:
+        if restart.is_alive():
+            restart.join()
+        server.stop()
