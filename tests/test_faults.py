@@ -198,22 +198,24 @@ def test_a_stopped_driver_is_resumed_by_running_the_job_again(driver_stopped_and
     assert summary["data"]["truncated_examples"] == 0
 
 
-def test_only_a_stopped_latest_run_is_resumed(driver_stopped_and_resumed, tmp_path):
-    """A job whose latest run finished starts a new run; one whose latest run was stopped (here:
-    marked KILLED in a copy of the store) is picked up again; `--restart` skips this lookup."""
-    import shutil
-
+def test_only_a_stopped_latest_run_is_resumed(driver_stopped_and_resumed):
+    """A job whose latest run finished starts a new run; one whose latest run stopped (here:
+    marked KILLED for a moment) is picked up again; another spec is another job."""
     from orchestrator.spec import load_spec
     from orchestrator.tracking import resumable_run
 
     r = driver_stopped_and_resumed
-    shutil.copy(r["tmp"] / "mlflow.db", tmp_path / "mlflow.db")
-    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [*_sets(r["tmp"]), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    run_id = r["summary"]["run_id"]
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", _sets(r["tmp"]))
+    client = client_for(spec.tracking.uri)
     assert resumable_run(spec) is None
-    client_for(spec.tracking.uri).set_terminated(r["summary"]["run_id"], "KILLED")
-    assert resumable_run(spec).run_id == r["summary"]["run_id"]
-    spec.training.max_steps = 41  # another spec hash: another job
-    assert resumable_run(spec) is None
+    client.set_terminated(run_id, "KILLED")
+    try:
+        assert resumable_run(spec).run_id == run_id
+        spec.training.max_steps = 41
+        assert resumable_run(spec) is None
+    finally:
+        client.set_terminated(run_id, "FINISHED")
 
 
 def _all_text_under(root: Path) -> str:
