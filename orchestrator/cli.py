@@ -81,13 +81,23 @@ def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
                                                       "(default: the local GPU, else 80 GiB)."),
         restart: bool = typer.Option(False, "--restart",
                                      help="Start afresh even if this job's last run stopped unfinished "
-                                          "(by default it resumes from its last checkpoint).")):
+                                          "(by default it resumes from its last checkpoint)."),
+        confined: bool = typer.Option(False, "--confined",
+                                      help="Refuse data and model paths outside the job file's directory and "
+                                           "relative output paths that climb out of the working directory "
+                                           "(how submitted jobs run).")):
     """Fine-tune: plan memory, train the job on Ray, track it in MLflow, register the adapter.
 
     If the job's last run stopped unfinished (driver killed, node lost), this resumes it from its
     last checkpoint, in the same MLflow run."""
-    _run(_load(job, set_), address=address, as_json=as_json, verbose=verbose, force=force,
-         gpu_memory=gpu_memory, restart=restart)
+    spec = _load(job, set_)
+    if confined:
+        from orchestrator.submission import confinement_problems
+
+        if problems := confinement_problems(spec, job.parent, Path.cwd()):
+            _fail(SpecError(problems, str(job)))
+    _run(spec, address=address, as_json=as_json, verbose=verbose, force=force, gpu_memory=gpu_memory,
+         restart=restart)
 
 
 @app.command()

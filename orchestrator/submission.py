@@ -219,8 +219,33 @@ def write_package(spec: JobSpec, dest: Path) -> JobSpec:
 
 
 def entrypoint(job_file: str = JOB_FILE) -> str:
-    """The command the cluster runs: this project's `run`, joining the cluster it runs on."""
-    return f"python -m orchestrator run {job_file} --address auto"
+    """The command the cluster runs: this project's `run`, joining the cluster it runs on, with
+    the job's files confined to its package (`confinement_problems`)."""
+    return f"python -m orchestrator run {job_file} --address auto --confined"
+
+
+def confinement_problems(spec: JobSpec, job_dir: Path, workdir: Path) -> list[Problem]:
+    """Paths of a submitted job that leave its working directory: data files and a local model
+    must lie inside the package (`job_dir`, where `load_spec` resolved them), and relative output
+    paths (storage.path, a sqlite tracking file) must not climb out of `workdir`. Absolute output
+    paths and URIs are the shared storage a cluster job is meant to write to."""
+    problems = []
+    job_dir, workdir = job_dir.resolve(), workdir.resolve()
+    inputs = {"data.train": spec.data.train, "data.eval": spec.data.eval,
+              "model.base": str(local_model_dir(spec) or "")}
+    for field_path, value in inputs.items():
+        if isinstance(value, str) and value and not Path(value).resolve().is_relative_to(job_dir):
+            problems.append(Problem(path=field_path, message=f"'{value}' is outside the job's directory {job_dir}",
+                                    fix="a submitted job reads only the files packaged with it: name a file "
+                                        "beside job.yaml (orchestrator submit packages them for you)"))
+    outputs = {"storage.path": _local_path(spec.storage.path) if not is_remote_uri(spec.storage.path) else "",
+               "tracking.uri": spec.tracking.uri[len("sqlite:///"):] if tracking_location(spec.tracking.uri)
+               == "relative" and spec.tracking.uri.startswith("sqlite:///") else ""}
+    for field_path, value in outputs.items():
+        if value and not Path(value).is_absolute() and not (workdir / value).resolve().is_relative_to(workdir):
+            problems.append(Problem(path=field_path, message=f"'{value}' climbs out of the job's working directory",
+                                    fix="use an absolute path on shared storage, or a URI (s3://..., http://...)"))
+    return problems
 
 
 def pinned_requirements() -> list[str]:

@@ -142,7 +142,7 @@ def test_runtime_env_ships_code_and_pinned_requirements_or_an_image():
     from orchestrator.launch import WORKER_ENV
 
     assert not set(env["env_vars"]) & set(WORKER_ENV)
-    assert entrypoint() == "python -m orchestrator run job.yaml --address auto"
+    assert entrypoint() == "python -m orchestrator run job.yaml --address auto --confined"
 
 
 def test_metadata_records_the_job_and_never_credentials():
@@ -199,7 +199,7 @@ def test_rendered_rayjob_and_configmap_match_the_kuberay_schema(use_gpu):
     validate(config_map, "ConfigMap")
     validate(job, "RayJob")
     s = job["spec"]
-    assert s["shutdownAfterJobFinishes"] is True and s["entrypoint"].endswith("/home/ray/job/job.yaml --address auto")
+    assert s["shutdownAfterJobFinishes"] is True and s["entrypoint"].endswith("/home/ray/job/job.yaml --address auto --confined")
     assert yaml.safe_load(s["runtimeEnvYAML"]) == {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     [group] = s["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
@@ -261,3 +261,34 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2():
     result = CliRunner().invoke(app, ["jobs", "list", "--address", f"http://127.0.0.1:{port}"])
     assert result.exit_code == 2
     assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in result.output
+
+
+# --- a submitted job stays inside its package -------------------------------------------------------
+
+
+@pytest.mark.parametrize("sets, field", [
+    ({}, None),  # the package as `submit` writes it: everything beside job.yaml
+    ({"data.train": "../outside.jsonl"}, "data.train"),
+    ({"data.eval": "/etc/hostname"}, "data.eval"),
+    ({"storage.path": "../../runs"}, "storage.path"),
+    ({"tracking.uri": "sqlite:///../mlflow.db"}, "tracking.uri"),
+    ({"storage.path": "/mnt/cluster_storage/runs"}, None),  # shared storage, by design
+    ({"storage.path": "s3://bucket/runs"}, None),
+])
+def test_confined_run_refuses_paths_outside_the_job(tmp_path, sets, field):
+    from orchestrator.submission import confinement_problems
+
+    package = tmp_path / "pkg"
+    write_package(quickstart(), package)
+    (tmp_path / "outside.jsonl").write_text((package / "train.jsonl").read_text())
+    spec = load_spec(package / "job.yaml", [f"{k}={v}" for k, v in sets.items()])
+    problems = confinement_problems(spec, package, package)
+    assert [p.path for p in problems] == ([field] if field else [])
+
+
+def test_confined_cli_run_exits_2_naming_the_field(tmp_path):
+    package = tmp_path / "pkg"
+    write_package(quickstart(), package)
+    result = CliRunner().invoke(app, ["run", str(package / "job.yaml"), "--confined", "--set", "data.eval=/etc/hostname"])
+    assert result.exit_code == 2
+    assert "data.eval: '/etc/hostname' is outside the job's directory" in " ".join(result.output.split())
