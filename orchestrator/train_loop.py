@@ -1,6 +1,8 @@
 """The training loop that runs on every Ray Train worker.
 
-Reads like a recipe: setup -> evaluate the base -> steps (log) -> eval -> checkpoint -> report.
+Reads like a recipe: setup (or restore the latest checkpoint) -> evaluate the base -> steps (log)
+-> eval -> checkpoint -> report. A checkpoint holds the full training state, so a worker group
+restarted by Ray Train (`distributed.max_failures`) or a resumed run continues exactly.
 It receives everything as plain data from the driver (`WorkerJob`); rank 0 logs per-step metrics
 to MLflow and tells the driver's progress bar how far it is. `ray.train.report` is called only at
 evaluation and checkpoint steps (each call is a barrier across workers and costs about a second).
