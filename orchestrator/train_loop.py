@@ -3,7 +3,8 @@
 Reads like a recipe: setup -> evaluate the base -> steps (log) -> eval -> checkpoint -> report.
 It receives everything as plain data from the driver (`WorkerJob`); rank 0 logs per-step metrics
 to MLflow and tells the driver's progress bar how far it is. `ray.train.report` is called only at
-evaluation and checkpoint steps (each call is a barrier across workers and costs about a second).
+checkpoint steps, and at evaluations when a search needs them (each call is a barrier across
+workers and costs about a second).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from orchestrator.data import IGNORE_INDEX, Example, collate
 from orchestrator.spec import JobSpec
+from orchestrator.timing import Stopwatch
 
 ADAPTER_DIR = "adapter"
 
@@ -37,6 +39,9 @@ class WorkerJob:
     tracking_uri: str
     run_id: str
     progress: Any = None  # a Ray actor handle with `update(step, metrics)`, or None
+    # Report every evaluation to Ray Train (a search's scheduler needs them); otherwise only
+    # checkpoints are reported: each report is a barrier across workers costing about a second.
+    report_evals: bool = False
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -184,6 +189,8 @@ def train_loop_per_worker(config: dict) -> None:
     from orchestrator.tracking import MetricLogger
 
     job: WorkerJob = config["job"]
+    started_at = time.time()
+    watch = Stopwatch()  # where this worker's time goes; rank 0's figures reach the driver
     spec = JobSpec.model_validate(job.spec)
     t = spec.training
     ctx = ray.train.get_context()
@@ -192,34 +199,46 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(spec.distributed.cpus_per_worker)
     seed_everything(t.seed)
 
-    engine = setup_engine(spec, job, device)
+    with watch("setup"):
+        engine = setup_engine(spec, job, device)
     logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     stream = micro_batches(job.train, t.micro_batch_size, rank, world, t.seed)
     eval_size = t.micro_batch_size * 2
 
     def run_eval() -> float:
-        return evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
+        with watch("eval"):
+            return evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
 
     base_eval = run_eval()
-    if logger:
-        logger.log(0, {"eval_loss": base_eval, "base_eval_loss": base_eval})
-        logger.flush()
-    _progress(job, rank, 0, {"eval_loss": base_eval})
+    with watch("log"):
+        if logger:
+            logger.log(0, {"eval_loss": base_eval, "base_eval_loss": base_eval})
+            logger.flush()
+        _progress(job, rank, 0, {"eval_loss": base_eval})
 
     metrics: dict = {}
+    tokens = 0.0
     for step in range(1, job.total_steps + 1):
-        metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device)
+        with watch("steps"):
+            metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device)
+        tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
         last = step == job.total_steps
         if step % t.eval_every == 0 or last:
             metrics["eval_loss"] = run_eval()
-        if logger:
-            logger.log(step, metrics)
-        _progress(job, rank, step, metrics)
         save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
-        if save or "eval_loss" in metrics:
+        with watch("log"):
             if logger:
-                logger.flush()
-            report(engine, spec, rank, {"step": step, "base_eval_loss": base_eval, **metrics}, save)
+                logger.log(step, metrics)
+                if save or "eval_loss" in metrics:
+                    logger.flush()  # the MLflow UI shows each evaluation as it happens
+            _progress(job, rank, step, metrics)
+        if save or (job.report_evals and "eval_loss" in metrics):
+            extra = {}
+            if last:  # the run's totals travel with its final report (the last save is not in them)
+                extra = {**watch.metrics(), "tokens_trained": tokens, "worker_started_at": started_at,
+                         "worker_loop_s": time.time() - started_at}
+            with watch("checkpoint" if save else "report"):
+                report(engine, spec, rank, {"step": step, "base_eval_loss": base_eval, **metrics, **extra}, save)
 
 
 def report(engine, spec: JobSpec, rank: int, metrics: dict, save: bool) -> None:
