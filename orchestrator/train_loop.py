@@ -16,6 +16,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator.data import IGNORE_INDEX, Example, collate
@@ -56,6 +57,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def release_stale_op_lock(name: str = "deepspeed_shm_comm", older_than_s: float = 120.0) -> bool:
+    """Remove a JIT-built op's lock file left by a killed process, so this worker does not wait on it
+    forever. On the CPU DeepSpeed loads its shared-memory comm op in every worker, and torch takes
+    the op's build lock each time, even when the op is built. When the op is built, the lock is held
+    for well under a second; one older than `older_than_s` belongs to a dead process. Returns
+    whether a lock was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory(name, verbose=False))
+    lock = folder / "lock"
+    built = any(folder.glob(f"{name}*.so"))
+    try:
+        if built and time.time() - lock.stat().st_mtime > older_than_s:
+            lock.unlink()
+            return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
 def setup_engine(spec: JobSpec, job: WorkerJob, device):
     """Load the base (quantized as the spec says), add the adapter, wrap it in DeepSpeed."""
     import deepspeed
@@ -68,6 +89,8 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
     model.config.use_cache = False
     model = prepare_for_training(spec, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if not job.use_gpu:
+        release_stale_op_lock()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=job.deepspeed_config)
     return engine
