@@ -31,7 +31,7 @@ from orchestrator.spec import JobSpec, parse_spec  # noqa: E402
 
 DOC = REPO / "docs" / "memory.md"
 START, END = "<!-- gpu-results:start -->", "<!-- gpu-results:end -->"
-MODELS = {"1b": "meta-llama/Llama-3.2-1B", "3b": "meta-llama/Llama-3.2-3B"}
+MODELS = {"1b": "meta-llama/Llama-3.2-1B", "3b": "meta-llama/Llama-3.2-3B", "8b": "meta-llama/Meta-Llama-3-8B"}
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,18 @@ def _run(spec: JobSpec, *, address, as_json, verbose, force, gpu_memory, restart
     _print_summary(summary)
 
 
+# How the summary groups the run's phases (see run.PHASES).
+_TIME_GROUPS = {"start Ray": ("ray_start",), "start workers": ("worker_start",),
+                "load model": ("resolve_base", "setup"), "data": ("data",), "train": ("steps",),
+                "evaluate": ("eval",), "log+report": ("log", "report"), "checkpoint": ("checkpoint", "finish"),
+                "register": ("register",)}
+
+
+def time_breakdown(timings: dict) -> str:
+    parts = [f"{label} {sum(timings.get(p, 0.0) for p in phases):.1f} s" for label, phases in _TIME_GROUPS.items()]
+    return " · ".join(parts)
+
+
 def _print_summary(s) -> None:
     from orchestrator.tracking import ui_command
 
@@ -172,6 +184,8 @@ def _print_summary(s) -> None:
                           f"{d.get('truncated_examples', 0)} truncated to data.max_seq_len")
     table.add_row("throughput", f"{m['tokens_per_s']:.0f} tokens/s")
     table.add_row("wall time", f"{m['wall_s']:.1f} s")
+    if s.timings:
+        table.add_row("where it went", time_breakdown(s.timings))
     table.add_row("MLflow run", f"{s.run_id} (experiment '{s.experiment}')")
     table.add_row("registered", s.registered_model["uri"] + f"  (version {s.registered_model['version']})")
     table.add_row("MLflow UI", ui_command(s.tracking_uri))

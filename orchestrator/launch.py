@@ -19,6 +19,11 @@ WORKER_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "PYTHONWARNINGS": "ignore",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Train's controller collects reports and notices the end of training when it polls the
+    # workers, every 2 s by default; a worker's report waits while the previous one is unread.
+    # Polling every 0.5 s makes frequent reports (a search's evaluations) and the end of a run
+    # cheaper, for four small actor calls a second (a value set in the environment wins).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
 }
 
 

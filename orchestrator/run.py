@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from orchestrator.spec import JobSpec, Problem, SpecError
+from orchestrator.timing import Stopwatch
 
 StatusFn = Callable[[str], None]
 ProgressFn = Callable[[str, int, int, dict], None]  # (task, done, total, metrics)
@@ -30,10 +31,41 @@ class RunSummary:
     metrics: dict
     registered_model: dict
     data: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # seconds per phase, see `phase_timings`
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
-                "registered_model": self.registered_model, "data": self.data}
+                "registered_model": self.registered_model, "data": self.data, "timings": self.timings}
+
+
+# The phases of a run, in order, as `phase_timings` names them.
+PHASES = ("resolve_base", "data", "ray_start", "plan", "tracking_start", "worker_start", "setup", "eval",
+          "steps", "log", "report", "checkpoint", "finish", "sync_tracking", "register")
+
+
+def phase_timings(driver: dict[str, float], fit_started_at: float, fit_s: float, worker: dict) -> dict:
+    """Seconds per phase of a whole run: the driver's own phases plus the split of `fit` into
+    starting the workers, rank 0's phases (its `time_<phase>_s` metrics) and finishing (the final
+    checkpoint and report, and stopping the workers). Pure; `total` is their sum."""
+    out = {k: v for k, v in driver.items() if k != "fit"}
+    loop = worker.get("worker_loop_s")
+    started = worker.get("worker_started_at")
+    if loop is not None and started is not None:
+        out["worker_start"] = max(0.0, started - fit_started_at)
+        out["finish"] = max(0.0, fit_started_at + fit_s - started - loop)
+    for key, value in worker.items():
+        if key.startswith("time_") and key.endswith("_s"):
+            out[key[len("time_"):-len("_s")]] = value
+    ordered = {p: round(out[p], 2) for p in PHASES if p in out}
+    ordered["total"] = round(sum(ordered.values()), 2)
+    return ordered
+
+
+def mean_tokens_per_s(worker: dict) -> float | None:
+    """Training throughput over the whole run (all workers): tokens trained per second of
+    training steps; the last step's own figure when the totals are missing."""
+    tokens, seconds = worker.get("tokens_trained"), worker.get("time_steps_s")
+    return tokens / seconds if tokens and seconds else worker.get("tokens_per_s")
 
 
 def file_sha256(path: str) -> str:
@@ -58,14 +90,15 @@ def lineage_of(spec: JobSpec, base_path: str) -> dict:
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
-            gpu_memory_bytes: int | None = None, restart: bool = False,
+            gpu_memory_bytes: int | None = None, restart: bool = False, report_evals: bool = False,
             status: StatusFn = lambda _: None, progress: ProgressFn | None = None) -> RunSummary:
     """Run a job end to end and return its summary. Raises `SpecError` for problems with the
     job found before any worker starts (data, model, sizes, an unreachable MLflow server), and
     `DoesNotFit` when the memory plan says a GPU job cannot fit (unless `force`).
 
     A job whose latest MLflow run stopped unfinished (driver killed, node lost) continues that
-    run from its last checkpoint, unless `restart`."""
+    run from its last checkpoint, unless `restart`. `report_evals` reports every evaluation to
+    Ray Train, not only checkpoints (a search's scheduler needs them)."""
     from orchestrator import launch, tracking
     from orchestrator.base_model import check_base_files, load_tokenizer, resolve_base
     from orchestrator.data import load_datasets
@@ -74,15 +107,19 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     from orchestrator.train_loop import WorkerJob
 
     started = time.time()
-    tracking.check_reachable(spec.tracking.uri)
+    watch = Stopwatch()
+    with watch("tracking_start"):
+        tracking.check_reachable(spec.tracking.uri)
     status(f"Resolving base model {spec.model.base}")
-    base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
-                             if progress else None)
-    check_base_files(base_path)
-    tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code)
+    with watch("resolve_base"):
+        base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
+                                 if progress else None)
+        check_base_files(base_path)
+        tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code)
 
     status("Tokenizing data")
-    data = load_datasets(spec.data, tokenizer, spec.training.seed)
+    with watch("data"):
+        data = load_datasets(spec.data, tokenizer, spec.training.seed)
     if data.stats["truncated_examples"]:
         status(f"{data.stats['truncated_examples']} example(s) longer than data.max_seq_len="
                f"{spec.data.max_seq_len} truncated (data.too_long=error refuses them instead)")
@@ -95,10 +132,12 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                     f"{workers} workers ({needed} needed)",
             fix="add data, or lower training.micro_batch_size or distributed.num_workers")])
     # The plan also resolves peft.target_modules against the model's modules (a SpecError).
-    memory = plan_for_run(spec, workers, gpu_memory_bytes)
+    with watch("plan"):
+        memory = plan_for_run(spec, workers, gpu_memory_bytes)
 
     status("Connecting to Ray" if address else "Starting Ray")
-    gpus = launch.connect(address, verbose)
+    with watch("ray_start"):
+        gpus = launch.connect(address, verbose)
     res = resources(spec, gpus_available=gpus)
     if res.use_gpu:
         status(f"Memory plan: {human(memory.total_bytes)} of {human(memory.gpu_memory_bytes)} per GPU")
@@ -113,8 +152,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     total = optimizer_steps(spec, len(data.train), res.num_workers)
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 
-    lineage = lineage_of(spec, base_path)
-    handle = tracking.resumable_run(spec)
+    with watch("plan"):
+        lineage = lineage_of(spec, base_path)
+    with watch("tracking_start"):
+        handle = tracking.resumable_run(spec)
     if handle is not None and restart:
         status(f"Starting afresh (--restart); the stopped MLflow run {handle.run_id} is marked KILLED")
         tracking.finish_run(handle, "KILLED")
@@ -128,34 +169,41 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         if latest:  # metrics a previous attempt could not send
             sync_tracking(spec, handle, latest[1])
     else:
-        handle = tracking.start_run(
-            spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
-                        "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage),
-                        **tracking.lineage_tags(lineage)},
-            artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats,
-                       "memory_plan.json": memory.to_json()})
-        tracking.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)
+        with watch("tracking_start"):
+            handle = tracking.start_run(
+                spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
+                            "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage),
+                            **tracking.lineage_tags(lineage)},
+                artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats,
+                           "memory_plan.json": memory.to_json()})
+            tracking.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)
     status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
     try:
         job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
                         train=data.train, eval=data.eval, pad_id=tokenizer.pad_token_id, use_gpu=res.use_gpu,
-                        tracking_uri=handle.uri, run_id=handle.run_id)
+                        tracking_uri=handle.uri, run_id=handle.run_id, report_evals=report_evals)
         status(f"Training {total} steps on {res.num_workers} worker(s), "
                f"ZeRO stage {spec.distributed.deepspeed.stage}")
-        fit = launch.fit(job, name=ray_run_name(spec, handle.run_id), resources=res,
-                         storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
-                         on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
-        sync_tracking(spec, handle, fit.checkpoint_dir)
+        fit_started_at = time.time()
+        with watch("fit"):
+            fit = launch.fit(job, name=ray_run_name(spec, handle.run_id), resources=res,
+                             storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
+                             on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
+        with watch("sync_tracking"):
+            sync_tracking(spec, handle, fit.checkpoint_dir)
         what = "full model" if spec.peft.method == "full" else {
             "adapter": "adapter", "merged": "merged model", "both": "adapter and the merged model"}[spec.registry.mode]
         status(f"Registering the {what} as '{spec.registered_name}'")
-        version = tracking.register_trained(handle, spec, fit.adapter_dir, lineage=lineage,
-                                            tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
+        with watch("register"):
+            version = tracking.register_trained(handle, spec, fit.adapter_dir, lineage=lineage,
+                                                tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
+        timings = phase_timings(watch.seconds, fit_started_at, watch.seconds["fit"], fit.metrics)
         wall = time.time() - started
         metrics = {"base_eval_loss": fit.metrics.get("base_eval_loss"), "eval_loss": fit.metrics.get("eval_loss"),
-                   "train_loss": fit.metrics.get("train_loss"), "tokens_per_s": fit.metrics.get("tokens_per_s"),
-                   "wall_s": round(wall, 1)}
-        tracking.log_metrics(handle, {"wall_s": wall, "final_eval_loss": metrics["eval_loss"]}, step=total)
+                   "train_loss": fit.metrics.get("train_loss"), "tokens_per_s": mean_tokens_per_s(fit.metrics),
+                   "tokens_trained": fit.metrics.get("tokens_trained"), "wall_s": round(wall, 1)}
+        tracking.log_metrics(handle, {"wall_s": wall, "final_eval_loss": metrics["eval_loss"],
+                                      **{f"time_{k}_s": v for k, v in timings.items()}}, step=total)
         tracking.set_tags(handle, {"registered_model": version.uri, "registered_version": version.version})
         tracking.finish_run(handle, "FINISHED")
     except BaseException:
@@ -164,7 +212,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         raise
     metrics = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
     return RunSummary(run_id=handle.run_id, experiment=handle.experiment, tracking_uri=handle.uri,
-                      metrics=metrics, data=data.stats,
+                      metrics=metrics, data=data.stats, timings=timings,
                       registered_model={**asdict(version), "uri": version.uri})
 
 

@@ -336,15 +336,14 @@ def _log_version(handle: RunHandle, model_dir: Path, *, name: str, alias: str, k
     import orchestrator
 
     client = _client(handle.uri)
-    # Logging validates the input example by loading the model and predicting once: one
-    # generated token keeps that to a model load.
-    example = ([EXAMPLE_PROMPT], {"max_new_tokens": 1})
+    # A signature but no input example: MLflow validates an input example by loading the model
+    # and predicting once, which for a 7B base means minutes and its whole weight in driver memory.
     signature = infer_signature([EXAMPLE_PROMPT], ["completion"], params={"max_new_tokens": 64})
     with _quiet(), mlflow.start_run(run_id=handle.run_id):
         info = mlflow.pyfunc.log_model(
             name=kind, python_model=str(PYFUNC_FILE), artifacts={MODEL_ARTIFACT: str(model_dir)},
             code_paths=[str(Path(orchestrator.__file__).parent)], pip_requirements=_pip_requirements(),
-            signature=signature, input_example=example)
+            signature=signature)
         version = mlflow.register_model(info.model_uri, name, tags={
             "mode": kind, "run_id": handle.run_id, "size_bytes": str(dir_size(model_dir)), **tags})
     client.set_registered_model_alias(name, alias, version.version)

@@ -5,7 +5,8 @@ Reads like a recipe: setup (or restore the latest checkpoint) -> evaluate the ba
 restarted by Ray Train (`distributed.max_failures`) or a resumed run continues exactly.
 It receives everything as plain data from the driver (`WorkerJob`); rank 0 logs per-step metrics
 to MLflow and tells the driver's progress bar how far it is. `ray.train.report` is called only at
-evaluation and checkpoint steps (each call is a barrier across workers and costs about a second).
+checkpoint steps, and at evaluations when a search needs them (each call is a barrier across
+workers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from orchestrator.data import IGNORE_INDEX, Example, collate
 from orchestrator.spec import JobSpec
+from orchestrator.timing import Stopwatch
 
 ADAPTER_DIR = "adapter"
 # A checkpoint holds, beside `adapter/` (what registration uses), everything needed to continue
@@ -48,6 +50,9 @@ class WorkerJob:
     tracking_uri: str
     run_id: str
     progress: Any = None  # a Ray actor handle with `update(step, metrics)`, or None
+    # Report every evaluation to Ray Train (a search's scheduler needs them); otherwise only
+    # checkpoints are reported: each report is a barrier across workers.
+    report_evals: bool = False
     # How long rank 0 waits at the end for an unreachable MLflow before it leaves the unsent
     # metrics in the final checkpoint for the driver to send.
     final_flush_timeout_s: float = 120.0
@@ -65,6 +70,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def release_stale_op_lock(name: str = "deepspeed_shm_comm", older_than_s: float = 120.0) -> bool:
+    """Remove a JIT-built op's lock file left by a killed process, so this worker does not wait on it
+    forever. On the CPU DeepSpeed loads its shared-memory comm op in every worker, and torch takes
+    the op's build lock each time, even when the op is built. When the op is built, the lock is held
+    for well under a second; one older than `older_than_s` belongs to a dead process. Returns
+    whether a lock was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory(name, verbose=False))
+    lock = folder / "lock"
+    built = any(folder.glob(f"{name}*.so"))
+    try:
+        if built and time.time() - lock.stat().st_mtime > older_than_s:
+            lock.unlink()
+            return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
 def setup_engine(spec: JobSpec, job: WorkerJob, device):
     """Load the base (quantized as the spec says), add the adapter, wrap it in DeepSpeed."""
     import deepspeed
@@ -77,6 +102,8 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
     model.config.use_cache = False
     model = prepare_for_training(spec, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if not job.use_gpu:
+        release_stale_op_lock()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=job.deepspeed_config)
     return engine
@@ -264,6 +291,8 @@ def train_loop_per_worker(config: dict) -> None:
     from orchestrator.tracking import MetricLogger
 
     job: WorkerJob = config["job"]
+    started_at = time.time()
+    watch = Stopwatch()  # where this worker's time goes; rank 0's figures reach the driver
     spec = JobSpec.model_validate(job.spec)
     t = spec.training
     ctx = ray.train.get_context()
@@ -272,8 +301,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(spec.distributed.cpus_per_worker)
     seed_everything(t.seed)
 
-    engine = setup_engine(spec, job, device)
-    state = restore_state(engine, rank) or TrainState()
+    with watch("setup"):
+        engine = setup_engine(spec, job, device)
+        state = restore_state(engine, rank) or TrainState()
     # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
     logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     # Each optimizer step consumes `grad_accum` micro batches per rank.
@@ -281,7 +311,8 @@ def train_loop_per_worker(config: dict) -> None:
     eval_size = t.micro_batch_size * 2
 
     def run_eval() -> float:
-        return evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
+        with watch("eval"):
+            return evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
 
     if state.base_eval_loss is None:
         state.base_eval_loss = run_eval()
@@ -296,23 +327,31 @@ def train_loop_per_worker(config: dict) -> None:
                pending=logger.close(job.final_flush_timeout_s) if logger else [])
         return
 
+    tokens = 0.0
     for step in range(state.step + 1, job.total_steps + 1):
-        metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device)
+        with watch("steps"):
+            metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device)
+        tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
         last = step == job.total_steps
         if step % t.eval_every == 0 or last:
             metrics["eval_loss"] = run_eval()
-        if logger:
-            logger.log(step, metrics)
-        _progress(job, rank, step, metrics)
         save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
-        if save or "eval_loss" in metrics:
-            # An unreachable MLflow never stops training: what is not sent stays buffered, and
-            # at the end whatever is still unsent travels in the final checkpoint.
-            if logger and not last:
-                logger.flush()
+        with watch("log"):
+            if logger:
+                logger.log(step, metrics)
+                # An unreachable MLflow never stops training: what is not sent stays buffered,
+                # and at the end whatever is still unsent travels in the final checkpoint.
+                if (save or "eval_loss" in metrics) and not last:
+                    logger.flush()  # the MLflow UI shows each evaluation as it happens
+            _progress(job, rank, step, metrics)
+        if save or (job.report_evals and "eval_loss" in metrics):
             pending = logger.close(job.final_flush_timeout_s) if logger and last else []
             state.step = step
-            report(engine, spec, rank, state, metrics, save, pending)
+            if last:  # the run's totals travel with its final report (the last save is not in them)
+                metrics = {**metrics, **watch.metrics(), "tokens_trained": tokens, "worker_started_at": started_at,
+                           "worker_loop_s": time.time() - started_at}
+            with watch("checkpoint" if save else "report"):
+                report(engine, spec, rank, state, metrics, save, pending)
 
 
 def report(engine, spec: JobSpec, rank: int, state: TrainState, metrics: dict, save: bool,

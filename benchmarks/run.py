@@ -1,0 +1,261 @@
+"""The orchestrator against a plain script, on this machine: one command, results in docs/benchmarks.md.
+
+    python benchmarks/run.py                      # every benchmark (about 20 minutes on 2 cores)
+    python benchmarks/run.py steady fixed         # some of them
+    python benchmarks/run.py --smoke --out DIR    # a quick run of each (what the test suite runs)
+
+- steady:  tokens/s of one Ray Train worker running the orchestrator's training step against the
+           plain transformers + peft loop (benchmarks/plain_loop.py) on the same model, data,
+           batch, precision and thread count; interleaved A B B A ..., one ratio per pair.
+- fixed:   the quickstart end to end (`orchestrator run`) split into phases, against the same job
+           as the plain script; each in a fresh process, as a user runs them.
+- scaling: tokens/s with 1 and 2 workers and ZeRO 0, 2 and 3; and what reports and checkpoints
+           cost at the default and at short intervals.
+- search:  trials per hour and the share of trial-steps ASHA saved on jobs/tune-quickstart.yaml.
+
+Each benchmark writes `DIR/<name>.json` (raw figures) and its section of the Markdown report;
+without --out the report replaces the results part of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+TUNE_QUICKSTART = REPO / "jobs" / "tune-quickstart.yaml"
+DOC = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+CPUS = os.cpu_count() or 1
+
+
+# --- running the two sides -------------------------------------------------------------------------
+
+
+def store_overrides(scratch: Path) -> list[str]:
+    """Keep every benchmark run's MLflow store and checkpoints out of the working directory."""
+    return [f"tracking.uri=sqlite:///{scratch}/mlflow.db", f"storage.path={scratch}/runs"]
+
+
+def orchestrator_in_process(job: Path, overrides: list[str], report_evals: bool = False) -> dict:
+    """`run_job` in this process (Ray stays up between runs): the run's summary as JSON."""
+    from orchestrator.run import run_job
+    from orchestrator.spec import load_spec
+
+    return run_job(load_spec(job, overrides), report_evals=report_evals).to_json()
+
+
+def orchestrator_cli(job: Path, overrides: list[str]) -> tuple[float, dict]:
+    """`orchestrator run JOB --json` in a fresh process: its wall time and summary."""
+    cmd = [sys.executable, "-m", "orchestrator", "run", str(job), "--json"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return _timed_json(cmd)
+
+
+def plain(job: Path, overrides: list[str], threads: int) -> tuple[float, dict]:
+    """benchmarks/plain_loop.py in a fresh process: its wall time and figures."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "plain_loop.py"), str(job), "--threads", str(threads)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return _timed_json(cmd)
+
+
+def _timed_json(cmd: list[str]) -> tuple[float, dict]:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall, json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def steady_tokens_per_s(summary: dict) -> float:
+    """The orchestrator's training throughput: tokens trained per second of the training loop
+    less evaluation and checkpoints (which both sides do alike and are measured apart); the
+    per-step logging and progress reporting a plain loop does not do are counted."""
+    t = summary["timings"]
+    return summary["metrics"]["tokens_trained"] / (t["steps"] + t.get("log", 0.0) + t.get("report", 0.0))
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f}, n={len(values)})"
+
+
+# --- the benchmarks --------------------------------------------------------------------------------
+
+
+def bench_steady(scratch: Path, smoke: bool) -> dict:
+    steps, reps = (3, 1) if smoke else (60, 3)
+    common = [f"training.max_steps={steps}", f"training.eval_every={steps}", "training.eval_batches=1",
+              "distributed.num_workers=1", f"distributed.cpus_per_worker={CPUS}", "distributed.deepspeed.stage=0"]
+    pairs = []
+    for rep in range(reps):
+        order = ("orchestrator", "plain") if rep % 2 == 0 else ("plain", "orchestrator")
+        result = {}
+        for side in order:
+            if side == "plain":
+                _, figures = plain(QUICKSTART, common, threads=CPUS)
+                result["plain"] = figures["tokens_per_s"]
+            else:
+                summary = orchestrator_in_process(QUICKSTART, common + store_overrides(scratch))
+                result["orchestrator"] = steady_tokens_per_s(summary)
+        result["ratio"] = result["orchestrator"] / result["plain"]
+        pairs.append(result)
+    return {"steps": steps, "threads": CPUS, "pairs": pairs,
+            "ratio_median": statistics.median(p["ratio"] for p in pairs),
+            "ratio_spread": spread([p["ratio"] for p in pairs])}
+
+
+def bench_fixed(scratch: Path, smoke: bool) -> dict:
+    overrides = ["training.max_steps=3", "training.eval_every=2"] if smoke else []
+    reps = 1 if smoke else 2
+    runs = []
+    for rep in range(reps):
+        plain_wall, plain_figures = plain(QUICKSTART, overrides, threads=CPUS)
+        orch_wall, summary = orchestrator_cli(QUICKSTART, overrides + store_overrides(scratch / f"fixed{rep}"))
+        runs.append({"plain_wall_s": plain_wall, "plain": plain_figures,
+                     "orchestrator_wall_s": orch_wall, "orchestrator": summary["timings"],
+                     "eval_loss": summary["metrics"]["eval_loss"]})
+    return {"runs": runs,
+            "ratio_median": statistics.median(r["orchestrator_wall_s"] / r["plain_wall_s"] for r in runs),
+            "extra_s_median": statistics.median(r["orchestrator_wall_s"] - r["plain_wall_s"] for r in runs)}
+
+
+SCALING = [(1, 0), (1, 2), (1, 3), (2, 0), (2, 2), (2, 3)]  # (workers, ZeRO stage)
+
+
+def bench_scaling(scratch: Path, smoke: bool) -> dict:
+    steps = 3 if smoke else 40
+    cases = SCALING[:1] if smoke else SCALING
+    rows = []
+    for workers, stage in cases:
+        summary = orchestrator_in_process(QUICKSTART, [
+            f"training.max_steps={steps}", f"training.eval_every={steps}", "training.eval_batches=1",
+            f"distributed.num_workers={workers}", f"distributed.cpus_per_worker={max(1, CPUS // workers)}",
+            f"distributed.deepspeed.stage={stage}"] + store_overrides(scratch))
+        t = summary["timings"]
+        rows.append({"workers": workers, "stage": stage,
+                     "tokens_per_s": steady_tokens_per_s(summary),
+                     "setup_s": t.get("setup"), "worker_start_s": t.get("worker_start")})
+    intervals = []
+    # (label, overrides, report every evaluation to Ray Train as a search does)
+    interval_cases = [("default: eval 50, no checkpoints", [], False),
+                      ("default, evaluations reported (as in a search)", [], True),
+                      ("eval 10, checkpoint 10", ["training.eval_every=10", "training.checkpoint_every=10"], False)]
+    if smoke:
+        interval_cases = [("eval 1, checkpoint 2", ["training.max_steps=4", "training.eval_every=1",
+                                                    "training.checkpoint_every=2"], False)]
+    for label, extra, report_evals in interval_cases:
+        summary = orchestrator_in_process(QUICKSTART, extra + store_overrides(scratch), report_evals)
+        t = summary["timings"]
+        intervals.append({"intervals": label, "steps_s": t["steps"], "report_s": t.get("report", 0.0),
+                          "checkpoint_s": t.get("checkpoint", 0.0) + t.get("finish", 0.0),
+                          "log_s": t.get("log", 0.0),
+                          "share_of_step_time": (t.get("report", 0.0) + t.get("checkpoint", 0.0)
+                                                 + t.get("log", 0.0)) / t["steps"]})
+    return {"steps": steps, "rows": rows, "intervals": intervals}
+
+
+BENCHMARKS = {"steady": bench_steady, "fixed": bench_fixed, "scaling": bench_scaling}
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def render(results: dict, smoke: bool) -> str:
+    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {CPUS} CPU cores "
+             f"({platform.processor() or platform.machine()}), no GPU{' — SMOKE RUN, not results' if smoke else ''}. "
+             f"Load average before the run: {results.get('load_before', '?')}.", ""]
+    if "steady" in results:
+        r = results["steady"]
+        lines += ["### Steady-state throughput", "",
+                  f"{r['steps']} steps, 1 worker with {r['threads']} threads vs the plain loop with {r['threads']} "
+                  "threads; tokens/s of the training loop (evaluation excluded on both sides).", "",
+                  "| pair | orchestrator tokens/s | plain tokens/s | ratio |", "|---|---|---|---|"]
+        lines += [f"| {i + 1} | {p['orchestrator']:.0f} | {p['plain']:.0f} | {p['ratio']:.3f} |"
+                  for i, p in enumerate(r["pairs"])]
+        lines += ["", f"**Ratio orchestrator / plain: {r['ratio_spread']}.**", ""]
+    if "fixed" in results:
+        r = results["fixed"]
+        run = r["runs"][-1]
+        o, p = run["orchestrator"], run["plain"]
+        lines += ["### Fixed costs: the quickstart end to end", "",
+                  "| phase | orchestrator (s) | plain script (s) |", "|---|---|---|"]
+        plain_of = {"resolve_base": p.get("time_load_s"), "data": p.get("time_data_s"), "steps": p.get("time_steps_s"),
+                    "eval": p.get("time_eval_s"), "checkpoint": p.get("time_checkpoint_s")}
+        for phase, seconds in o.items():
+            if phase == "total":
+                continue
+            other = plain_of.get(phase)
+            lines.append(f"| {phase} | {seconds:.1f} | {'' if other is None else f'{other:.1f}'} |")
+        lines += [f"| imports, process start (plain) / CLI start-up (orchestrator) | "
+                  f"{run['orchestrator_wall_s'] - o['total']:.1f} | {p.get('time_import_s', 0):.1f} |",
+                  f"| **wall time of the process** | **{run['orchestrator_wall_s']:.1f}** | **{run['plain_wall_s']:.1f}** |",
+                  "", f"End-to-end ratio (median of {len(r['runs'])}): **{r['ratio_median']:.2f}**; "
+                  f"the orchestrator's extra wall time: **{r['extra_s_median']:.1f} s**.", ""]
+    if "scaling" in results:
+        r = results["scaling"]
+        lines += ["### Scaling", "", f"{r['steps']} steps each; tokens/s of the training loop, all workers together.",
+                  "", "| workers | ZeRO | tokens/s | worker start (s) | model load + DeepSpeed init (s) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {x['workers']} | {x['stage']} | {x['tokens_per_s']:.0f} | {x['worker_start_s']:.1f} | "
+                  f"{x['setup_s']:.1f} |" for x in r["rows"]]
+        lines += ["", "| intervals | steps (s) | logging (s) | reports (s) | checkpoints (s) | share of step time |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {x['intervals']} | {x['steps_s']:.1f} | {x['log_s']:.2f} | {x['report_s']:.2f} | "
+                  f"{x['checkpoint_s']:.2f} | {100 * x['share_of_step_time']:.1f}% |" for x in r["intervals"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"some of: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps each: checks the benchmarks run")
+    parser.add_argument("--out", type=Path, default=None, help="write results here, not to docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    names = args.names or list(BENCHMARKS)
+    if unknown := set(names) - set(BENCHMARKS):
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}: choose from {', '.join(BENCHMARKS)}")
+    out = args.out or REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    from orchestrator import launch
+
+    ours = not ray.is_initialized()  # stop Ray at the end only if these benchmarks started it
+    results = {"load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            for name in names:
+                print(f"benchmark {name} ...", file=sys.stderr, flush=True)
+                results[name] = BENCHMARKS[name](Path(scratch), args.smoke)
+                (out / f"{name}.json").write_text(json.dumps(results[name], indent=2))
+        finally:
+            if ours:
+                launch.shutdown()
+    report = render(results, args.smoke)
+    (out / "report.md").write_text(report)
+    if args.out is None:
+        text = DOC.read_text()
+        DOC.write_text(text[:text.index(START) + len(START)] + "\n" + report + "\n" + text[text.index(END):])
+    print(report)
+    return results
+
+
+if __name__ == "__main__":
+    main()
