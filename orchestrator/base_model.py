@@ -74,7 +74,17 @@ def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = Tr
         model.to(device)
     elif qconfig.load_in_4bit and device == "cpu":
         _keep_4bit_trainable_on_cpu(model)
+    elif device == "cpu":
+        _keep_8bit_dtype_on_cpu(model)
     return model
+
+
+def _keep_8bit_dtype_on_cpu(model) -> None:
+    """bitsandbytes' (0.50) 8-bit matmul on the CPU returns float32 whatever its input, so the
+    hidden states reach the bf16/fp16 lm_head as float32, which it refuses; cast them to the
+    head's dtype on the way in (a differentiable cast). The layers in between take either."""
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
 
 
 def _keep_4bit_trainable_on_cpu(model) -> None:

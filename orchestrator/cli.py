@@ -81,22 +81,11 @@ def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
                                                  help="Memory of one GPU for the fit check, e.g. 80GiB "
                                                       "(default: the local GPU, else 80 GiB).")):
     """Fine-tune: plan memory, train the job on Ray, track it in MLflow, register the adapter."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from orchestrator.run import DoesNotFit, run_job
 
     spec = _load(job, set_)
     budget = _gpu_memory(gpu_memory)
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
-    tasks: dict[str, int] = {}
-
-    def on_progress(label: str, done: int, total: int, metrics: dict) -> None:
-        if label not in tasks:
-            bar.start()
-            tasks[label] = bar.add_task(label, total=total, info="")
-        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if k in metrics)
-        bar.update(tasks[label], completed=done, info=info)
+    bar, on_progress = _progress_bar()
 
     try:
         summary = run_job(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=budget,
@@ -119,6 +108,25 @@ def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
         typer.echo(json.dumps(summary.to_json(), indent=2))
         return
     _print_summary(summary)
+
+
+def _progress_bar():
+    """A progress display on stderr, and the `progress(label, done, total, metrics)` callback
+    that adds one bar per label (pre-training, training) and shows the latest losses."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+    tasks: dict[str, int] = {}
+
+    def on_progress(label: str, done: int, total: int, metrics: dict) -> None:
+        if label not in tasks:
+            bar.start()
+            tasks[label] = bar.add_task(label, total=total, info="")
+        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if k in metrics)
+        bar.update(tasks[label], completed=done, info=info)
+
+    return bar, on_progress
 
 
 def _print_summary(s) -> None:
@@ -184,27 +192,16 @@ def compare(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
             as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object on stdout.")):
     """Train the same job with each PEFT method in turn and compare them in one table and plot
     (an MLflow parent run with one child run per method; nothing is registered)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from orchestrator.compare import COLUMNS, compare_methods, table_rows
 
     _load(job, set_)
     _quiet_transformers()
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
-    tasks: dict[str, int] = {}
-
-    def on_progress(label: str, done: int, total: int, metrics: dict) -> None:
-        if label not in tasks:
-            bar.start()
-            tasks[label] = bar.add_task(label, total=total, info="")
-        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if k in metrics)
-        bar.update(tasks[label], completed=done, info=info)
+    bar, on_progress = _progress_bar()
 
     try:
         result = compare_methods(job, chosen, set_ or [], out_dir=out, address=address, progress=on_progress,
-                                 status=lambda s: err.print(f"[dim]•[/] {s}", highlight=False, markup=False))
+                                 status=lambda s: err.print(f"[dim]•[/] {escape(s)}", highlight=False))
     except SpecError as e:
         _fail(e)
     finally:

@@ -17,7 +17,7 @@ from conftest import REPO
 # method -> (compare preset, extra overrides): the presets are what `orchestrator compare` runs.
 METHODS = {
     "lora": ("dora", {"peft.use_rslora": True}),
-    "ia3": ("ia3", {}),
+    "ia3": ("ia3", {"quantization.bits": 8}),  # on an 8-bit base
     "prompt_tuning": ("prompt_tuning", {"peft.num_virtual_tokens": 8, "peft.init_text": "Describe the animal."}),
     "prefix_tuning": ("prefix_tuning", {"peft.num_virtual_tokens": 8}),
     "adaption_prompt": ("adaption_prompt", {"peft.adapter_len": 8, "peft.adapter_layers": 2}),
@@ -54,7 +54,7 @@ def trained(request, tmp_path_factory, ray_local, tiny_base):
 def test_each_method_learns(trained):
     method, spec, summary, _ = trained
     m = summary.metrics
-    assert m["eval_loss"] < 0.9 * m["base_eval_loss"], (method, m)
+    assert m["eval_loss"] < 0.95 * m["base_eval_loss"], (method, m)
 
 
 def test_registered_artifact_holds_what_the_method_trained(trained):
@@ -129,6 +129,7 @@ COUNT_CASES = {
     "qlora": {}, "dora+rslora on 4-bit": {"peft.use_dora": True, "peft.use_rslora": True},
     "lora attention": {"peft.target_modules": "attention", "quantization.bits": "null"},
     "ia3 on 4-bit": {"peft.method": "ia3"},
+    "lora on 8-bit": {"quantization.bits": 8},
     "ia3 k,down": {"peft.method": "ia3", "peft.target_modules": "[k_proj, down_proj]", "quantization.bits": "null"},
     "prompt_tuning": {"peft.method": "prompt_tuning", "peft.num_virtual_tokens": 8, "peft.init_text": "Describe"},
     "prefix_tuning": {"peft.method": "prefix_tuning", "peft.num_virtual_tokens": 8},
