@@ -92,7 +92,17 @@ def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = Tr
         model.to(device)
     elif qconfig.load_in_4bit and device == "cpu":
         _keep_4bit_trainable_on_cpu(model)
+    elif device == "cpu":
+        _keep_8bit_dtype_on_cpu(model)
     return model
+
+
+def _keep_8bit_dtype_on_cpu(model) -> None:
+    """bitsandbytes' (0.50) 8-bit matmul on the CPU returns float32 whatever its input, so the
+    hidden states reach the bf16/fp16 lm_head as float32, which it refuses; cast them to the
+    head's dtype on the way in (a differentiable cast). The layers in between take either."""
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
 
 
 def _keep_4bit_trainable_on_cpu(model) -> None:
@@ -147,9 +157,7 @@ def select_targets(target: str | list[str], linears: dict[str, str]) -> list[str
     if target == "all-linear":
         return available
 
-    words = _ATTENTION_WORDS if target == "attention" else _MLP_WORDS
-    chosen = sorted({leaf for path, leaf in linears.items()
-                     if any(w in part for part in path.split(".")[:-1] for w in words)})
+    chosen = sorted(_leaves_under(_ATTENTION_WORDS if target == "attention" else _MLP_WORDS, linears))
     if not chosen:
         raise SpecError([Problem(path="peft.target_modules",
                                  message=f"preset '{target}' matches no module of this model",
@@ -157,34 +165,123 @@ def select_targets(target: str | list[str], linears: dict[str, str]) -> list[str
     return chosen
 
 
+def _leaves_under(words: tuple[str, ...], linears: dict[str, str]) -> set[str]:
+    """Leaf names of the linear layers with one of `words` in a parent module's name."""
+    return {leaf for path, leaf in linears.items() if any(w in part for part in path.split(".")[:-1] for w in words)}
+
+
 def lora_config(spec: JobSpec, target_modules: list[str]):
     from peft import LoraConfig
 
     p = spec.peft
-    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
-                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.use_dora,
+                      use_rslora=p.use_rslora, target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
 
 
-def prepare_for_training(spec: JobSpec, model):
-    """Make the model trainable as the spec says: wrapped with LoRA (only the adapter trains),
-    or, for `full`, every weight trainable."""
+# Architectures whose attention PEFT's LLaMA-Adapter (adaption_prompt) knows how to extend
+# (peft/tuners/adaption_prompt/config.py: TRANSFORMERS_MODEL_CONFIG).
+ADAPTION_PROMPT_MODEL_TYPES = ("llama", "mistral")
+
+
+def architecture_problems(spec: JobSpec, model_type: str, num_layers: int) -> list[Problem]:
+    """What the spec asks of the peft method that this architecture cannot give."""
+    p = spec.peft
+    problems = []
+    if p.method == "adaption_prompt" and model_type not in ADAPTION_PROMPT_MODEL_TYPES:
+        problems.append(Problem(path="peft.method",
+                                message=f"adaption_prompt (LLaMA-Adapter) supports {', '.join(ADAPTION_PROMPT_MODEL_TYPES)} "
+                                        f"models, and {spec.model.base} is a {model_type} model",
+                                fix="use prefix_tuning or prompt_tuning (additive methods that work on any decoder)"))
+    for field in ("adapter_layers", "last_n_layers"):
+        value = getattr(p, field)
+        if value is not None and value > num_layers:
+            problems.append(Problem(path=f"peft.{field}", message=f"{value} is more than the model's {num_layers} layers",
+                                    fix=f"use at most {num_layers}"))
+    return problems
+
+
+def ia3_feedforward(targets: list[str], linears: dict[str, str]) -> list[str]:
+    """IA3 scales a feed-forward module's input and any other module's output; the feed-forward
+    ones are the targets that sit inside the MLP (pure, shared with the planner)."""
+    mlp = _leaves_under(_MLP_WORDS, linears)
+    return [t for t in targets if t in mlp]
+
+
+def freeze_selects(name: str, patterns: list[str] | None, last_n: int | None, num_layers: int) -> bool:
+    """Whether `freeze` trains the parameter `name`: it matches one of `patterns` (regular
+    expressions, searched in the name) or sits in one of the last `last_n` decoder blocks."""
+    import re
+
+    if any(re.search(p, name) for p in patterns or ()):
+        return True
+    block = re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.", name)
+    return bool(last_n and block and int(block.group(1)) >= num_layers - last_n)
+
+
+def peft_config(spec: JobSpec, model, base_path: str):
+    """The peft config of an adapter method, resolved against the live model."""
+    import peft
+
+    p = spec.peft
+    if p.method == "lora":
+        return lora_config(spec, resolve_target_modules(p.target_modules, model))
+    if p.method == "ia3":
+        linears = linear_module_names(model)
+        targets = select_targets(p.target_modules, linears)
+        return peft.IA3Config(target_modules=targets, feedforward_modules=ia3_feedforward(targets, linears),
+                              task_type="CAUSAL_LM")
+    if p.method == "prompt_tuning":
+        text = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": p.init_text,
+                "tokenizer_name_or_path": base_path} if p.init_text else {}
+        return peft.PromptTuningConfig(num_virtual_tokens=p.virtual_tokens, task_type="CAUSAL_LM", **text)
+    if p.method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=p.virtual_tokens, task_type="CAUSAL_LM")
+    if p.method == "adaption_prompt":
+        return peft.AdaptionPromptConfig(adapter_len=p.prompt_len, task_type="CAUSAL_LM",
+                                         adapter_layers=p.adapter_layers or model.config.num_hidden_layers)
+    raise ValueError(f"peft.method {p.method} has no adapter")
+
+
+def prepare_for_training(spec: JobSpec, model, base_path: str = ""):
+    """Make the model trainable as the spec says: wrapped with a peft adapter (only the adapter
+    trains); for `freeze`, the selected weights trainable and the rest frozen; for `full`, every
+    weight trainable. Raises `SpecError` when the architecture cannot take the method."""
+    problems = architecture_problems(spec, model.config.model_type, model.config.num_hidden_layers)
+    if problems:
+        raise SpecError(problems)
     if spec.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if spec.peft.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+    p = spec.peft
+    if p.method in ("full", "freeze"):
+        n = model.config.num_hidden_layers
+        for name, param in model.named_parameters():
+            param.requires_grad_(p.method == "full" or freeze_selects(name, p.trainable_patterns, p.last_n_layers, n))
         return model
     from peft import get_peft_model
 
-    targets = resolve_target_modules(spec.peft.target_modules, model)
-    return get_peft_model(model, lora_config(spec, targets))
+    return get_peft_model(model, peft_config(spec, model, base_path))
+
+
+# A freeze job saves only the tensors it trained, under this name, beside the job spec.
+TRAINED_TENSORS = "trained_tensors.safetensors"
 
 
 def load_trained_model(saved_dir: str | Path, spec: JobSpec, base_path: str, quantize: bool = True):
-    """A trained model ready for inference: base + saved adapter, or the saved full model."""
-    if spec.peft.method == "full":
+    """A trained model ready for inference: base + saved adapter, base + the tensors a freeze
+    job trained, or the saved full model."""
+    method = spec.peft.method
+    if method == "full":
         model = load_base(spec, str(saved_dir), quantize=False)
+    elif method == "freeze":
+        from safetensors.torch import load_file
+
+        model = load_base(spec, base_path, quantize=False)
+        trained = load_file(str(Path(saved_dir) / TRAINED_TENSORS))
+        missing = set(trained) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise ValueError(f"{saved_dir}: trained tensors {sorted(missing)[:3]} are not in the base {base_path}")
+        model.load_state_dict(trained, strict=False)
     else:
         from peft import PeftModel
 

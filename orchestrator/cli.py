@@ -15,7 +15,8 @@ from rich.table import Table
 from orchestrator.spec import JobSpec, SpecError, load_spec
 
 app = typer.Typer(
-    help="Parameter-efficient fine-tuning (QLoRA/LoRA) on Ray with DeepSpeed ZeRO, tracked and "
+    help="Parameter-efficient fine-tuning (LoRA/QLoRA/DoRA, IA3, prompt and prefix tuning, LLaMA-Adapter, "
+         "freeze, full) on Ray with DeepSpeed ZeRO, tracked and "
          "registered in MLflow. Every command that takes a JOB file also takes "
          "--set dotted.path=value overrides.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -117,21 +118,10 @@ def resume(name: str = typer.Argument(..., help="The job name (its MLflow run na
 
 
 def _run(spec: JobSpec, *, address, as_json, verbose, force, gpu_memory, restart) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from orchestrator.run import DoesNotFit, run_job
 
     budget = _gpu_memory(gpu_memory)
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
-    tasks: dict[str, int] = {}
-
-    def on_progress(label: str, done: int, total: int, metrics: dict) -> None:
-        if label not in tasks:
-            bar.start()
-            tasks[label] = bar.add_task(label, total=total, info="")
-        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if k in metrics)
-        bar.update(tasks[label], completed=done, info=info)
+    bar, on_progress = _progress_bar()
 
     try:
         summary = run_job(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=budget,
@@ -166,6 +156,25 @@ _TIME_GROUPS = {"start Ray": ("ray_start",), "start workers": ("worker_start",),
 def time_breakdown(timings: dict) -> str:
     parts = [f"{label} {sum(timings.get(p, 0.0) for p in phases):.1f} s" for label, phases in _TIME_GROUPS.items()]
     return " · ".join(parts)
+
+
+def _progress_bar():
+    """A progress display on stderr, and the `progress(label, done, total, metrics)` callback
+    that adds one bar per label (pre-training, training) and shows the latest losses."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+    tasks: dict[str, int] = {}
+
+    def on_progress(label: str, done: int, total: int, metrics: dict) -> None:
+        if label not in tasks:
+            bar.start()
+            tasks[label] = bar.add_task(label, total=total, info="")
+        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if k in metrics)
+        bar.update(tasks[label], completed=done, info=info)
+
+    return bar, on_progress
 
 
 def _print_summary(s) -> None:
@@ -222,6 +231,56 @@ def generate(model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/
                 raise typer.Exit(code=2)
         loaded = load_adapter(adapter_dir, with_adapter=not base)
         typer.echo(complete(loaded, prompt, max_new_tokens=max_new_tokens))
+
+
+@app.command()
+def compare(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
+            methods: str = typer.Option(",".join(("lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning",
+                                                  "adaption_prompt", "freeze", "full")), "--methods",
+                                        help="Comma-separated presets: lora, qlora (LoRA on a 4-bit base), dora, ia3, "
+                                             "prompt_tuning, prefix_tuning, adaption_prompt, freeze, full."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Where to write the table and plot "
+                                                                   "(default: compare/NAME-RUNID)."),
+            address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+            as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object on stdout.")):
+    """Train the same job with each PEFT method in turn and compare them in one table and plot
+    (an MLflow parent run with one child run per method; nothing is registered)."""
+    from orchestrator.compare import COLUMNS, compare_methods, table_rows
+
+    _load(job, set_)
+    _quiet_transformers()
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bar, on_progress = _progress_bar()
+
+    try:
+        result = compare_methods(job, chosen, set_ or [], out_dir=out, address=address, progress=on_progress,
+                                 status=lambda s: err.print(f"[dim]•[/] {escape(s)}", highlight=False))
+    except SpecError as e:
+        _fail(e)
+    finally:
+        bar.stop()
+        from orchestrator.launch import shutdown
+
+        shutdown()
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    table = Table(title=f"PEFT methods compared (MLflow parent run {result.parent_run_id})", title_justify="left")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in table_rows(result.results):
+        table.add_row(*row)
+    out_console = Console(width=max(Console().width, 150))  # the table's nine columns, even in a pipe
+    out_console.print(table)
+    out_console.print(f"[dim]measured peak = {result.memory_kind}; planned peak = `orchestrator plan` per GPU. "
+                      f"Table, CSV and plot: {result.out_dir}[/]", highlight=False)
+    done = [r for r in result.results if not r.error and r.final_eval_loss is not None]
+    if done:
+        from orchestrator.compare import run_command
+
+        best = min(done, key=lambda r: r.final_eval_loss)
+        out_console.print(f"lowest eval loss: {best.method}; train and register it with:\n"
+                          f"  {run_command(job, best.method, set_ or [])}", highlight=False, markup=False)
 
 
 # --- registry: list, show, promote, export registered versions; register a finished run ---------
@@ -400,9 +459,10 @@ def _print_plan(spec: JobSpec, p, explain: bool) -> None:
     out = Console()
     ds = spec.distributed.deepspeed
     n, t = p.params.total, p.params.trainable
-    method = "full fine-tuning" if spec.peft.method == "full" else (
-        f"{'Q' if spec.quantization.bits else ''}LoRA r={spec.peft.r}"
-        + (f", {spec.quantization.bits}-bit base" if spec.quantization.bits else ""))
+    pm = spec.peft
+    method = {"full": "full fine-tuning", "freeze": "freeze (selected weights)",
+              "lora": f"{'Q' if spec.quantization.bits else ''}{'DoRA' if pm.use_dora else 'LoRA'} r={pm.r}"
+              }.get(pm.method, pm.method) + (f", {spec.quantization.bits}-bit base" if spec.quantization.bits else "")
     out.print(f"[bold]{p.architecture.name}[/]: {count(n)} parameters, {count(t)} trainable ({100 * t / n:.2f}%), "
               f"{method}; {p.world_size} GPU(s), ZeRO-{ds.stage}"
               + (", optimizer offload" if ds.offload_optimizer else "")

@@ -41,7 +41,8 @@ def read_lineage(model_dir: str | Path) -> dict:
 
 
 def is_merged(model_dir: str | Path) -> bool:
-    """A saved LoRA job without adapter files is a merged model (a plain transformers model)."""
+    """A saved job without adapter files (or a freeze job's trained tensors) is a merged model
+    (a plain transformers model)."""
     model_dir = Path(model_dir)
     return not (model_dir / ADAPTER_CONFIG).is_file() and (model_dir / "config.json").is_file()
 
@@ -72,7 +73,7 @@ def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: b
 
     adapter_dir = Path(adapter_dir)
     spec = read_spec(adapter_dir)
-    if with_adapter and spec.peft.method == "lora" and is_merged(adapter_dir):
+    if with_adapter and spec.peft.method != "full" and is_merged(adapter_dir):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype(spec.model.dtype))
@@ -80,7 +81,7 @@ def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: b
         return Loaded(model=model, tokenizer=load_tokenizer(str(adapter_dir)), spec=spec)
     base_path = resolve_base(spec.model)
     if with_adapter:
-        if spec.peft.method == "lora":
+        if spec.peft.method != "full":
             check_base(adapter_dir, spec, base_path)
         model = load_trained_model(adapter_dir, spec, base_path, quantize=quantize)
     else:
@@ -90,22 +91,26 @@ def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: b
 
 
 def save_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Merge a saved adapter into its base and save a plain transformers model + tokenizer (with
-    the job spec and lineage) that `AutoModelForCausalLM.from_pretrained` loads without peft.
+    """Merge a saved adapter (lora, ia3) or a freeze job's trained tensors into its base and save
+    a plain transformers model + tokenizer (with the job spec and lineage) that
+    `AutoModelForCausalLM.from_pretrained` loads without peft.
 
     The base is loaded in its compute dtype, never quantized: merging into 4-bit weights would
     round the sum back to the 4-bit grid and lose most of what the adapter learned."""
     import shutil
 
     from orchestrator.base_model import load_tokenizer, load_trained_model, resolve_base
+    from orchestrator.spec import MERGEABLE_METHODS
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     spec = read_spec(adapter_dir)
-    if spec.peft.method != "lora" or is_merged(adapter_dir):
+    if spec.peft.method not in MERGEABLE_METHODS or is_merged(adapter_dir):
         raise ValueError(f"{adapter_dir} holds no adapter to merge (peft.method {spec.peft.method})")
     base_path = resolve_base(spec.model)
     check_base(adapter_dir, spec, base_path)
-    model = load_trained_model(adapter_dir, spec, base_path, quantize=False).merge_and_unload()
+    model = load_trained_model(adapter_dir, spec, base_path, quantize=False)
+    if spec.peft.method != "freeze":  # a freeze job's tensors are already in place
+        model = model.merge_and_unload()
     model.save_pretrained(out_dir)
     load_tokenizer(base_path).save_pretrained(out_dir)
     shutil.copy(adapter_dir / SPEC_FILE, out_dir / SPEC_FILE)

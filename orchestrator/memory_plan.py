@@ -31,7 +31,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from orchestrator.spec import JobSpec, Problem, SpecError
+from orchestrator.spec import BASE_TRAINING_METHODS, JobSpec, Problem, SpecError
 
 GiB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -116,7 +116,18 @@ def architecture_from_config(config: dict, name: str, source: str = "", note: st
 
 def architecture_for(spec: JobSpec) -> Architecture:
     """Read the architecture of `model.base` without weights: a local `config.json`, a built-in
-    model's recipe, the catalogue of well-known hub ids, or (when reachable) the hub."""
+    model's recipe, the catalogue of well-known hub ids, or (when reachable) the hub. Raises
+    `SpecError` when it cannot be read, or cannot take the job's peft method."""
+    from orchestrator.base_model import architecture_problems
+
+    arch = _read_architecture(spec)
+    problems = architecture_problems(spec, arch.model_type, arch.num_layers)
+    if problems:
+        raise SpecError(problems)
+    return arch
+
+
+def _read_architecture(spec: JobSpec) -> Architecture:
     from orchestrator.architectures import CATALOGUE, catalogue_config
 
     base = spec.model.base
@@ -220,23 +231,63 @@ def lora_targets(arch: Architecture, target_modules: str | list[str]) -> tuple[s
     """The linear layers a LoRA target preset or list resolves to, by the same rule training uses."""
     from orchestrator.base_model import select_targets
 
-    paths = {f"layers.0.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}": m for m in LINEAR_MODULES}
-    chosen = set(select_targets(target_modules, paths))
+    chosen = set(select_targets(target_modules, _layer_paths(arch)))
     return tuple(m for m in LINEAR_MODULES if m in chosen)
 
 
+# What each method trains, in the plan's words.
+METHOD_TRAINS = {"full": "all parameters", "freeze": "selected base parameters", "lora": "LoRA parameters",
+                 "ia3": "IA3 scaling vectors", "prompt_tuning": "virtual token embeddings",
+                 "prefix_tuning": "prefix keys and values", "adaption_prompt": "adaption prompts and gates"}
+
+
+def _layer_paths(arch: Architecture) -> dict[str, str]:
+    """Module path -> leaf name of one block's linear layers, as transformers names them."""
+    return {f"layers.0.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}": m for m in LINEAR_MODULES}
+
+
 def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
-    """What the optimizer trains: every parameter (full), or LoRA's A (r x in) and B (out x r)
-    matrices on each targeted linear layer of each block."""
-    if spec.peft.method == "full":
+    """What the optimizer trains, tensor by tensor, exactly as peft builds it:
+    full: every parameter; freeze: the parameters it selects; lora: A (r x in) and B (out x r)
+    on each targeted linear layer of each block (+ DoRA's magnitude, one per output);
+    ia3: one vector per targeted layer (its input width for feed-forward layers, else its output);
+    prompt_tuning: the virtual tokens' embeddings; prefix_tuning: a key and a value per virtual
+    token and layer (key/value heads x head_dim wide); adaption_prompt: a prompt and a gate on
+    each adapted (top) layer."""
+    from orchestrator.base_model import freeze_selects, ia3_feedforward
+
+    p, method = spec.peft, spec.peft.method
+    h, n_layers, shapes = arch.hidden_size, arch.num_layers, arch.linear_shapes()
+    if method == "full":
         return parameter_tensors(arch)
-    r, shapes = spec.peft.r, arch.linear_shapes()
+    if method == "freeze":
+        return [t for t in parameter_tensors(arch)
+                if freeze_selects(t.name, p.trainable_patterns, p.last_n_layers, n_layers)]
+    if method == "prompt_tuning":
+        return [ParamTensor("prompt_encoder.embedding", p.virtual_tokens * h, "prompt")]
+    if method == "prefix_tuning":
+        kv = arch.num_kv_heads * arch.head_dim
+        return [ParamTensor("prompt_encoder.embedding", p.virtual_tokens * n_layers * 2 * kv, "prefix")]
+    if method == "adaption_prompt":
+        adapted = range(n_layers - (p.adapter_layers or n_layers), n_layers)
+        return [t for i in adapted for t in (ParamTensor(f"layers.{i}.adaption_prompt", p.prompt_len * h, "prompt"),
+                                             ParamTensor(f"layers.{i}.adaption_gate", 1, "prompt"))]
+    targets = lora_targets(arch, p.target_modules)
     out = []
-    for i in range(arch.num_layers):
-        for name in lora_targets(arch, spec.peft.target_modules):
+    if method == "ia3":
+        feedforward = ia3_feedforward(list(targets), _layer_paths(arch))
+        for i in range(n_layers):
+            out += [ParamTensor(f"layers.{i}.{name}.ia3", shapes[name][0 if name in feedforward else 1], name)
+                    for name in targets]
+        return out
+    r = p.r
+    for i in range(n_layers):
+        for name in targets:
             fan_in, fan_out = shapes[name]
             out += [ParamTensor(f"layers.{i}.{name}.lora_A", r * fan_in, name),
                     ParamTensor(f"layers.{i}.{name}.lora_B", fan_out * r, name)]
+            if p.use_dora:
+                out.append(ParamTensor(f"layers.{i}.{name}.lora_magnitude", fan_out, name))
     return out
 
 
@@ -294,9 +345,13 @@ def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") ->
     b, s = spec.training.micro_batch_size, spec.data.max_seq_len
     t = b * s  # tokens per micro batch
     h, a, d, i_size, v = arch.hidden_size, arch.num_heads, arch.head_dim, arch.intermediate_size, arch.vocab_size
-    full = spec.peft.method == "full"
-    targets = () if full else lora_targets(arch, spec.peft.target_modules)
-    r, dropout = spec.peft.r, spec.peft.dropout
+    method = spec.peft.method
+    full = method == "full"
+    # LoRA and IA3 save something at each targeted layer (IA3: its scaled input, taken as r=1);
+    # the prompt methods and freeze send gradients down through frozen layers to what they train.
+    targets = lora_targets(arch, spec.peft.target_modules) if method in ("lora", "ia3") else ()
+    r, dropout = (spec.peft.r, spec.peft.dropout) if method == "lora" else (1, 0.0)
+    grad_through = method in ("prompt_tuning", "prefix_tuning", "adaption_prompt", "freeze")
     # Dropout on the CPU multiplies by a noise tensor in the model dtype; CUDA keeps a bool mask.
     mask_bytes = 1 if device == "cuda" else e
     shapes = arch.linear_shapes()
@@ -342,11 +397,12 @@ def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") ->
         n += linears(("down_proj",), gate_grad or up_grad)
         return n
 
-    trains_below = full or bool(targets)
+    trains_below = full or bool(targets) or grad_through
     per_layer = layer(input_grad=trains_below)
     # Without gradient checkpointing the first layer's input (the frozen embedding) needs no
-    # gradient under LoRA; with it, transformers makes the embedding output require one.
-    first = layer(input_grad=full or spec.model.gradient_checkpointing)
+    # gradient under LoRA; with it, transformers makes the embedding output require one, and
+    # prompt tuning trains the embeddings it prepends to that input.
+    first = layer(input_grad=full or spec.model.gradient_checkpointing or method == "prompt_tuning")
     head = norm(trains_below) + (e * h * t if full else 0)  # final norm; lm_head's input if it trains
     head += 8 * t * (2 if full else 1) + 4  # int64 labels (and input ids for the embedding gradient)
     misc = e * b * s * s + 2 * e * s * d  # the 4D attention mask and RoPE cos/sin, shared by all layers
@@ -483,7 +539,9 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
     mixed = spec.model.dtype != "float32"
     full = spec.peft.method == "full"
     q = spec.quantization
-    bits = None if full else q.bits
+    bits = None if spec.peft.method in BASE_TRAINING_METHODS else q.bits
+    train = trainable_tensors(spec, arch)
+    trained_base = {t.name for t in train} if spec.peft.method == "freeze" else set()
     offload_opt = ds.offload_optimizer and stage > 0
     offload_par = ds.offload_params and stage == 3
     per_node = gpus_per_node or min(w, 8)
@@ -508,6 +566,8 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
     if not full:
         for t in parameter_tensors(arch):
             largest_module = max(largest_module, t.numel)
+            if t.name in trained_base:
+                continue
             if bits and t.quantizable:
                 storage, const = quantized_bytes(t.numel, t.out_features, bits, q.double_quant)
                 constants += const  # quant_state tensors are not parameters: never sharded
@@ -525,7 +585,6 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
         add("weights", "frozen_offloaded", "frozen base shards (offload_params)", frozen_cpu, "cpu")
 
     # --- trainable parameters, gradients, optimizer ------------------------------------------
-    train = trainable_tensors(spec, arch)
     p = sum(t.numel for t in train)
     if stage in (1, 2):
         # ZeRO-1/2 flatten the trainable parameters into one buffer padded to 2 x world elements
@@ -540,7 +599,7 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
     for t in train:
         g, c = resident(t, t.numel * e, e)
         tg, tc = tg + g, tc + c
-    add("trainable", "trainable", f"{'all' if full else 'LoRA'} parameters in {spec.model.dtype}"
+    add("trainable", "trainable", f"{METHOD_TRAINS[spec.peft.method]} in {spec.model.dtype}"
         + (" (ZeRO-3 shard)" if stage == 3 and w > 1 else ""), tg)
     add("trainable", "trainable_offloaded", "trainable shards (offload_params)", tc, "cpu")
 
@@ -622,7 +681,7 @@ def _candidates(spec: JobSpec, world_size: int):
     first: what costs a little speed before what costs a lot, GPUs after that; a job that
     chose full fine-tuning hears about LoRA last, since that changes what it trains."""
     ds, t = spec.distributed.deepspeed, spec.training
-    if spec.peft.method == "full":
+    if spec.peft.method in BASE_TRAINING_METHODS:
         pass
     elif spec.quantization.bits is None:
         yield "quant", "4-bit NF4 base (QLoRA)", {"quantization.bits": 4}, world_size
@@ -651,7 +710,7 @@ def _candidates(spec: JobSpec, world_size: int):
             if ds.stage in (1, 2):
                 yield "gpus", f"{n} GPUs", {"distributed.num_workers": n}, n
             yield "gpus", f"{n} GPUs with ZeRO-3", {"distributed.deepspeed.stage": 3, "distributed.num_workers": n}, n
-    if spec.peft.method == "full":
+    if spec.peft.method in BASE_TRAINING_METHODS:
         yield "peft", "LoRA instead of full fine-tuning", {"peft.method": "lora", "quantization.bits": None}, world_size
         yield "peft", "QLoRA: LoRA on a 4-bit NF4 base", {"peft.method": "lora", "quantization.bits": 4}, world_size
 

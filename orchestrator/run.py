@@ -32,6 +32,9 @@ class RunSummary:
     registered_model: dict
     data: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)  # seconds per phase, see `phase_timings`
+    # For `orchestrator compare`: the plan, the measured run, and the saved adapter's size.
+    planned: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
@@ -91,6 +94,7 @@ def lineage_of(spec: JobSpec, base_path: str) -> dict:
 
 def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
             gpu_memory_bytes: int | None = None, restart: bool = False, report_evals: bool = False,
+            register: bool = True, parent_run_id: str | None = None,
             status: StatusFn = lambda _: None, progress: ProgressFn | None = None) -> RunSummary:
     """Run a job end to end and return its summary. Raises `SpecError` for problems with the
     job found before any worker starts (data, model, sizes, an unreachable MLflow server), and
@@ -98,7 +102,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
 
     A job whose latest MLflow run stopped unfinished (driver killed, node lost) continues that
     run from its last checkpoint, unless `restart`. `report_evals` reports every evaluation to
-    Ray Train, not only checkpoints (a search's scheduler needs them)."""
+    Ray Train, not only checkpoints (a search's scheduler needs them). With `register=False` the
+    trained weights stay in `storage.path` only; `parent_run_id` nests the MLflow run under that run."""
     from orchestrator import launch, tracking
     from orchestrator.base_model import check_base_files, load_tokenizer, resolve_base
     from orchestrator.data import load_datasets
@@ -173,7 +178,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
             handle = tracking.start_run(
                 spec, tags={"total_steps": str(total), "num_workers": str(res.num_workers),
                             "use_gpu": str(res.use_gpu), "zero_stage": str(spec.distributed.deepspeed.stage),
-                            **tracking.lineage_tags(lineage)},
+                            "peft_method": spec.peft.method, **tracking.lineage_tags(lineage),
+                            **tracking.parent_tags(parent_run_id)},
                 artifacts={"deepspeed_config.json": ds_config, "data_stats.json": data.stats,
                            "memory_plan.json": memory.to_json()})
             tracking.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)
@@ -191,20 +197,28 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                              on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
         with watch("sync_tracking"):
             sync_tracking(spec, handle, fit.checkpoint_dir)
-        what = "full model" if spec.peft.method == "full" else {
-            "adapter": "adapter", "merged": "merged model", "both": "adapter and the merged model"}[spec.registry.mode]
-        status(f"Registering the {what} as '{spec.registered_name}'")
-        with watch("register"):
-            version = tracking.register_trained(handle, spec, fit.adapter_dir, lineage=lineage,
-                                                tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
+        artifact_bytes = tracking.dir_size(fit.adapter_dir)
+        version = None
+        if register:
+            what = {"full": "full model", "freeze": "changed weights"}.get(spec.peft.method, "adapter")
+            what = {"adapter": what, "merged": "merged model", "both": f"{what} and the merged model"}[spec.registry.mode]
+            status(f"Registering the {what} as '{spec.registered_name}'")
+            with watch("register"):
+                version = tracking.register_trained(handle, spec, fit.adapter_dir, lineage=lineage,
+                                                    tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
         timings = phase_timings(watch.seconds, fit_started_at, watch.seconds["fit"], fit.metrics)
         wall = time.time() - started
         metrics = {"base_eval_loss": fit.metrics.get("base_eval_loss"), "eval_loss": fit.metrics.get("eval_loss"),
                    "train_loss": fit.metrics.get("train_loss"), "tokens_per_s": mean_tokens_per_s(fit.metrics),
                    "tokens_trained": fit.metrics.get("tokens_trained"), "wall_s": round(wall, 1)}
+        measured = {"peak_memory_bytes": fit.metrics.get("peak_memory_bytes"),
+                    "mean_tokens_per_s": metrics["tokens_per_s"], "artifact_bytes": artifact_bytes,
+                    "artifact_dir": fit.adapter_dir}
         tracking.log_metrics(handle, {"wall_s": wall, "final_eval_loss": metrics["eval_loss"],
+                                      "artifact_bytes": artifact_bytes,
                                       **{f"time_{k}_s": v for k, v in timings.items()}}, step=total)
-        tracking.set_tags(handle, {"registered_model": version.uri, "registered_version": version.version})
+        if version:
+            tracking.set_tags(handle, {"registered_model": version.uri, "registered_version": version.version})
         tracking.finish_run(handle, "FINISHED")
     except BaseException:
         with contextlib.suppress(Exception):  # the server may be the thing that failed
@@ -213,7 +227,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     metrics = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
     return RunSummary(run_id=handle.run_id, experiment=handle.experiment, tracking_uri=handle.uri,
                       metrics=metrics, data=data.stats, timings=timings,
-                      registered_model={**asdict(version), "uri": version.uri})
+                      registered_model={**asdict(version), "uri": version.uri} if version else {},
+                      planned={"total_params": memory.params.total, "trainable_params": memory.params.trainable,
+                               "peak_bytes": memory.total_bytes, "world_size": res.num_workers},
+                      measured=measured)
 
 
 def ray_run_name(spec: JobSpec, run_id: str) -> str:

@@ -23,6 +23,27 @@ SPEC_FILE = "job.yaml"
 
 # Target-module presets, resolved against the model's module names when the adapter is built.
 TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
+
+# The three classes of parameter-efficient fine-tuning, plus the full fine-tuning baseline:
+# reparameterization (lora), additive (ia3, prompt_tuning, prefix_tuning, adaption_prompt) and
+# selective (freeze: train a named subset of the model's own weights, no adapter).
+PEFT_METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "adaption_prompt", "freeze", "full")
+# The fields of `peft` that only one method reads (r, alpha, dropout and target_modules keep
+# their defaults whatever the method, so that one job file can switch methods with --set).
+METHOD_FIELDS = {
+    "lora": ("use_dora", "use_rslora"),
+    "prompt_tuning": ("num_virtual_tokens", "init_text"),
+    "prefix_tuning": ("num_virtual_tokens",),
+    "adaption_prompt": ("adapter_len", "adapter_layers"),
+    "freeze": ("trainable_patterns", "last_n_layers"),
+}
+# Methods whose adapter can be folded into the base weights (registry.mode merged/both); a
+# freeze job "merges" by writing its trained tensors into the base.
+MERGEABLE_METHODS = ("lora", "ia3", "freeze")
+# Methods that train the base's own weights, so the base cannot be quantized.
+BASE_TRAINING_METHODS = ("freeze", "full")
+DEFAULT_VIRTUAL_TOKENS = 20
+DEFAULT_ADAPTER_LEN = 10
 DATA_FORMATS = ("alpaca", "chat", "text")
 
 
@@ -70,11 +91,32 @@ class QuantizationSpec(_Section):
 
 class PeftSpec(_Section):
     # `full` trains every weight, with no adapter (`orchestrator plan` shows what PEFT saves).
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "ia3", "prompt_tuning", "prefix_tuning", "adaption_prompt", "freeze", "full"] = "lora"
+    # lora
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # lora and ia3 (ia3's feed-forward modules are the chosen ones inside the MLP)
     target_modules: Union[str, list[str]] = "all-linear"
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r)
+    # prompt_tuning, prefix_tuning (default 20)
+    num_virtual_tokens: int | None = Field(None, ge=1, le=4096)
+    init_text: str | None = Field(None, min_length=1, description="prompt_tuning: initialise from this text")
+    # adaption_prompt (LLaMA-Adapter): prompt length (default 10), top layers to adapt (default all)
+    adapter_len: int | None = Field(None, ge=1, le=4096)
+    adapter_layers: int | None = Field(None, ge=1)
+    # freeze: train the parameters whose names match a regular expression, and/or the last N blocks
+    trainable_patterns: list[str] | None = None
+    last_n_layers: int | None = Field(None, ge=1)
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.num_virtual_tokens or DEFAULT_VIRTUAL_TOKENS
+
+    @property
+    def prompt_len(self) -> int:
+        return self.adapter_len or DEFAULT_ADAPTER_LEN
 
 
 class DataSpec(_Section):
@@ -296,13 +338,7 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
         problems.append(Problem(path="model.dtype",
                                 message="ZeRO-3 with a quantized base needs a 16-bit dtype",
                                 fix="set model.dtype=bfloat16"))
-    if spec.peft.method == "full" and q.bits is not None:
-        problems.append(Problem(path="quantization.bits", message="full fine-tuning cannot train quantized weights",
-                                fix="set quantization.bits=null"))
-    if spec.peft.method == "full" and spec.registry.mode != "adapter":
-        problems.append(Problem(path="registry.mode",
-                                message=f"'{spec.registry.mode}' merges an adapter, and full fine-tuning has none",
-                                fix="leave registry.mode at adapter (a full fine-tune is registered as a whole model)"))
+    problems += peft_problems(spec)
     tm = spec.peft.target_modules
     if isinstance(tm, str) and tm not in TARGET_MODULE_PRESETS:
         problems.append(Problem(path="peft.target_modules",
@@ -345,6 +381,48 @@ def _has_password(uri: str) -> bool:
         return bool(urlsplit(uri).password)
     except ValueError:  # not a URI at all: MLflow reports that
         return False
+
+
+def peft_problems(spec: JobSpec) -> list[Problem]:
+    """Fields of another method, and methods that cannot work with the rest of the job."""
+    import re
+
+    p, method = spec.peft, spec.peft.method
+    problems: list[Problem] = []
+    defaults = PeftSpec()
+    for name in dict.fromkeys(f for fields in METHOD_FIELDS.values() for f in fields):
+        users = [m for m, fields in METHOD_FIELDS.items() if name in fields]
+        if method not in users and getattr(p, name) != getattr(defaults, name):
+            problems.append(Problem(path=f"peft.{name}",
+                                    message=f"only peft.method {' or '.join(users)} reads it, this job is {method}",
+                                    fix=f"remove peft.{name}, or set peft.method={users[0]}"))
+    bits = spec.quantization.bits
+    if method in BASE_TRAINING_METHODS and bits is not None:
+        what = "full fine-tuning" if method == "full" else "freeze"
+        problems.append(Problem(path="quantization.bits", message=f"{what} trains the base's own weights, "
+                                                                  f"which cannot be trained {bits}-bit quantized",
+                                fix="set quantization.bits=null (or use lora on the quantized base: QLoRA)"))
+    if spec.registry.mode != "adapter" and method not in MERGEABLE_METHODS:
+        what = ("full fine-tuning has no adapter to merge" if method == "full" else
+                f"{method} adapters cannot be merged into the base weights")
+        fix = ("leave registry.mode at adapter (a full fine-tune is registered as a whole model)"
+               if method == "full" else f"set registry.mode=adapter, or use one of {', '.join(MERGEABLE_METHODS)}")
+        problems.append(Problem(path="registry.mode", message=f"'{spec.registry.mode}': {what}", fix=fix))
+    if method == "freeze":
+        if not p.trainable_patterns and p.last_n_layers is None:
+            problems.append(Problem(path="peft.trainable_patterns", message="freeze needs something to train",
+                                    fix="set peft.trainable_patterns (e.g. [norm, lm_head]) and/or peft.last_n_layers"))
+        for i, pattern in enumerate(p.trainable_patterns or []):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                problems.append(Problem(path=f"peft.trainable_patterns.{i}",
+                                        message=f"not a regular expression ({e})",
+                                        fix="write a Python regular expression, e.g. 'layers\\.2\\.mlp' or 'norm'"))
+    # No ZeRO-3 check: every method trains, saves and registers under ZeRO-3 with 2 workers (each
+    # tried: lora on a 4-bit base and unquantized, the others unquantized); save_trained gathers
+    # the partitioned trainable tensors first.
+    return problems
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

@@ -82,6 +82,15 @@ class RunHandle:
     experiment_id: str
 
 
+def _experiment_id(client, uri: str, name: str) -> str:
+    """The id of the experiment `name`, created (artifacts beside a sqlite store) if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    root = _artifact_root(uri)
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
 def start_run(spec: JobSpec, *, tags: dict[str, str], artifacts: dict[str, Any]) -> RunHandle:
     """Create the run: flattened spec as params, tags, and text/JSON artifacts."""
     from mlflow.entities import Param, RunTag
@@ -89,12 +98,7 @@ def start_run(spec: JobSpec, *, tags: dict[str, str], artifacts: dict[str, Any])
     uri = resolve_tracking_uri(spec.tracking.uri)
     client = _client(uri)
     name = spec.experiment
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        root = _artifact_root(uri)
-        exp_id = client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
-    else:
-        exp_id = experiment.experiment_id
+    exp_id = _experiment_id(client, uri, name)
     run = client.create_run(exp_id, run_name=spec.name, tags={"spec_hash": spec.spec_hash(),
                                                                "base_model": spec.model.base, **tags})
     run_id = run.info.run_id
@@ -201,6 +205,29 @@ def reopen_run(handle: RunHandle) -> None:
     _client(handle.uri).update_run(handle.run_id, status="RUNNING")
 
 
+def start_parent_run(spec: JobSpec, *, name: str, tags: dict[str, str]) -> RunHandle:
+    """A run that holds other runs (`orchestrator compare`: one child per method); it carries the
+    shared job spec as an artifact, and the children carry their own params."""
+    uri = resolve_tracking_uri(spec.tracking.uri)
+    client = _client(uri)
+    exp_id = _experiment_id(client, uri, spec.experiment)
+    run = client.create_run(exp_id, run_name=name, tags={"base_model": spec.model.base, **tags})
+    client.log_text(run.info.run_id, spec.to_yaml(), SPEC_FILE)
+    return RunHandle(uri=uri, run_id=run.info.run_id, experiment=spec.experiment, experiment_id=exp_id)
+
+
+def log_files(handle: RunHandle, paths: list[Path]) -> None:
+    """Upload local files as artifacts at the root of the run."""
+    client = _client(handle.uri)
+    for path in paths:
+        client.log_artifact(handle.run_id, str(path))
+
+
+def parent_tags(parent_run_id: str | None) -> dict[str, str]:
+    """The tag that nests a run under another in the MLflow UI (none for a top-level run)."""
+    return {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+
+
 def log_metrics(handle: RunHandle, metrics: dict[str, float], step: int | None = None) -> None:
     from mlflow.entities import Metric
 
@@ -304,9 +331,18 @@ def _pip_requirements() -> list[str]:
                                              "pydantic", "pyyaml", "safetensors")]
 
 
+# What an `adapter` version of a freeze job holds: the trained tensors, over a referenced base.
+CHANGED_WEIGHTS = "changed-weights"
+
+
 def _mode(spec: JobSpec) -> str:
-    """What a registered version holds: an adapter over a referenced base, or a whole model."""
-    return "full-model" if spec.peft.method == "full" else spec.registry.mode
+    """What a registered version holds: an adapter over a referenced base (for `freeze`, the
+    changed weights over it), or a whole model."""
+    if spec.peft.method == "full":
+        return "full-model"
+    if spec.peft.method == "freeze" and spec.registry.mode == "adapter":
+        return CHANGED_WEIGHTS
+    return spec.registry.mode
 
 
 def dir_size(path: str | Path) -> int:
@@ -341,7 +377,7 @@ def _log_version(handle: RunHandle, model_dir: Path, *, name: str, alias: str, k
     signature = infer_signature([EXAMPLE_PROMPT], ["completion"], params={"max_new_tokens": 64})
     with _quiet(), mlflow.start_run(run_id=handle.run_id):
         info = mlflow.pyfunc.log_model(
-            name=kind, python_model=str(PYFUNC_FILE), artifacts={MODEL_ARTIFACT: str(model_dir)},
+            name=ADAPTER_ARTIFACT if kind == CHANGED_WEIGHTS else kind, python_model=str(PYFUNC_FILE), artifacts={MODEL_ARTIFACT: str(model_dir)},
             code_paths=[str(Path(orchestrator.__file__).parent)], pip_requirements=_pip_requirements(),
             signature=signature)
         version = mlflow.register_model(info.model_uri, name, tags={
@@ -372,15 +408,18 @@ def register_trained(handle: RunHandle, spec: JobSpec, adapter_dir: str | Path, 
     mode = mode or _mode(spec)
     if spec.peft.method == "full":
         mode = "full-model"
-    tags = {**lineage_tags(lineage or {}), **tags}
+    if spec.peft.method == "freeze" and mode == "adapter":
+        mode = CHANGED_WEIGHTS
+    tags = {**lineage_tags(lineage or {}), "peft_method": spec.peft.method, **tags}
     name, alias = spec.registered_name, spec.registry.alias
-    if mode in ("adapter", "full-model"):
+    if mode in ("adapter", "full-model", CHANGED_WEIGHTS):
         return _log_version(handle, adapter_dir, name=name, alias=alias, kind=mode, tags=tags)
     with tempfile.TemporaryDirectory() as tmp:
         merged_dir = save_merged(adapter_dir, Path(tmp) / "merged")
         if mode == "merged":
             return _log_version(handle, merged_dir, name=name, alias=alias, kind="merged", tags=tags)
-        adapter = _log_version(handle, adapter_dir, name=name, alias=alias, kind="adapter", tags=tags)
+        kind = CHANGED_WEIGHTS if spec.peft.method == "freeze" else "adapter"
+        adapter = _log_version(handle, adapter_dir, name=name, alias=alias, kind=kind, tags=tags)
         merged = _log_version(handle, merged_dir, name=f"{name}-merged", alias=alias, kind="merged",
                               tags={**tags, "adapter_version": f"models:/{name}/{adapter.version}"})
     adapter.linked = f"models:/{merged.name}/{merged.version}"

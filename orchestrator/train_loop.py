@@ -98,9 +98,10 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
 
     # Each worker resolves the base itself: a built-in model is built deterministically, so
     # every node of a cluster gets the same weights without shipping them.
-    model = load_base(spec, resolve_base(spec.model), device=str(device))
+    base_path = resolve_base(spec.model)
+    model = load_base(spec, base_path, device=str(device))
     model.config.use_cache = False
-    model = prepare_for_training(spec, model)
+    model = prepare_for_training(spec, model, base_path)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not job.use_gpu:
         release_stale_op_lock()
@@ -183,6 +184,8 @@ def evaluate(engine, examples: list[Example], size: int, pad_id: int, rank: int,
         for batch_examples, weight in eval_batches(examples, size, rank, world, cap):
             batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # Prompt tuning prepends its virtual tokens' logits; score the real tokens only.
+            logits = logits[:, -batch["input_ids"].size(1):]
             labels = batch["labels"][:, 1:]
             losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
                                      labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -192,9 +195,10 @@ def evaluate(engine, examples: list[Example], size: int, pad_id: int, rank: int,
     return total / max(n, 1.0)
 
 
-def save_trained(engine, out_dir: str, rank: int, zero_stage: int, full: bool) -> None:
-    """Write what was trained from rank 0: the adapter (weights + config), or for `full` the
-    whole model. Under ZeRO-3 the partitioned weights are gathered first (a collective).
+def save_trained(engine, out_dir: str, rank: int, zero_stage: int, method: str) -> None:
+    """Write what was trained from rank 0: the adapter (weights + config), for `freeze` the
+    trained tensors alone, or for `full` the whole model. Under ZeRO-3 the partitioned weights
+    are gathered first (a collective).
 
     For an adapter only the trainable tensors are read: asking the whole model for its state
     dict would also serialize the frozen 4-bit base, which is neither needed nor possible while
@@ -203,7 +207,7 @@ def save_trained(engine, out_dir: str, rank: int, zero_stage: int, full: bool) -
     import deepspeed
 
     model = engine.module
-    if full:
+    if method == "full":
         state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else model.state_dict()
         if rank == 0:
             model.save_pretrained(out_dir, state_dict=state)
@@ -214,7 +218,27 @@ def save_trained(engine, out_dir: str, rank: int, zero_stage: int, full: bool) -
     with gather:  # collective under ZeRO-3: every rank enters
         if rank == 0:
             state = {n: p.detach().cpu().clone() for n, p in trainable.items()}
-            model.save_pretrained(out_dir, state_dict=state)
+            if method == "freeze":
+                from safetensors.torch import save_file
+
+                from orchestrator.base_model import TRAINED_TENSORS
+
+                os.makedirs(out_dir, exist_ok=True)
+                save_file(state, os.path.join(out_dir, TRAINED_TENSORS), metadata={"format": "pt"})
+            else:
+                model.save_pretrained(out_dir, state_dict=state)
+
+
+def peak_memory_bytes(use_gpu: bool) -> int:
+    """This process's peak memory: on a GPU the most CUDA memory torch allocated; on the CPU the
+    peak resident set size of the worker process (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    import torch
+
+    if use_gpu:
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # --- checkpoint state ------------------------------------------------------------------------
@@ -335,6 +359,8 @@ def train_loop_per_worker(config: dict) -> None:
         last = step == job.total_steps
         if step % t.eval_every == 0 or last:
             metrics["eval_loss"] = run_eval()
+        if last:  # rank 0's peak memory, for `orchestrator compare`
+            metrics["peak_memory_bytes"] = float(peak_memory_bytes(job.use_gpu))
         save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
         with watch("log"):
             if logger:
@@ -367,7 +393,7 @@ def report(engine, spec: JobSpec, rank: int, state: TrainState, metrics: dict, s
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_trained(engine, os.path.join(tmp, ADAPTER_DIR), rank, spec.distributed.deepspeed.stage,
-                     spec.peft.method == "full")
+                     spec.peft.method)
         save_state(engine, tmp, rank, state)
         if rank == 0 and pending:
             Path(tmp, PENDING_METRICS_FILE).write_text(json.dumps(pending), encoding="utf-8")

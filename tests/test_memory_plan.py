@@ -323,8 +323,8 @@ def test_parse_bytes(text, expected):
 def test_full_fine_tuning_of_a_quantized_base_is_an_error():
     raw = job(method="full")
     raw["quantization"]["bits"] = 4
-    with pytest.raises(SpecError, match=r"quantization.bits: full fine-tuning cannot train quantized weights. "
-                                        r"Fix: set quantization.bits=null"):
+    with pytest.raises(SpecError, match=r"quantization.bits: full fine-tuning trains the base's own weights, which "
+                                        r"cannot be trained 4-bit quantized. Fix: set quantization.bits=null"):
         parse_spec(raw)
 
 

@@ -56,6 +56,31 @@ BAD = [
      "model.dtype: ZeRO-3 with a quantized base needs a 16-bit dtype"),
     ({"registry": {"mode": "fused"}}, "registry.mode: Input should be 'adapter', 'merged' or 'both'"),
     ({"tracking": {"url": "x"}}, "tracking.url: unknown key. Fix: did you mean 'uri'?"),
+    # PEFT methods: each method's own fields, and the combinations that cannot work
+    ({"peft": {"method": "ia3", "use_dora": True}},
+     "peft.use_dora: only peft.method lora reads it, this job is ia3. Fix: remove peft.use_dora, or set peft.method=lora"),
+    ({"peft": {"method": "lora", "num_virtual_tokens": 8}},
+     "peft.num_virtual_tokens: only peft.method prompt_tuning or prefix_tuning reads it"),
+    ({"peft": {"method": "prefix_tuning", "init_text": "Hi"}}, "peft.init_text: only peft.method prompt_tuning reads it"),
+    ({"peft": {"method": "lora", "last_n_layers": 1}}, "peft.last_n_layers: only peft.method freeze reads it"),
+    ({"peft": {"method": "prompt_tuning", "adapter_len": 4}}, "peft.adapter_len: only peft.method adaption_prompt"),
+    ({"peft": {"method": "freeze", "last_n_layers": 1}},
+     "quantization.bits: freeze trains the base's own weights, which cannot be trained 4-bit quantized. "
+     "Fix: set quantization.bits=null"),
+    ({"peft": {"method": "full"}, "quantization": {"bits": 8}},
+     "quantization.bits: full fine-tuning trains the base's own weights, which cannot be trained 8-bit"),
+    ({"peft": {"method": "freeze"}, "quantization": {"bits": None}},
+     "peft.trainable_patterns: freeze needs something to train. Fix: set peft.trainable_patterns"),
+    ({"peft": {"method": "freeze", "trainable_patterns": ["layers.(2"]}, "quantization": {"bits": None}},
+     "peft.trainable_patterns.0: not a regular expression"),
+    ({"peft": {"method": "prompt_tuning"}, "registry": {"mode": "merged"}},
+     "registry.mode: 'merged': prompt_tuning adapters cannot be merged into the base weights. "
+     "Fix: set registry.mode=adapter, or use one of lora, ia3, freeze"),
+    ({"peft": {"method": "adaption_prompt"}, "registry": {"mode": "both"}}, "registry.mode: 'both': adaption_prompt adapters cannot"),
+    ({"peft": {"method": "full"}, "quantization": {"bits": None}, "registry": {"mode": "merged"}},
+     "registry.mode: 'merged': full fine-tuning has no adapter to merge"),
+    ({"peft": {"num_virtual_tokens": 0, "method": "prompt_tuning"}},
+     "peft.num_virtual_tokens: Input should be greater than or equal to 1"),
     ({"trainig": {"max_steps": 3}}, "trainig: unknown key. Fix: did you mean 'training'?"),
 ]
 

@@ -1,0 +1,203 @@
+"""Every PEFT method on the tiny model, through the real path (Ray Train + DeepSpeed + MLflow):
+it learns, it leaves the frozen weights alone, and what it registers reloads to the same model.
+Plus the planner's trainable count against the live peft model, and `orchestrator compare`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.compare import preset_overrides
+from orchestrator.spec import load_spec
+
+from conftest import REPO
+
+# method -> (compare preset, extra overrides): the presets are what `orchestrator compare` runs.
+METHODS = {
+    "lora": ("dora", {"peft.use_rslora": True}),
+    "ia3": ("ia3", {"quantization.bits": 8}),  # on an 8-bit base
+    "prompt_tuning": ("prompt_tuning", {"peft.num_virtual_tokens": 8, "peft.init_text": "Describe the animal."}),
+    "prefix_tuning": ("prefix_tuning", {"peft.num_virtual_tokens": 8}),
+    # zero-initialised gates learn slowly at first: 10 steps need more than the preset's 3e-2
+    "adaption_prompt": ("adaption_prompt", {"peft.adapter_len": 8, "peft.adapter_layers": 2,
+                                            "training.learning_rate": 1e-1}),
+    "freeze": ("freeze", {"peft.trainable_patterns": "[norm]", "peft.last_n_layers": 1}),
+    "full": ("full", {}),
+}
+STEPS = 10
+MODE = {"freeze": "changed-weights", "full": "full-model"}
+
+
+def method_spec(tmp, method: str, **extra):
+    preset, overrides = METHODS[method]
+    sets = [*preset_overrides(preset, "pm"),
+            *(f"{k}={v}" for k, v in {
+                "name": f"pm-{method}", "registry.name": f"pm-{method}", "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
+                "storage.path": str(tmp / "runs"), "training.max_steps": STEPS, "training.eval_every": STEPS,
+                "training.eval_batches": 2, "distributed.num_workers": 1, **overrides, **extra}.items())]
+    return load_spec(REPO / "jobs" / "quickstart.yaml", sets)
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def trained(request, tmp_path_factory, ray_local, tiny_base):
+    """One short run per method, registered, and its registered version downloaded."""
+    from orchestrator.run import run_job
+    from orchestrator.tracking import download_model
+
+    tmp = tmp_path_factory.mktemp(request.param)
+    spec = method_spec(tmp, request.param)
+    summary = run_job(spec)
+    saved = download_model(summary.registered_model["uri"], tmp / "registered", summary.tracking_uri)
+    return request.param, spec, summary, saved
+
+
+def test_each_method_learns(trained):
+    method, spec, summary, _ = trained
+    m = summary.metrics
+    assert m["eval_loss"] < 0.95 * m["base_eval_loss"], (method, m)
+
+
+def test_registered_artifact_holds_what_the_method_trained(trained):
+    from mlflow import MlflowClient
+
+    method, spec, summary, saved = trained
+    client = MlflowClient(tracking_uri=summary.tracking_uri, registry_uri=summary.tracking_uri)
+    version = client.get_model_version_by_alias(spec.registered_name, "candidate")
+    assert version.tags["mode"] == MODE.get(method, "adapter")
+    assert version.tags["peft_method"] == method
+    names = {p.name for p in saved.iterdir()}
+    if method == "full":
+        assert "model.safetensors" in names
+    elif method == "freeze":
+        assert "trained_tensors.safetensors" in names and "model.safetensors" not in names
+    else:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= names and "model.safetensors" not in names
+
+
+def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
+    """Reloaded from the registry (base + artifact): every parameter the method does not train
+    equals the base's, some it trains changed, and the model scores the eval set exactly as the
+    trained model did at its last step (same logits on every eval token)."""
+    import torch
+
+    from orchestrator.base_model import load_base, prepare_for_training, resolve_base
+    from orchestrator.data import load_datasets
+    from orchestrator.inference import complete, load_adapter
+    from orchestrator.train_loop import evaluate
+
+    method, spec, summary, saved = trained
+    loaded = load_adapter(saved)
+    base_path = resolve_base(spec.model)
+    reference = prepare_for_training(spec, load_base(spec, base_path), base_path)
+    trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+    before = dict(reference.named_parameters())
+    after = dict(loaded.model.named_parameters())
+    assert set(after) == set(before)
+    frozen_changed = [n for n in set(before) - trainable if not torch.equal(before[n], after[n])]
+    trained_changed = [n for n in trainable if not torch.equal(before[n], after[n])]
+    assert not frozen_changed, frozen_changed[:5]
+    assert trained_changed
+    if method == "freeze":
+        from safetensors.torch import load_file
+
+        assert set(load_file(saved / "trained_tensors.safetensors")) == trainable
+
+    data = load_datasets(spec.data, loaded.tokenizer, spec.training.seed)
+    t = spec.training
+    reloaded = evaluate(loaded.model, data.eval, t.micro_batch_size * 2, loaded.tokenizer.pad_token_id, 0, 1,
+                        torch.device("cpu"), t.eval_batches)
+    assert reloaded == pytest.approx(summary.metrics["eval_loss"], rel=1e-3, abs=1e-3)
+    assert isinstance(complete(loaded, "Describe the animal.\nA cat.", max_new_tokens=4), str)
+
+
+def test_generate_cli_loads_the_registered_version(trained):
+    """`orchestrator generate models:/NAME@alias` in a fresh process; one method not LoRA is
+    enough here (every method's version is loaded in-process above, and by MLflow when logged)."""
+    method, spec, summary, _ = trained
+    if method != "prompt_tuning":
+        pytest.skip("one fresh-process load is enough: each version loaded in-process above")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "generate", summary.registered_model["uri"],
+                           "Describe the animal.\nA cat.", "--tracking-uri", summary.tracking_uri,
+                           "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()
+
+
+# --- the planner counts what peft builds ---------------------------------------------------------
+
+COUNT_CASES = {
+    "qlora": {}, "dora+rslora on 4-bit": {"peft.use_dora": True, "peft.use_rslora": True},
+    "lora attention": {"peft.target_modules": "attention", "quantization.bits": "null"},
+    "ia3 on 4-bit": {"peft.method": "ia3"},
+    "lora on 8-bit": {"quantization.bits": 8},
+    "ia3 k,down": {"peft.method": "ia3", "peft.target_modules": "[k_proj, down_proj]", "quantization.bits": "null"},
+    "prompt_tuning": {"peft.method": "prompt_tuning", "peft.num_virtual_tokens": 8, "peft.init_text": "Describe"},
+    "prefix_tuning": {"peft.method": "prefix_tuning", "peft.num_virtual_tokens": 8},
+    "adaption_prompt": {"peft.method": "adaption_prompt", "peft.adapter_len": 6, "peft.adapter_layers": 2},
+    "freeze": {"peft.method": "freeze", "peft.trainable_patterns": "[norm, lm_head]", "peft.last_n_layers": 1,
+               "quantization.bits": "null"},
+    "full": {"peft.method": "full", "quantization.bits": "null"},
+}
+
+
+@pytest.mark.parametrize("case", list(COUNT_CASES))
+def test_planned_trainable_count_equals_the_live_model(case, tiny_base):
+    from orchestrator.base_model import load_base, prepare_for_training, resolve_base
+    from orchestrator.memory_plan import architecture_for, count_params
+
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in COUNT_CASES[case].items()])
+    path = resolve_base(spec.model)
+    model = prepare_for_training(spec, load_base(spec, path), path)
+    live = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count_params(architecture_for(spec), spec).trainable == live
+
+
+def test_adaption_prompt_beyond_the_model_layers_is_a_spec_error(tiny_base):
+    from orchestrator.memory_plan import architecture_for
+    from orchestrator.spec import SpecError
+
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", ["peft.method=adaption_prompt", "peft.adapter_layers=7"])
+    with pytest.raises(SpecError, match="peft.adapter_layers: 7 is more than the model's 3 layers"):
+        architecture_for(spec)
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+
+def test_compare_logs_parent_and_children_table_and_plot(tmp_path, ray_local, tiny_base):
+    from mlflow import MlflowClient
+
+    from orchestrator.compare import compare_methods
+
+    sets = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"storage.path={tmp_path / 'runs'}",
+            "training.max_steps=2", "training.eval_every=1", "training.eval_batches=1", "distributed.num_workers=1"]
+    result = compare_methods(REPO / "jobs" / "quickstart.yaml", ["lora", "prompt_tuning"], sets,
+                             out_dir=tmp_path / "out")
+    assert [r.method for r in result.results] == ["lora", "prompt_tuning"]
+    for r in result.results:
+        assert not r.error and r.trainable_params > 0 and r.planned_peak_bytes > 0 and r.artifact_bytes > 0
+        assert r.measured_peak_bytes > 0 and r.tokens_per_s > 0
+        assert [s for s, _ in r.eval_history] == [0, 1, 2]
+    assert result.results[1].trainable_params == 20 * 128  # 20 virtual tokens x hidden size 128
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(c.data.tags["peft_method"] for c in children) == ["lora", "prompt_tuning"]
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"compare.csv", "compare.md", "compare.json", "eval_loss.png"} <= artifacts
+    png = (tmp_path / "out" / "eval_loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert (tmp_path / "out" / "compare.md").read_text().count("\n") == 4  # header, rule, two methods
+    assert not client.search_registered_models()  # compare registers nothing
+
+
+def test_compare_unknown_method_is_a_user_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "compare", str(REPO / "jobs" / "quickstart.yaml"),
+                           "--methods", "lora,lorax"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--methods: unknown method(s) lorax" in proc.stderr
