@@ -354,10 +354,6 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
         problems.append(Problem(path="training.checkpoint_every",
                                 message=f"{t.checkpoint_every} is beyond max_steps ({t.max_steps})",
                                 fix="lower it or leave it unset (the final adapter is always saved)"))
-    if _has_password(spec.tracking.uri):
-        problems.append(Problem(path="tracking.uri", message="holds a password (it would be logged and shown)",
-                                fix="drop user:password@ from it and set MLFLOW_TRACKING_USERNAME and "
-                                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"))
     if base_dir is not None:
         for field in ("train", "eval"):
             value = getattr(d, field)
@@ -372,15 +368,6 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
                 problems.append(Problem(path="model.base", message=f"no model directory with a config.json at {p}",
                                         fix="point it at a saved transformers model, or use builtin:tiny-llama"))
     return problems
-
-
-def _has_password(uri: str) -> bool:
-    from urllib.parse import urlsplit
-
-    try:
-        return bool(urlsplit(uri).password)
-    except ValueError:  # not a URI at all: MLflow reports that
-        return False
 
 
 def peft_problems(spec: JobSpec) -> list[Problem]:
