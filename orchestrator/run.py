@@ -29,10 +29,12 @@ class RunSummary:
     metrics: dict
     registered_model: dict
     data: dict = field(default_factory=dict)
+    trials: list[dict] | None = None  # a search: every trial, ranked (best first)
 
     def to_json(self) -> dict:
-        return {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
-                "registered_model": self.registered_model}
+        out = {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
+               "registered_model": self.registered_model}
+        return out if self.trials is None else {**out, "trials": self.trials}
 
 
 def file_sha256(path: str) -> str:
@@ -56,20 +58,29 @@ def lineage_of(spec: JobSpec, base_path: str) -> dict:
             "base_sha256": base_sha256(spec.model, base_path), "data": data}
 
 
-def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
-            gpu_memory_bytes: int | None = None,
-            status: StatusFn = lambda _: None, progress: ProgressFn | None = None) -> RunSummary:
-    """Run a job end to end and return its summary. Raises `SpecError` for problems with the
-    job found before any worker starts (data, model, sizes), and `DoesNotFit` when the memory
-    plan says a GPU job cannot fit (unless `force`)."""
-    from orchestrator import launch, tracking
+@dataclass
+class Prepared:
+    """What every run of a job needs before it trains: the base, its tokenizer, the tokenized
+    data, the Ray resources of one run and the memory plan."""
+
+    base_path: str
+    tokenizer: object
+    data: object
+    gpus: float
+    resources: object
+    memory: object
+
+
+def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, gpu_memory_bytes: int | None,
+            status: StatusFn, progress: ProgressFn | None) -> Prepared:
+    """Resolve the base, tokenize the data, connect to Ray, and check that the job can start
+    (enough data for one step on every worker, the memory plan on GPUs)."""
+    from orchestrator import launch
     from orchestrator.base_model import load_tokenizer, resolve_base
     from orchestrator.data import load_datasets
     from orchestrator.memory_plan import human, plan_for_run
-    from orchestrator.plan import deepspeed_config, examples_per_step, optimizer_steps, resources
-    from orchestrator.train_loop import WorkerJob
+    from orchestrator.plan import examples_per_step, resources
 
-    started = time.time()
     status(f"Resolving base model {spec.model.base}")
     base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
                              if progress else None)
@@ -79,7 +90,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     data = load_datasets(spec.data, tokenizer, spec.training.seed)
 
     status("Connecting to Ray" if address else "Starting Ray")
-    gpus = launch.connect(address, verbose)
+    gpus = launch.connect(address, verbose, dashboard=spec.tune is not None)
     res = resources(spec, gpus_available=gpus)
     needed = examples_per_step(spec, res.num_workers) // spec.training.grad_accum
     if len(data.train) < needed:
@@ -99,6 +110,32 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                 path="distributed.use_gpu",
                 message=f"the job asks for {res.num_workers} GPU worker(s) but this machine has {gpus:g} GPU(s)",
                 fix="set distributed.use_gpu=auto (or false), or lower distributed.num_workers")])
+    return Prepared(base_path=base_path, tokenizer=tokenizer, data=data, gpus=gpus, resources=res, memory=memory)
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
+            gpu_memory_bytes: int | None = None, restart: bool = False,
+            status: StatusFn = lambda _: None, progress: ProgressFn | None = None,
+            on_trials: Callable[[list], None] | None = None) -> RunSummary:
+    """Run a job end to end and return its summary. Raises `SpecError` for problems with the
+    job found before any worker starts (data, model, sizes), and `DoesNotFit` when the memory
+    plan says a GPU job cannot fit (unless `force`).
+
+    A job with a `tune` section is a search (`search_job.run_search`): `restart` starts it
+    afresh instead of resuming an unfinished one, `on_trials` sees the trials as they change."""
+    from orchestrator import launch, tracking
+    from orchestrator.plan import deepspeed_config, optimizer_steps
+    from orchestrator.train_loop import WorkerJob
+
+    if spec.tune is not None:
+        from orchestrator.search_job import run_search
+
+        return run_search(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=gpu_memory_bytes,
+                          restart=restart, status=status, progress=progress, on_trials=on_trials)
+    started = time.time()
+    p = prepare(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=gpu_memory_bytes,
+                status=status, progress=progress)
+    base_path, tokenizer, data, res, memory = p.base_path, p.tokenizer, p.data, p.resources, p.memory
     total = optimizer_steps(spec, len(data.train), res.num_workers)
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 
