@@ -171,7 +171,10 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
         "data_stats.json": p.data.stats})
     status(f"MLflow run {parent.run_id} (the search) in experiment '{parent.experiment}'")
     name = f"{spec.name}-search-{parent.run_id[:8]}"
-    ctx = TrialContext(spec=spec.model_dump(mode="json"), train=p.data.train, eval=p.data.eval,
+    # Trials run in Tune's trial directories: a relative sqlite URI would give each its own store.
+    trials_spec = spec.model_copy(deep=True)
+    trials_spec.tracking.uri = parent.uri
+    ctx = TrialContext(spec=trials_spec.model_dump(mode="json"), train=p.data.train, eval=p.data.eval,
                        pad_id=p.tokenizer.pad_token_id, gpus=p.gpus, tracking_uri=parent.uri,
                        parent_run_id=parent.run_id, lineage=lineage,
                        trainers_path=f"{launch.search_dir(spec.storage.path, name)}/trainers")
@@ -214,9 +217,13 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
         results = launch.tune(run_trial, {"ctx": ctx}, param_space=search.param_space(tune),
                               setup=_setup(spec, base_total, at_once), name=name, storage_path=spec.storage.path,
                               on_event=on_event)
+        if any(t.state == search.RUNNING for t in records.values()):
+            # Tune returns early, with trials still running, when the driver is interrupted (Ctrl-C).
+            raise KeyboardInterrupt(f"search interrupted; resume it with `orchestrator resume {spec.name}`")
         for r in results:  # trials that finished before a resume sent no events this time
-            if r["trial_id"] and (r["trial_id"] not in records or records[r["trial_id"]].state in
-                                  (search.PENDING, search.RUNNING)):
+            if not r["trial_id"] or not set(tune.space) <= set(r["config"]):
+                continue  # never started
+            if r["trial_id"] not in records or records[r["trial_id"]].state in (search.PENDING, search.RUNNING):
                 rec = record(r["trial_id"], r["config"])
                 rec.metrics = r["last_result"]
                 finish(rec, errored=r["error"] is not None)
@@ -235,7 +242,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
         if best is None:
             raise RuntimeError(f"no trial of the search completed ({counts}); see the trials in MLflow run "
                                f"{parent.run_id}")
-        tspec = search.trial_spec(spec, best.values)
+        tspec = search.trial_spec(trials_spec, best.values)
         child = tracking.run_handle(parent.uri, best.run_id)
         adapter_dir = f"{best.metrics['checkpoint_path']}/{ADAPTER_DIR}"
         status(f"Registering the best trial's adapter ({best.trial_id}) as '{tspec.registered_name}'")
