@@ -29,8 +29,14 @@ JobArg = typer.Argument(..., help="The job file (YAML).", exists=False)
 def _load(job: Path, overrides: Optional[List[str]]) -> JobSpec:
     """Load a spec, or print one line per problem and exit 2 (a user mistake, not our bug)."""
     try:
-        return load_spec(job, overrides or [])
+        spec = load_spec(job, overrides or [])
+        if spec.tune is not None:
+            from orchestrator.search_job import check_space
+
+            check_space(spec)
+        return spec
     except SpecError as e:
+        e.source = e.source or str(job)
         _fail(e)
 
 
@@ -81,8 +87,9 @@ def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
                                                  help="Memory of one GPU for the fit check, e.g. 80GiB "
                                                       "(default: the local GPU, else 80 GiB)."),
         restart: bool = typer.Option(False, "--restart",
-                                     help="Start afresh even if this job's last run stopped unfinished "
-                                          "(by default it resumes from its last checkpoint)."),
+                                     help="Start afresh even if this job's last run (or search) stopped "
+                                          "unfinished (by default it resumes: a run from its last checkpoint, a "
+                                          "search without re-running finished trials)."),
         confined: bool = typer.Option(False, "--confined",
                                       help="Refuse data and model paths outside the job file's directory and "
                                            "relative output paths that climb out of the working directory "
@@ -90,52 +97,78 @@ def run(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
     """Fine-tune: plan memory, train the job on Ray, track it in MLflow, register the adapter.
 
     If the job's last run stopped unfinished (driver killed, node lost), this resumes it from its
-    last checkpoint, in the same MLflow run."""
+    last checkpoint, in the same MLflow run. A job with a tune: section runs a hyperparameter
+    search and registers its best trial."""
+    from orchestrator.run import run_job
+
     spec = _load(job, set_)
     if confined:
         from orchestrator.submission import confinement_problems
 
         if problems := confinement_problems(spec, job.parent, Path.cwd()):
             _fail(SpecError(problems, str(job)))
-    _run(spec, address=address, as_json=as_json, verbose=verbose, force=force, gpu_memory=gpu_memory,
-         restart=restart)
+    _run(lambda **kw: run_job(spec, **kw), spec, address=address, as_json=as_json, verbose=verbose, force=force,
+         gpu_memory=gpu_memory, restart=restart)
 
 
 @app.command()
-def resume(name: str = typer.Argument(..., help="The job name (its MLflow run name)."),
+def resume(name: str = typer.Argument(..., help="The job name (its `name:`, the MLflow run name)."),
            tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri",
                                             help="MLflow tracking URI the job was tracked in."),
            address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
            as_json: bool = typer.Option(False, "--json", help="Print one JSON summary object on stdout."),
            verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray and worker logs.")):
-    """Resume the job NAME whose last run stopped unfinished, from its last checkpoint, with the
-    job spec that run was started with (run it from the same directory as the first run)."""
+    """Resume the job NAME whose last run stopped unfinished, with the job spec that run was
+    started with (run it from the same directory as the first run): a run continues from its last
+    checkpoint, a search without re-running its finished trials."""
+    from orchestrator.run import run_job
+    from orchestrator.search_job import resume as resume_search
     from orchestrator.tracking import resolve_tracking_uri, stopped_run_spec
 
     _, spec = _registry_call(stopped_run_spec, resolve_tracking_uri(tracking_uri), name)
+    if spec.tune is not None:
+        _run(lambda **kw: resume_search(name, tracking_uri, **kw), None, address=address, as_json=as_json,
+             verbose=verbose, force=False, gpu_memory=None, restart=False)
+        return
     # The run it continues passed (or was forced past) the memory check when it started.
-    _run(spec, address=address, as_json=as_json, verbose=verbose, force=True, gpu_memory=None, restart=False)
+    _run(lambda **kw: run_job(spec, **kw), spec, address=address, as_json=as_json, verbose=verbose, force=True,
+         gpu_memory=None, restart=False)
 
 
-def _run(spec: JobSpec, *, address, as_json, verbose, force, gpu_memory, restart) -> None:
-    from orchestrator.run import DoesNotFit, run_job
+def _run(call, spec: Optional[JobSpec], *, address, as_json: bool, verbose: bool, force: bool,
+         gpu_memory: Optional[str], restart: bool) -> None:
+    """Run a job (or resume a search) with a progress bar or a live trials table, then print
+    its summary; user mistakes exit 2."""
+    from rich.live import Live
+
+    from orchestrator.run import DoesNotFit
 
     budget = _gpu_memory(gpu_memory)
     bar, on_progress = _progress_bar()
 
+    live = Live(console=err, refresh_per_second=2, transient=False)
+
+    def on_trials(trials: list) -> None:
+        if not live.is_started:
+            live.start()
+        live.update(_trials_table(trials, title="Trials"))
+
     try:
-        summary = run_job(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=budget,
-                          restart=restart, progress=on_progress,
-                          status=lambda s: err.print(f"[dim]•[/] {s}", highlight=False))
+        summary = call(address=address, verbose=verbose, force=force, gpu_memory_bytes=budget,
+                       progress=on_progress, restart=restart, on_trials=on_trials,
+                       status=lambda s: err.print(f"[dim]•[/] {s}", highlight=False))
     except SpecError as e:
+        live.stop()
         _fail(e)
     except DoesNotFit as e:
         bar.stop()
-        _print_plan(spec, e.plan, explain=False)
+        if spec is not None:
+            _print_plan(spec, e.plan, explain=False)
         err.print("[bold red]error:[/] refusing to start a job that cannot fit (see the plan and the changes "
                   "above); pass --force to run anyway", highlight=False)
         raise typer.Exit(code=2)
     finally:
+        live.stop()
         bar.stop()
         from orchestrator.launch import shutdown
 
@@ -143,6 +176,8 @@ def _run(spec: JobSpec, *, address, as_json, verbose, force, gpu_memory, restart
     if as_json:
         typer.echo(json.dumps(summary.to_json(), indent=2))
         return
+    if summary.trials is not None:
+        Console().print(_trials_table(summary.trials, title="Trials, best first"))
     _print_summary(summary)
 
 
@@ -175,6 +210,27 @@ def _progress_bar():
         bar.update(tasks[label], completed=done, info=info)
 
     return bar, on_progress
+
+
+def _trials_table(trials: list, title: str, metric: str = "eval_loss") -> Table:
+    """Trials (records while the search runs, or the summary's dicts) as a rich table."""
+    rows = [t if isinstance(t, dict) else t.to_json(metric) for t in trials]
+    paths = sorted({p for r in rows for p in r["params"]})
+    table = Table(title=title, title_justify="left")
+    for col in ("trial", "state", *paths, "step", "metric"):
+        table.add_column(col, justify="right" if col in ("step", "metric") else "left")
+    for r in rows:
+        metric = r.get("metric")
+        table.add_row(r["trial_id"], r["state"], *(_short(r["params"].get(p)) for p in paths),
+                      str(r.get("step") if r.get("step") is not None else "-"),
+                      f"{metric:.4f}" if isinstance(metric, (int, float)) else "-")
+    return table
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 def _print_summary(s) -> None:

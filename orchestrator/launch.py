@@ -55,18 +55,46 @@ def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     return (json.loads(state.read_text(encoding="utf-8"))["step"], str(directory)) if state.is_file() else None
 
 
-def connect(address: str | None = None, verbose: bool = False) -> float:
+def connect(address: str | None = None, verbose: bool = False, dashboard: bool = False) -> float:
     """Start a new local Ray instance (or join the cluster at `address`); returns its GPU count.
 
-    With no address this never attaches to some other Ray instance that happens to run here."""
+    With no address this never attaches to some other Ray instance that happens to run here.
+    `dashboard`: start the dashboard's state API with a local instance. A search needs it: when
+    Tune stops a trial early it kills the trial's Train controller, and Ray Train's cleaner asks
+    the state API whether the controller died before it frees the trial's workers' placement
+    group (without it, the stopped trial's CPUs stay reserved and later trials wait forever)."""
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-        ray.init(address=address or "local", log_to_driver=verbose, include_dashboard=False,
+        env, extra = dict(WORKER_ENV), {}
+        if dashboard and address is None:
+            # Ray's workers find the state API by looking for "the" Ray instance on this machine,
+            # and give up when there are several (other users' tests, a cluster); so the
+            # dashboard gets a port chosen here, and every worker is told where it is.
+            port = _free_port()
+            extra = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address=address or "local", log_to_driver=verbose, include_dashboard=dashboard,
                  logging_level="ERROR" if not verbose else "INFO",
-                 runtime_env={"env_vars": WORKER_ENV})
+                 runtime_env={"env_vars": env}, **extra)
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster_capacity() -> dict[str, float]:
+    """CPUs and GPUs of the connected Ray cluster (as it is now)."""
+    import ray
+
+    total = ray.cluster_resources()
+    return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
 
 
 def shutdown() -> None:
@@ -74,6 +102,12 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def _tune_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
 
 
 def _progress_actor():
@@ -96,11 +130,13 @@ def _progress_actor():
 
 
 def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, max_failures: int,
-        on_progress: Callable[[int, dict], None] | None = None) -> FitResult:
+        on_progress: Callable[[int, dict], None] | None = None, in_tune: bool = False) -> FitResult:
     """Run the worker loop on `resources.num_workers` Ray Train workers and wait for it.
 
     Ray Train keeps the run's checkpoints under `storage_path/name`: a worker group restarted
-    after a failure, or a later `fit` under the same name, continues from the latest one."""
+    after a failure, or a later `fit` under the same name, continues from the latest one.
+    `in_tune`: this is a trial of a search (called inside a Tune function), so rank 0's reports
+    are forwarded to Tune, whose scheduler may stop the trial (and with it these workers)."""
     import ray
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -114,7 +150,8 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
         scaling_config=resources.scaling_config(),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=[_tune_report_callback()] if in_tune else None),
     )
     stop = threading.Event()
 
@@ -142,3 +179,138 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
     return FitResult(adapter_dir=os.path.join(checkpoint_dir, ADAPTER_DIR),
                      metrics=dict(result.metrics or {}), storage_dir=os.path.join(storage, name),
                      checkpoint_dir=checkpoint_dir)
+
+
+# --- hyperparameter search: Ray Tune drives one TorchTrainer per trial -------------------------
+
+# The listener of the search running in this driver: (event, trial_id, config, result). Tune
+# pickles its callbacks with the experiment (to restore it), so the callback below holds no
+# reference to the driver's state and looks the listener up here instead.
+_search_listener: Callable[[str, str, dict, dict], None] | None = None
+
+
+def _search_callback():
+    from ray.tune import Callback
+
+    class SearchEvents(Callback):
+        """Forwards Tune's trial events on the driver to `_search_listener`."""
+
+        def __reduce__(self):
+            # Pickled with the experiment as "call _search_callback()", never by value (by value,
+            # cloudpickle would take the listener and the driver's console along).
+            return _search_callback, ()
+
+        def _send(self, event: str, trial, result: dict | None = None) -> None:
+            if _search_listener is not None:
+                _search_listener(event, trial.trial_id, dict(trial.config),
+                                 dict(result if result is not None else trial.last_result or {}))
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._send("start", trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._send("result", trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._send("complete", trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._send("error", trial)
+
+    return SearchEvents()
+
+
+def trial_id() -> str:
+    """The id of the Tune trial this code runs in."""
+    from ray import tune
+
+    return tune.get_context().get_trial_id()
+
+
+@dataclass
+class SearchSetup:
+    """How Tune runs the search: everything but the trial function and its parameters."""
+
+    metric: str
+    mode: str
+    num_samples: int
+    max_concurrent_trials: int | None
+    scheduler: str  # asha or none
+    grace_period: int  # evaluations
+    reduction_factor: float
+    max_evaluations: int  # ASHA's max_t: the evaluations of a trial that runs to its end
+    search_alg: str  # optuna or random
+    seed: int | None
+    time_budget_s: float | None
+
+
+def search_dir(storage_path: str, name: str) -> str:
+    storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def tune(trial_fn: Callable, trial_params: dict, *, param_space: dict, setup: SearchSetup, name: str,
+         storage_path: str, on_event: Callable[[str, str, dict, dict], None]) -> list[dict]:
+    """Run (or resume, when `storage_path/name` holds an unfinished one) a Tune search whose
+    trials call `trial_fn(config, **trial_params)`; returns one dict per trial: `trial_id`,
+    `config`, `last_result`, `error` (or None)."""
+    global _search_listener
+
+    import ray
+    from ray import tune as rt
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune saves the experiment state at most this often (seconds); a small search is cheap to
+    # save, and a fresh state means a resumed search re-runs no trial that had finished.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Tune's own console reporter (experiment box, trial tables) would interleave with ours.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = search_dir(storage_path, name)
+    # The trial function only drives its TorchTrainer: the workers hold the CPUs (or GPUs), so the
+    # function asks for none (even 0.01 CPU each would leave 2 trials x 1 worker x 1 CPU short of
+    # a 2-CPU machine) and `max_concurrent_trials` limits how many run at once. A trial's bundle
+    # cannot be empty, so it holds a token 1 MiB of Ray's `memory` resource.
+    trainable = rt.with_resources(rt.with_parameters(trial_fn, **trial_params), {"CPU": 0, "memory": 1 << 20})
+    _search_listener = on_event
+    try:
+        if rt.Tuner.can_restore(path):
+            tuner = rt.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                     param_space=param_space)
+        else:
+            if setup.scheduler == "asha":
+                # max_t one past the last evaluation: ASHA stops a trial that reaches max_t, and a
+                # trial that has trained to its end should return by itself (its Train controller
+                # then shuts its workers down in order, rather than being killed with the trial).
+                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=setup.max_evaluations + 1,
+                                          grace_period=min(setup.grace_period, setup.max_evaluations),
+                                          reduction_factor=setup.reduction_factor)
+            else:
+                scheduler = FIFOScheduler()
+            if setup.search_alg == "optuna":
+                from ray.tune.search.optuna import OptunaSearch
+
+                search_alg = OptunaSearch(seed=setup.seed)
+            else:
+                # Tune applies max_concurrent_trials to a Searcher (Optuna) but not to this one.
+                search_alg = BasicVariantGenerator(random_state=setup.seed,
+                                                   max_concurrent=setup.max_concurrent_trials or 0)
+            tuner = rt.Tuner(
+                trainable, param_space=param_space,
+                tune_config=rt.TuneConfig(metric=setup.metric, mode=setup.mode, num_samples=setup.num_samples,
+                                          max_concurrent_trials=setup.max_concurrent_trials,
+                                          scheduler=scheduler, search_alg=search_alg,
+                                          time_budget_s=setup.time_budget_s),
+                run_config=rt.RunConfig(name=name, storage_path=str(Path(path).parent), verbose=0,
+                                        callbacks=[_search_callback()],
+                                        failure_config=ray.tune.FailureConfig(max_failures=0)))
+        grid = tuner.fit()
+    finally:
+        _search_listener = None
+    # Tune puts the trial id in every result; a trial that failed before reporting has none (the
+    # caller knows it from the "error" event).
+    return [{"trial_id": str((r.metrics or {}).get("trial_id") or ""), "config": dict(r.config or {}),
+             "last_result": dict(r.metrics or {}), "error": str(r.error) if r.error else None} for r in grid]

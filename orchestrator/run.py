@@ -35,10 +35,12 @@ class RunSummary:
     # For `orchestrator compare`: the plan, the measured run, and the saved adapter's size.
     planned: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)
+    trials: list[dict] | None = None  # a search: every trial, ranked (best first)
 
     def to_json(self) -> dict:
-        return {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
-                "registered_model": self.registered_model, "data": self.data, "timings": self.timings}
+        out = {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
+               "registered_model": self.registered_model, "data": self.data, "timings": self.timings}
+        return out if self.trials is None else {**out, "trials": self.trials}
 
 
 # The phases of a run, in order, as `phase_timings` names them.
@@ -92,27 +94,31 @@ def lineage_of(spec: JobSpec, base_path: str) -> dict:
             "base_sha256": base_sha256(spec.model, base_path), "data": data}
 
 
-def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
-            gpu_memory_bytes: int | None = None, restart: bool = False, report_evals: bool = False,
-            register: bool = True, parent_run_id: str | None = None,
-            status: StatusFn = lambda _: None, progress: ProgressFn | None = None) -> RunSummary:
-    """Run a job end to end and return its summary. Raises `SpecError` for problems with the
-    job found before any worker starts (data, model, sizes, an unreachable MLflow server), and
-    `DoesNotFit` when the memory plan says a GPU job cannot fit (unless `force`).
+@dataclass
+class Prepared:
+    """What every run of a job needs before it trains: the base, its tokenizer, the tokenized
+    data, the Ray resources of one run and the memory plan."""
 
-    A job whose latest MLflow run stopped unfinished (driver killed, node lost) continues that
-    run from its last checkpoint, unless `restart`. `report_evals` reports every evaluation to
-    Ray Train, not only checkpoints (a search's scheduler needs them). With `register=False` the
-    trained weights stay in `storage.path` only; `parent_run_id` nests the MLflow run under that run."""
+    base_path: str
+    tokenizer: object
+    data: object
+    gpus: float
+    resources: object
+    memory: object
+
+
+def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, gpu_memory_bytes: int | None,
+            status: StatusFn, progress: ProgressFn | None, watch: Stopwatch | None = None) -> Prepared:
+    """Check what can be checked before any worker starts (the MLflow server, the base's files,
+    the data, enough of it for one step on every worker, target modules and the memory plan),
+    then connect to Ray and check the GPUs. Raises `SpecError` or `DoesNotFit`."""
     from orchestrator import launch, tracking
     from orchestrator.base_model import check_base_files, load_tokenizer, resolve_base
     from orchestrator.data import load_datasets
     from orchestrator.memory_plan import human, plan_for_run
-    from orchestrator.plan import deepspeed_config, examples_per_step, optimizer_steps, resources
-    from orchestrator.train_loop import WorkerJob
+    from orchestrator.plan import examples_per_step, resources
 
-    started = time.time()
-    watch = Stopwatch()
+    watch = watch or Stopwatch()
     with watch("tracking_start"):
         tracking.check_reachable(spec.tracking.uri)
     status(f"Resolving base model {spec.model.base}")
@@ -142,7 +148,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
 
     status("Connecting to Ray" if address else "Starting Ray")
     with watch("ray_start"):
-        gpus = launch.connect(address, verbose)
+        gpus = launch.connect(address, verbose, dashboard=spec.tune is not None)
     res = resources(spec, gpus_available=gpus)
     if res.use_gpu:
         status(f"Memory plan: {human(memory.total_bytes)} of {human(memory.gpu_memory_bytes)} per GPU")
@@ -154,6 +160,39 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                 path="distributed.use_gpu",
                 message=f"the job asks for {res.num_workers} GPU worker(s) but this machine has {gpus:g} GPU(s)",
                 fix="set distributed.use_gpu=auto (or false), or lower distributed.num_workers")])
+    return Prepared(base_path=base_path, tokenizer=tokenizer, data=data, gpus=gpus, resources=res, memory=memory)
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
+            gpu_memory_bytes: int | None = None, restart: bool = False, report_evals: bool = False,
+            register: bool = True, parent_run_id: str | None = None,
+            status: StatusFn = lambda _: None, progress: ProgressFn | None = None,
+            on_trials: Callable[[list], None] | None = None) -> RunSummary:
+    """Run a job end to end and return its summary. Raises `SpecError` for problems with the
+    job found before any worker starts (data, model, sizes, an unreachable MLflow server), and
+    `DoesNotFit` when the memory plan says a GPU job cannot fit (unless `force`).
+
+    A job whose latest MLflow run stopped unfinished (driver killed, node lost) continues that
+    run from its last checkpoint, unless `restart`. `report_evals` reports every evaluation to
+    Ray Train, not only checkpoints. With `register=False` the trained weights stay in
+    `storage.path` only; `parent_run_id` nests the MLflow run under that run.
+
+    A job with a `tune` section is a search (`search_job.run_search`): `restart` starts it
+    afresh instead of resuming an unfinished one, `on_trials` sees the trials as they change."""
+    from orchestrator import launch, tracking
+    from orchestrator.plan import deepspeed_config, optimizer_steps
+    from orchestrator.train_loop import WorkerJob
+
+    if spec.tune is not None:
+        from orchestrator.search_job import run_search
+
+        return run_search(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=gpu_memory_bytes,
+                          restart=restart, status=status, progress=progress, on_trials=on_trials)
+    started = time.time()
+    watch = Stopwatch()
+    p = prepare(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=gpu_memory_bytes,
+                status=status, progress=progress, watch=watch)
+    base_path, tokenizer, data, res, memory = p.base_path, p.tokenizer, p.data, p.resources, p.memory
     total = optimizer_steps(spec, len(data.train), res.num_workers)
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 

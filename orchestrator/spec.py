@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -183,6 +185,45 @@ class StorageSpec(_Section):
     shared: bool = False
 
 
+class SchedulerSpec(_Section):
+    # asha: stop trials whose metric trails the others' at each rung; none: run every trial out.
+    type: Literal["asha", "none"] = "asha"
+    # Counted in evaluations (one every training.eval_every steps): a trial is first judged after
+    # grace_period evaluations, then at grace_period x reduction_factor^k.
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class DomainSpec(_Section):
+    """One searched value: exactly one of `choice` (a list), `uniform`, `loguniform` or `randint`
+    (`[low, high]`, both ends included)."""
+
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @property
+    def kind(self) -> str | None:
+        set_ = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        return set_[0] if len(set_) == 1 else None
+
+
+class TuneSpec(_Section):
+    """A hyperparameter search over the job: each trial is the job with the `space` values set."""
+
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(8, ge=1)
+    # Trials running at once; each takes distributed.num_workers x cpus_per_worker CPUs (or GPUs).
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    scheduler: SchedulerSpec = SchedulerSpec()
+    search_alg: Literal["optuna", "random"] = "optuna"
+    time_budget_s: float | None = Field(None, gt=0)
+    seed: int | None = 0
+    space: dict[str, DomainSpec] = Field(default_factory=dict)
+
+
 class JobSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     model: ModelSpec = ModelSpec()
@@ -194,6 +235,7 @@ class JobSpec(_Section):
     tracking: TrackingSpec = TrackingSpec()
     registry: RegistrySpec = RegistrySpec()
     storage: StorageSpec = StorageSpec()
+    tune: TuneSpec | None = None
 
     @property
     def experiment(self) -> str:
@@ -251,7 +293,9 @@ def _spec_path(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
     keys: list[str] = []
     model: Any = JobSpec
     owner: type[BaseModel] | None = JobSpec
-    for part in loc:
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
         fields = getattr(model, "model_fields", None)
         if not isinstance(part, str) or fields is None:
             break
@@ -259,8 +303,20 @@ def _spec_path(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
         keys.append(part)
         if part not in fields:
             break
-        model = fields[part].annotation
+        model = _section_type(fields[part].annotation)
+        if typing.get_origin(model) is dict:  # tune.space: the next part is a key the user wrote
+            if parts and isinstance(parts[0], str):
+                keys.append(parts.pop(0))
+            model = _section_type(typing.get_args(model)[1])
     return keys, owner
+
+
+def _section_type(annotation: Any) -> Any:
+    """`Section | None` -> `Section`; anything else as it is."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (Union, types.UnionType) and len(members) == 1:
+        return members[0]
+    return annotation
 
 
 def _problem_from_pydantic(err: dict) -> Problem:
@@ -354,6 +410,8 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
         problems.append(Problem(path="training.checkpoint_every",
                                 message=f"{t.checkpoint_every} is beyond max_steps ({t.max_steps})",
                                 fix="lower it or leave it unset (the final adapter is always saved)"))
+    if spec.tune is not None:
+        problems += tune_problems(spec)
     if base_dir is not None:
         for field in ("train", "eval"):
             value = getattr(d, field)
@@ -409,6 +467,48 @@ def peft_problems(spec: JobSpec) -> list[Problem]:
     # No ZeRO-3 check: every method trains, saves and registers under ZeRO-3 with 2 workers (each
     # tried: lora on a 4-bit base and unquantized, the others unquantized); save_trained gathers
     # the partitioned trainable tensors first.
+
+
+# What the worker loop reports to Ray at every evaluation: the metrics a search can rank trials by.
+TUNE_METRICS = ("eval_loss", "train_loss")
+
+
+def tune_problems(spec: JobSpec) -> list[Problem]:
+    """The `tune` section's own shape: one kind per searched value, ranges the right way round,
+    a metric the trials report. (Whether every value makes a valid job is `search.space_problems`.)"""
+    tune, t = spec.tune, spec.training
+    problems: list[Problem] = []
+    if tune.metric not in TUNE_METRICS:
+        problems.append(Problem(path="tune.metric", message=f"'{tune.metric}' is not reported by the trials",
+                                fix=f"use one of {', '.join(TUNE_METRICS)}"))
+    if not tune.space:
+        problems.append(Problem(path="tune.space", message="nothing to search",
+                                fix="add e.g. 'peft.r: {choice: [4, 8, 16]}' under tune.space"))
+    if t.checkpoint_every is not None and t.checkpoint_every % t.eval_every:
+        # Every report to Tune must carry the metric; a checkpoint between evaluations would not.
+        problems.append(Problem(path="training.checkpoint_every",
+                                message=f"{t.checkpoint_every} is not a multiple of training.eval_every "
+                                        f"({t.eval_every}) in a search",
+                                fix="leave it unset or make it a multiple of training.eval_every"))
+    for path, domain in tune.space.items():
+        where = f"tune.space.{path}"
+        if path == "tune" or path.startswith("tune.") or path == "name":
+            problems.append(Problem(path=where, message=f"'{path}' cannot be searched",
+                                    fix="search job settings such as peft.r or training.learning_rate"))
+        kind = domain.kind
+        if kind is None:
+            problems.append(Problem(path=where, message="give exactly one of choice, uniform, loguniform, randint",
+                                    fix="write e.g. {choice: [4, 8, 16]} or {loguniform: [1.0e-4, 1.0e-2]}"))
+            continue
+        if kind == "choice":
+            continue
+        low, high = getattr(domain, kind)
+        if not low < high:
+            problems.append(Problem(path=where, message=f"{kind} range [{low}, {high}] is empty",
+                                    fix="write [low, high] with low < high"))
+        elif kind == "loguniform" and low <= 0:
+            problems.append(Problem(path=where, message=f"loguniform needs a positive low end (got {low})",
+                                    fix="use a low end above 0, or a uniform range"))
     return problems
 
 

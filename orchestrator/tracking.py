@@ -91,28 +91,26 @@ def _experiment_id(client, uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
-def start_run(spec: JobSpec, *, tags: dict[str, str], artifacts: dict[str, Any]) -> RunHandle:
-    """Create the run: flattened spec as params, tags, and text/JSON artifacts."""
+def start_run(spec: JobSpec, *, tags: dict[str, str], artifacts: dict[str, Any], parent_run_id: str | None = None,
+              run_name: str | None = None) -> RunHandle:
+    """Create the run: flattened spec as params, tags, and text/JSON artifacts; with
+    `parent_run_id`, a child run nested under that one (a trial under its search)."""
     from mlflow.entities import Param, RunTag
 
     uri = resolve_tracking_uri(spec.tracking.uri)
     client = _client(uri)
     name = spec.experiment
     exp_id = _experiment_id(client, uri, name)
-    run = client.create_run(exp_id, run_name=spec.name, tags={"spec_hash": spec.spec_hash(),
-                                                               "base_model": spec.model.base, **tags})
+    run = client.create_run(exp_id, run_name=run_name or spec.name, tags={
+        "spec_hash": spec.spec_hash(), "base_model": spec.model.base, **parent_tags(parent_run_id), **tags})
     run_id = run.info.run_id
     params = [Param(k, str(v)[:6000]) for k, v in flatten(spec.model_dump(mode="json")).items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
         client.log_batch(run_id, params=params[i:i + 100])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    client.log_text(run_id, spec.to_yaml(), SPEC_FILE)
-    for path, content in artifacts.items():
-        if isinstance(content, (dict, list)):
-            client.log_dict(run_id, content, path)
-        else:
-            client.log_text(run_id, str(content), path)
-    return RunHandle(uri=uri, run_id=run_id, experiment=name, experiment_id=exp_id)
+    handle = RunHandle(uri=uri, run_id=run_id, experiment=name, experiment_id=exp_id)
+    log_artifacts(handle, {SPEC_FILE: spec.to_yaml(), **artifacts})
+    return handle
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -249,6 +247,56 @@ def finish_run(handle: RunHandle, status: str = "FINISHED") -> None:
 # A worker's MLflow calls fail fast when the server is down (MLflow's own default retries for
 # minutes); the logger keeps what it could not send and tries again at its next flush.
 _WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def log_params(handle: RunHandle, params: dict[str, Any]) -> None:
+    """Params not logged yet (MLflow refuses to change a logged param)."""
+    from mlflow.entities import Param
+
+    logged = _client(handle.uri).get_run(handle.run_id).data.params
+    new = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()
+           if k not in logged]
+    if new:
+        _client(handle.uri).log_batch(handle.run_id, params=new)
+
+
+def log_artifacts(handle: RunHandle, artifacts: dict[str, Any]) -> None:
+    """Text, JSON (dicts and lists) and matplotlib figures (logged as PNG) under their paths."""
+    client = _client(handle.uri)
+    for path, content in artifacts.items():
+        if hasattr(content, "savefig"):
+            with _quiet():
+                client.log_figure(handle.run_id, content, path)
+        elif isinstance(content, (dict, list)):
+            client.log_dict(handle.run_id, content, path)
+        else:
+            client.log_text(handle.run_id, str(content), path)
+
+
+def find_runs(uri: str, experiment: str, tags: dict[str, str]) -> list[tuple[RunHandle, str, dict]]:
+    """Runs of `experiment` carrying all of `tags`, newest first: (handle, status, tags)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=1000)
+    return [(RunHandle(uri=uri, run_id=r.info.run_id, experiment=experiment, experiment_id=exp.experiment_id),
+             r.info.status, dict(r.data.tags)) for r in runs]
+
+
+def find_runs_anywhere(uri: str, tags: dict[str, str]) -> list[tuple[RunHandle, str, dict]]:
+    """Runs of any experiment carrying all of `tags`, newest first."""
+    client = _client(uri)
+    out = []
+    for exp in client.search_experiments():
+        out += find_runs(uri, exp.name, tags)
+    return sorted(out, key=lambda r: client.get_run(r[0].run_id).info.start_time, reverse=True)
+
+
+def read_run_text(handle: RunHandle, path: str) -> str:
+    return Path(_client(handle.uri).download_artifacts(handle.run_id, path)).read_text(encoding="utf-8")
 
 
 class MetricLogger:

@@ -26,9 +26,10 @@ def tokenizer(tiny_base):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance (2 CPUs) shared by every test that trains; stopped at the end."""
+    """One local Ray instance (2 CPUs) shared by every test that trains; stopped at the end.
+    With the dashboard's state API, which a search needs to free the workers of stopped trials."""
     from orchestrator import launch
 
-    launch.connect(None)
+    launch.connect(None, dashboard=True)
     yield
     launch.shutdown()

@@ -1,0 +1,296 @@
+"""`orchestrator run` of a job with a `tune` section: a hyperparameter search.
+
+search spec -> checks (every value of the space makes a valid job) -> prepare (base, data, Ray)
+-> parent MLflow run -> Ray Tune: each trial fits its own TorchTrainer and logs into a nested
+child run; ASHA stops the trials that trail -> trials table and plots on the parent -> the best
+completed trial's adapter registered -> summary. An interrupted search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from orchestrator import search
+from orchestrator.spec import JobSpec, SpecError
+from orchestrator.train_loop import ADAPTER_DIR
+
+SEARCH_TAG = "search"  # "parent" on the search's run, "trial" on each trial's run
+TRIAL_TAG = "tune_trial_id"
+SEARCH_RUN_TAG = "search_run_id"
+INTERRUPTED_TAG = "interrupted"  # a trial's run whose driver stopped; the trial re-ran in a new run
+
+
+@dataclass
+class TrialContext:
+    """What every trial gets from the driver (through Ray's object store)."""
+
+    spec: dict  # the search's spec, `tune` included
+    train: list
+    eval: list
+    pad_id: int
+    gpus: float
+    tracking_uri: str
+    parent_run_id: str
+    lineage: dict
+    trainers_path: str  # Ray Train's storage for the trials' TorchTrainers
+
+
+def trial_setup(spec: JobSpec, values: dict, num_train: int, gpus: float):
+    """(trial spec, its Ray resources, its optimizer steps) for the searched `values`."""
+    from orchestrator.plan import optimizer_steps, resources
+
+    tspec = search.trial_spec(spec, values)
+    res = resources(tspec, gpus_available=gpus)
+    return tspec, res, optimizer_steps(tspec, num_train, res.num_workers)
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """One trial (a Ray Tune function): the job with the sampled values, trained by its own
+    TorchTrainer, logged into a child run of the search's run. Rank 0's reports reach Tune."""
+    from orchestrator import launch, tracking
+    from orchestrator.plan import deepspeed_config
+    from orchestrator.train_loop import WorkerJob
+
+    spec = JobSpec.model_validate(ctx.spec)
+    values = search.trial_values(spec.tune, config)
+    tspec, res, total = trial_setup(spec, values, len(ctx.train), ctx.gpus)
+    ds_config = deepspeed_config(tspec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
+    trial_id = launch.trial_id()
+    handle = tracking.start_run(
+        tspec, run_name=f"{spec.name}-{trial_id}", parent_run_id=ctx.parent_run_id,
+        tags={SEARCH_TAG: "trial", TRIAL_TAG: trial_id, SEARCH_RUN_TAG: ctx.parent_run_id,
+              "searched": json.dumps(values), "total_steps": str(total), "num_workers": str(res.num_workers),
+              "use_gpu": str(res.use_gpu), **tracking.lineage_tags(ctx.lineage)},
+        artifacts={"deepspeed_config.json": ds_config})
+    try:
+        job = WorkerJob(spec=tspec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
+                        train=ctx.train, eval=ctx.eval, pad_id=ctx.pad_id, use_gpu=res.use_gpu,
+                        tracking_uri=handle.uri, run_id=handle.run_id, report_evals=True)
+        launch.fit(job, name=trial_id, resources=res, storage_path=ctx.trainers_path,
+                   max_failures=tspec.distributed.max_failures, in_tune=True)
+    except Exception:
+        tracking.finish_run(handle, "FAILED")
+        raise
+    tracking.finish_run(handle, "FINISHED")
+
+
+def check_space(spec: JobSpec) -> None:
+    """Raise `SpecError` when some value of the search space makes an invalid job (target-module
+    presets resolved against the base's architecture, when it can be read)."""
+    from orchestrator.memory_plan import architecture_for
+
+    try:
+        architecture = architecture_for(spec)
+    except SpecError:  # an architecture the planner does not know: the trials resolve presets
+        architecture = None
+    problems = search.space_problems(spec, architecture)
+    if problems:
+        raise SpecError(problems)
+
+
+def concurrency(spec: JobSpec, res, capacity: dict[str, float], fixed_cluster: bool) -> int:
+    """Trials at once: `tune.max_concurrent_trials`, or as many as the cluster holds now. On a
+    cluster that cannot grow (a local Ray) more than it holds is refused: the extra trials would
+    wait for workers that never come."""
+    from orchestrator.spec import Problem
+
+    kind = "GPU" if res.use_gpu else "CPU"
+    per_trial = res.num_workers * (1 if res.use_gpu else res.cpus_per_worker)
+    fits = int(capacity[kind] // per_trial)
+    wanted = spec.tune.max_concurrent_trials
+    if fits < 1 or (fixed_cluster and wanted is not None and wanted > fits):
+        raise SpecError([Problem(
+            path="tune.max_concurrent_trials",
+            message=f"{wanted or 1} trial(s) at once need {(wanted or 1) * per_trial:g} {kind}s "
+                    f"({res.num_workers} worker(s) x {per_trial // res.num_workers} each), "
+                    f"and this Ray instance has {capacity[kind]:g}",
+            fix=f"set tune.max_concurrent_trials={max(fits, 1)}" + (
+                "" if fits else " and lower distributed.num_workers or distributed.cpus_per_worker"))])
+    return min(wanted or fits, spec.tune.num_samples)
+
+
+def _setup(spec: JobSpec, total_steps: int, max_concurrent: int):
+    from orchestrator.launch import SearchSetup
+
+    t = spec.tune
+    return SearchSetup(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+                       max_concurrent_trials=max_concurrent, scheduler=t.scheduler.type,
+                       grace_period=t.scheduler.grace_period, reduction_factor=t.scheduler.reduction_factor,
+                       max_evaluations=search.evaluations(spec, total_steps), search_alg=t.search_alg,
+                       seed=t.seed, time_budget_s=t.time_budget_s)
+
+
+def _parent_run(spec: JobSpec, restart: bool, status, artifacts: dict, tags: dict):
+    """The search's MLflow run: the unfinished one of this same spec (resume), else a new one."""
+    from orchestrator import tracking
+
+    uri = tracking.resolve_tracking_uri(spec.tracking.uri)
+    if not restart:
+        for handle, state, _ in tracking.find_runs(uri, spec.experiment,
+                                                   {SEARCH_TAG: "parent", "spec_hash": spec.spec_hash()}):
+            if state != "FINISHED":
+                status(f"Resuming the search of MLflow run {handle.run_id} (--restart starts afresh)")
+                tracking.reopen_run(handle)
+                # Trials whose driver stopped re-run from their start, in new child runs.
+                for child, child_state, _ in tracking.find_runs(uri, spec.experiment,
+                                                                {SEARCH_RUN_TAG: handle.run_id}):
+                    if child_state == "RUNNING":
+                        tracking.set_tags(child, {INTERRUPTED_TAG: "true"})
+                        tracking.finish_run(child, "FAILED")
+                return handle
+            break  # the latest search of this spec finished: a new one
+    return tracking.start_run(spec, run_name=f"{spec.name}-search", tags=tags, artifacts=artifacts)
+
+
+def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
+               gpu_memory_bytes: int | None = None, restart: bool = False,
+               status: Callable[[str], None] = lambda _: None, progress=None,
+               on_trials: Callable[[list], None] | None = None):
+    """Run (or resume) the search `spec.tune` describes; returns the run summary of the best
+    trial, with the search's run id and every trial. Raises `SpecError` for a space that can
+    make an invalid job, before anything runs."""
+    from orchestrator import launch, tracking
+    from orchestrator.run import RunSummary, lineage_of, prepare
+
+    started = time.time()
+    check_space(spec)
+    p = prepare(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=gpu_memory_bytes,
+                status=status, progress=progress)
+    tune = spec.tune
+    at_once = concurrency(spec, p.resources, launch.cluster_capacity(), fixed_cluster=address is None)
+    n_train = len(p.data.train)
+    _, _, base_total = trial_setup(spec, {}, n_train, p.gpus)
+    lineage = lineage_of(spec, p.base_path)
+    parent = _parent_run(spec, restart, status, tags={
+        SEARCH_TAG: "parent", "search_name": spec.name, **tracking.lineage_tags(lineage)}, artifacts={
+        "search_space.json": {path: d.model_dump(exclude_none=True) for path, d in tune.space.items()},
+        "data_stats.json": p.data.stats})
+    status(f"MLflow run {parent.run_id} (the search) in experiment '{parent.experiment}'")
+    name = f"{spec.name}-search-{parent.run_id[:8]}"
+    # Trials run in Tune's trial directories: a relative sqlite URI would give each its own store.
+    trials_spec = spec.model_copy(deep=True)
+    trials_spec.tracking.uri = parent.uri
+    ctx = TrialContext(spec=trials_spec.model_dump(mode="json"), train=p.data.train, eval=p.data.eval,
+                       pad_id=p.tokenizer.pad_token_id, gpus=p.gpus, tracking_uri=parent.uri,
+                       parent_run_id=parent.run_id, lineage=lineage,
+                       trainers_path=f"{launch.search_dir(spec.storage.path, name)}/trainers")
+    records: dict[str, search.TrialRecord] = {}
+    totals: dict[str, int] = {}
+
+    def record(trial_id: str, config: dict) -> search.TrialRecord:
+        if trial_id not in records:
+            values = search.trial_values(tune, config)
+            records[trial_id] = search.TrialRecord(trial_id=trial_id, values=values)
+            totals[trial_id] = trial_setup(spec, values, n_train, p.gpus)[2]
+        return records[trial_id]
+
+    def finish(rec: search.TrialRecord, errored: bool) -> None:
+        rec.state = search.final_state(rec.metrics.get("step"), totals[rec.trial_id], errored)
+        child = _trial_run(parent, rec.trial_id)
+        if child is not None:
+            rec.run_id = child.run_id
+            tracking.finish_run(child, search.RUN_STATUS[rec.state])
+
+    def on_event(event: str, trial_id: str, config: dict, result: dict) -> None:
+        rec = record(trial_id, config)
+        if event in ("start", "result"):
+            rec.state = search.RUNNING
+        if event == "result":
+            rec.metrics = result
+            if isinstance(result.get(tune.metric), (int, float)):
+                rec.history.append((int(result.get("step", 0)), float(result[tune.metric])))
+        if event in ("complete", "error"):
+            if result:
+                rec.metrics = result
+            finish(rec, errored=event == "error")
+        if on_trials:
+            on_trials(search.ranked(list(records.values()), tune.metric, tune.mode))
+
+    status(f"Searching {tune.num_samples} trial(s) of {base_total} steps, "
+           f"{at_once} at a time"
+           + (f", ASHA after {tune.scheduler.grace_period} evaluation(s)" if tune.scheduler.type == "asha" else ""))
+    try:
+        results = launch.tune(run_trial, {"ctx": ctx}, param_space=search.param_space(tune),
+                              setup=_setup(spec, base_total, at_once), name=name, storage_path=spec.storage.path,
+                              on_event=on_event)
+        if any(t.state == search.RUNNING for t in records.values()):
+            # Tune returns early, with trials still running, when the driver is interrupted (Ctrl-C).
+            raise KeyboardInterrupt(f"search interrupted; resume it with `orchestrator resume {spec.name}`")
+        for r in results:  # trials that finished before a resume sent no events this time
+            if not r["trial_id"] or not set(tune.space) <= set(r["config"]):
+                continue  # never started
+            if r["trial_id"] not in records or records[r["trial_id"]].state in (search.PENDING, search.RUNNING):
+                rec = record(r["trial_id"], r["config"])
+                rec.metrics = r["last_result"]
+                finish(rec, errored=r["error"] is not None)
+        trials = list(records.values())
+        for rec in trials:  # the curves as the child runs hold them (also for resumed trials)
+            if rec.run_id:
+                rec.history = tracking.run_metric_history(parent.uri, rec.run_id, tune.metric)
+        best = search.best_trial(trials, tune.metric, tune.mode)
+        table = search.trials_csv(trials, tune.metric, tune.mode)
+        artifacts = {"trials.csv": table, "plots/curves.png": search.curves_figure(trials, tune.metric)}
+        artifacts.update({search.plot_name(path): search.parameter_figure(trials, tune.metric, path)
+                          for path in tune.space})
+        tracking.log_artifacts(parent, artifacts)
+        counts = {state: sum(t.state == state for t in trials) for state in search.RUN_STATUS}
+        tracking.log_metrics(parent, {f"trials_{s.replace(' ', '_')}": n for s, n in counts.items()})
+        if best is None:
+            raise RuntimeError(f"no trial of the search completed ({counts}); see the trials in MLflow run "
+                               f"{parent.run_id}")
+        tspec = search.trial_spec(trials_spec, best.values)
+        child = tracking.run_handle(parent.uri, best.run_id)
+        adapter_dir = f"{best.metrics['checkpoint_path']}/{ADAPTER_DIR}"
+        status(f"Registering the best trial's adapter ({best.trial_id}) as '{tspec.registered_name}'")
+        version = tracking.register_trained(child, tspec, adapter_dir, lineage=lineage, tags={
+            "spec_hash": tspec.spec_hash(), "base_model": spec.model.base, TRIAL_TAG: best.trial_id,
+            SEARCH_RUN_TAG: parent.run_id})
+        wall = time.time() - started
+        m = best.metrics
+        metrics = {"base_eval_loss": m.get("base_eval_loss"), "eval_loss": m.get("eval_loss"),
+                   "train_loss": m.get("train_loss"), "tokens_per_s": m.get("tokens_per_s"), "wall_s": round(wall, 1)}
+        tracking.log_params(parent, {f"best.{k}": v for k, v in best.values.items()})
+        tracking.log_metrics(parent, {f"best_{k}": v for k, v in metrics.items() if k != "wall_s"} | {"wall_s": wall})
+        tracking.set_tags(parent, {"best_trial": best.trial_id, "best_run_id": best.run_id,
+                                   "registered_model": version.uri, "registered_version": version.version})
+        tracking.finish_run(parent, "FINISHED")
+    except KeyboardInterrupt:
+        tracking.finish_run(parent, "KILLED")
+        raise
+    except BaseException:
+        tracking.finish_run(parent, "FAILED")
+        raise
+    metrics = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+    return RunSummary(run_id=parent.run_id, experiment=parent.experiment, tracking_uri=parent.uri,
+                      metrics=metrics, data=p.data.stats, registered_model={**asdict(version), "uri": version.uri},
+                      trials=[t.to_json(tune.metric) for t in search.ranked(trials, tune.metric, tune.mode)])
+
+
+def _trial_run(parent, trial_id: str):
+    """The newest child run of `parent` for `trial_id` (None before the trial started one)."""
+    from orchestrator import tracking
+
+    runs = tracking.find_runs(parent.uri, parent.experiment, {SEARCH_RUN_TAG: parent.run_id, TRIAL_TAG: trial_id})
+    return runs[0][0] if runs else None
+
+
+def resume(name: str, tracking_uri: str, **kwargs):
+    """Resume the latest unfinished search of the job `name` from the spec its run saved."""
+    from orchestrator import tracking
+    from orchestrator.spec import SPEC_FILE, Problem, parse_spec
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    runs = [r for r in tracking.find_runs_anywhere(uri, {SEARCH_TAG: "parent", "search_name": name})
+            if r[1] != "FINISHED"]
+    if not runs:
+        raise SpecError([Problem(path="NAME", message=f"no unfinished search of a job named '{name}' in {uri}",
+                                 fix="pass the job's name and the --tracking-uri its search used, or "
+                                     "`orchestrator run JOB.yaml` to start one")])
+    import yaml
+
+    spec = parse_spec(yaml.safe_load(tracking.read_run_text(runs[0][0], SPEC_FILE)), source=f"run {runs[0][0].run_id}")
+    return run_search(spec, **kwargs)

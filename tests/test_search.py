@@ -1,0 +1,118 @@
+"""The search space of a `tune:` section: which spaces are accepted, which are refused before
+anything runs (and with which line), and the pure bookkeeping of trials (ranking, table)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator import search
+from orchestrator.memory_plan import architecture_for
+from orchestrator.spec import SpecError, load_spec
+
+from conftest import REPO
+
+
+def tuned(space: str, *sets: str):
+    return load_spec(REPO / "jobs" / "quickstart.yaml", [f"tune={{space: {space}}}", *sets])
+
+
+def problems_of(space: str, *sets: str) -> list[str]:
+    try:
+        spec = tuned(space, *sets)
+    except SpecError as e:
+        return [str(p) for p in e.problems]
+    return [str(p) for p in search.space_problems(spec, architecture_for(spec))]
+
+
+GOOD = [
+    "{peft.r: {choice: [4, 8, 16, 32]}, peft.alpha: {choice: [8, 16, 32, 64]}}",
+    "{peft.target_modules: {choice: [attention, mlp, all-linear, [q_proj, v_proj]]}}",
+    "{training.learning_rate: {loguniform: [1.0e-4, 5.0e-3]}, training.warmup_ratio: {uniform: [0.0, 0.2]}}",
+    "{peft.r: {randint: [2, 16]}, peft.method: {choice: [lora]}}",
+    "{distributed.deepspeed.stage: {choice: [0, 2, 3]}, training.micro_batch_size: {choice: [4, 8]}}",
+]
+
+
+@pytest.mark.parametrize("space", GOOD)
+def test_good_spaces_pass_and_every_sample_is_a_valid_job(space):
+    assert problems_of(space) == []
+    spec = tuned(space)
+    config = {path: d.sample() for path, d in search.param_space(spec.tune).items()}
+    trial = search.trial_spec(spec, search.trial_values(spec.tune, config))
+    assert trial.tune is None
+    for path, value in search.trial_values(spec.tune, config).items():
+        section, *rest = path.split(".")
+        node = getattr(trial, section)
+        for part in rest:
+            node = getattr(node, part)
+        assert node == value
+
+
+BAD = [
+    # (space, extra --set, the start of the one expected line)
+    ("{peft.rank: {choice: [4, 8]}}", (), "tune.space.peft.rank: 'peft.rank' is not a setting of the job"),
+    ("{peft: {choice: [4]}}", (), "tune.space.peft: 'peft' is not a setting of the job"),
+    ("{peft.r: {choice: [0, 8]}}", (), "tune.space.peft.r: peft.r=0: Input should be greater than or equal to 1"),
+    ("{training.learning_rate: {uniform: [0.5, 2.0]}}", (),
+     "tune.space.training.learning_rate: training.learning_rate=2.0: Input should be less than or equal to 1"),
+    ("{peft.target_modules: {choice: [attn, mlp]}}", (), "tune.space.peft.target_modules: peft.target_modules='attn': "
+                                                        "unknown preset 'attn'"),
+    ("{peft.target_modules: {choice: [[q_proj, query]]}}", (),
+     "tune.space.peft.target_modules: the model has no linear module named query (builtin:tiny-llama)"),
+    # A combination: offload_params needs stage 3, which only some samples have.
+    ("{distributed.deepspeed.stage: {choice: [2, 3]}, distributed.deepspeed.offload_params: {choice: [true]}}", (),
+     "tune.space.distributed.deepspeed.offload_params: distributed.deepspeed.offload_params=True "
+     "(with distributed.deepspeed.stage=2): parameter offload needs ZeRO stage 3"),
+    ("{peft.method: {choice: [lora, full]}}", (), "tune.space.peft.method: with peft.method='full': "
+                                                  "quantization.bits: full fine-tuning cannot train quantized weights"),
+    ("{peft.r: {uniform: [8, 4]}}", (), "tune.space.peft.r: uniform range [8.0, 4.0] is empty"),
+    ("{training.learning_rate: {loguniform: [0.0, 0.1]}}", (),
+     "tune.space.training.learning_rate: loguniform needs a positive low end"),
+    ("{peft.r: {choice: [4], uniform: [1, 2]}}", (), "tune.space.peft.r: give exactly one of choice"),
+    ("{peft.r: {chioce: [4]}}", (), "tune.space.peft.r.chioce: unknown key. Fix: did you mean 'choice'?"),
+    ("{tune.num_samples: {choice: [1, 2]}}", (), "tune.space.tune.num_samples: 'tune.num_samples' cannot be searched"),
+    ("{}", (), "tune.space: nothing to search"),
+    ("{peft.r: {choice: [4]}}", ("training.checkpoint_every=30",),
+     "training.checkpoint_every: 30 is not a multiple of training.eval_every (50) in a search"),
+    ("{peft.r: {choice: [4]}}", ("tune.metric=accuracy",), "tune.metric: 'accuracy' is not reported by the trials"),
+]
+
+
+@pytest.mark.parametrize("space,sets,expected", BAD, ids=[b[2].split(":")[0] + f"-{i}" for i, b in enumerate(BAD)])
+def test_bad_spaces_are_refused_naming_the_path_and_the_fix(space, sets, expected):
+    problems = problems_of(space, *sets)
+    assert any(p.startswith(expected) for p in problems), problems
+    assert all(" Fix: " in p for p in problems), problems
+
+
+def test_cli_validate_refuses_a_bad_space_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(REPO / "jobs" / "quickstart.yaml"),
+                                      "--set", "tune={space: {peft.r: {choice: [0, 8]}}}"])
+    assert result.exit_code == 2
+    assert "tune.space.peft.r: peft.r=0" in result.output
+    ok = CliRunner().invoke(app, ["validate", str(REPO / "jobs" / "tune-quickstart.yaml")])
+    assert ok.exit_code == 0, ok.output
+
+
+def records():
+    R = search.TrialRecord
+    return [R("a", {"peft.r": 4}, search.STOPPED, {"eval_loss": 0.1, "step": 20}),
+            R("b", {"peft.r": 8}, search.COMPLETED, {"eval_loss": 0.5, "step": 60}),
+            R("c", {"peft.r": 16}, search.COMPLETED, {"eval_loss": 0.3, "step": 60}),
+            R("d", {"peft.r": 32}, search.FAILED, {})]
+
+
+def test_best_trial_is_the_best_completed_one_and_the_table_is_ranked():
+    trials = records()
+    assert search.best_trial(trials, "eval_loss", "min").trial_id == "c"  # a is better but stopped early
+    assert search.best_trial(trials, "eval_loss", "max").trial_id == "b"
+    rows = search.trials_csv(trials, "eval_loss", "min").splitlines()
+    assert rows[0] == "rank,trial_id,state,peft.r,eval_loss,step,run_id"
+    assert [r.split(",")[1] for r in rows[1:]] == ["c", "b", "a", "d"]
+    assert search.final_state(60, 60, False) == search.COMPLETED
+    assert search.final_state(20, 60, False) == search.STOPPED
+    assert search.final_state(60, 60, True) == search.FAILED
