@@ -467,6 +467,7 @@ def peft_problems(spec: JobSpec) -> list[Problem]:
     # No ZeRO-3 check: every method trains, saves and registers under ZeRO-3 with 2 workers (each
     # tried: lora on a 4-bit base and unquantized, the others unquantized); save_trained gathers
     # the partitioned trainable tensors first.
+    return problems
 
 
 # What the worker loop reports to Ray at every evaluation: the metrics a search can rank trials by.

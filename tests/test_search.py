@@ -64,7 +64,8 @@ BAD = [
      "tune.space.distributed.deepspeed.offload_params: distributed.deepspeed.offload_params=True "
      "(with distributed.deepspeed.stage=2): parameter offload needs ZeRO stage 3"),
     ("{peft.method: {choice: [lora, full]}}", (), "tune.space.peft.method: with peft.method='full': "
-                                                  "quantization.bits: full fine-tuning cannot train quantized weights"),
+                                                  "quantization.bits: full fine-tuning trains the base's own weights, which cannot be trained "
+                                                  "4-bit quantized"),
     ("{peft.r: {uniform: [8, 4]}}", (), "tune.space.peft.r: uniform range [8.0, 4.0] is empty"),
     ("{training.learning_rate: {loguniform: [0.0, 0.1]}}", (),
      "tune.space.training.learning_rate: loguniform needs a positive low end"),
