@@ -250,8 +250,15 @@ class JobSpec(_Section):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def public_dict(self) -> dict:
+        """The spec as plain data, safe to log: a user:password@ in `tracking.uri` is left out
+        (credentials belong in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+        data = self.model_dump(mode="json")
+        data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.public_dict(), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -511,6 +518,21 @@ def tune_problems(spec: JobSpec) -> list[Problem]:
             problems.append(Problem(path=where, message=f"loguniform needs a positive low end (got {low})",
                                     fix="use a low end above 0, or a uniform range"))
     return problems
+
+
+def redact_uri(uri: str) -> str:
+    """A URI without its user:password@ part, for logs, artifacts, messages and metadata."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        if not parts.password and not parts.username:
+            return uri
+    except ValueError:  # not a URI: nothing to redact
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return parts._replace(netloc=netloc).geturl()
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from orchestrator.spec import SPEC_FILE, JobSpec, Problem
+from orchestrator.spec import SPEC_FILE, JobSpec, Problem, redact_uri
 
 JOB_FILE = SPEC_FILE
 MODEL_DIR = "model"
@@ -110,7 +110,7 @@ def _tracking_problems(spec: JobSpec, cluster: ClusterInfo, allow_local: bool) -
                         fix=_MLFLOW_SERVER_FIX)]
     if where == "loopback" and not allow_local:
         return [Problem(path="tracking.uri",
-                        message=f"'{_redact(uri)}' names this machine (loopback); on the cluster it means "
+                        message=f"'{redact_uri(uri)}' names this machine (loopback); on the cluster it means "
                                 "each node itself",
                         fix=f"{_MLFLOW_SERVER_FIX}; if the cluster runs on this machine, pass "
                             "--allow-local-tracking")]
@@ -162,15 +162,6 @@ def _nodes(cluster: ClusterInfo) -> str:
         return f"several nodes (the cluster has {cluster.nodes})"
     return "several nodes (the cluster cannot hold all its workers now, so it would add nodes)"
 
-
-def _redact(uri: str) -> str:
-    """A URI without its user:password@ part, for messages and metadata."""
-    parts = urlsplit(uri)
-    if not parts.password and not parts.username:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return parts._replace(netloc=netloc).geturl()
 
 
 # --- what is sent --------------------------------------------------------------------------------
@@ -293,7 +284,7 @@ def metadata(spec: JobSpec, user: str | None = None) -> dict[str, str]:
     return {"orchestrator.job": spec.name, "orchestrator.spec_hash": spec.spec_hash(),
             "orchestrator.user": user or _user(), "orchestrator.version": __version__,
             "orchestrator.experiment": spec.experiment,
-            "orchestrator.tracking_uri": _redact(spec.tracking.uri)}
+            "orchestrator.tracking_uri": redact_uri(spec.tracking.uri)}
 
 
 def _user() -> str:

@@ -104,7 +104,7 @@ def start_run(spec: JobSpec, *, tags: dict[str, str], artifacts: dict[str, Any],
     run = client.create_run(exp_id, run_name=run_name or spec.name, tags={
         "spec_hash": spec.spec_hash(), "base_model": spec.model.base, **parent_tags(parent_run_id), **tags})
     run_id = run.info.run_id
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(spec.model_dump(mode="json")).items()]
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(spec.public_dict()).items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
         client.log_batch(run_id, params=params[i:i + 100])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

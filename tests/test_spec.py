@@ -160,3 +160,14 @@ def test_cli_validate_lists_every_problem_exit_2_no_traceback(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(REPO / "jobs" / "quickstart.yaml")],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_password_in_the_tracking_uri_never_reaches_logged_spec_data():
+    from orchestrator.spec import flatten, parse_spec
+
+    spec = parse_spec({"name": "secret", "data": {"train": "t.jsonl"}, "training": {"max_steps": 1},
+                       "tracking": {"uri": "http://alice:s3cr3t-pw@mlflow.internal:5000"}})
+    assert spec.tracking.uri == "http://alice:s3cr3t-pw@mlflow.internal:5000"  # the run itself still uses it
+    logged = spec.to_yaml() + repr(flatten(spec.public_dict()))
+    assert "s3cr3t-pw" not in logged and "alice" not in logged
+    assert "http://mlflow.internal:5000" in logged
