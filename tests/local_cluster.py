@@ -47,6 +47,15 @@ def main() -> None:
         # share one runtime-env cache, and one node's cleanup would delete a job's working
         # directory from under the driver on another.
         cluster.add_node(**node, temp_dir=f"{args.temp_dir}-n{i}", dashboard_agent_listen_port=free_port())
+    # Job drivers find their cluster through the `ray_current_cluster` file of the temp dir of the
+    # node they start on; only a head started by `ray start` writes one. Without it, a driver on the
+    # second node would take the latest Ray instance started on this machine (in a test session,
+    # the session's own local instance) for its cluster.
+    from ray._private.utils import get_ray_address_file
+
+    for temp_dir in [args.temp_dir] + [f"{args.temp_dir}-n{i}" for i in range(1, args.nodes)]:
+        with open(get_ray_address_file(temp_dir), "w") as fh:
+            fh.write(f"127.0.0.1:{args.gcs_port}")
     print("ready", flush=True)
 
     stop = threading.Event()
