@@ -170,7 +170,25 @@ def bench_scaling(scratch: Path, smoke: bool) -> dict:
     return {"steps": steps, "rows": rows, "intervals": intervals}
 
 
-BENCHMARKS = {"steady": bench_steady, "fixed": bench_fixed, "scaling": bench_scaling}
+def bench_search(scratch: Path, smoke: bool) -> dict:
+    """The tune quickstart as a user runs it; trial-steps as each trial's last reported step."""
+    from orchestrator.spec import load_spec
+
+    overrides = store_overrides(scratch / "search")
+    if smoke:
+        overrides += ["tune.num_samples=2", "training.max_steps=4", "training.eval_every=2"]
+    total = load_spec(TUNE_QUICKSTART, overrides).training.max_steps
+    wall, summary = orchestrator_cli(TUNE_QUICKSTART, overrides)
+    trials = summary["trials"]
+    steps_run = sum(t["step"] or 0 for t in trials)
+    states = {state: sum(t["state"] == state for t in trials) for state in {t["state"] for t in trials}}
+    return {"wall_s": wall, "trials": len(trials), "states": states, "steps_per_trial": total,
+            "trial_steps_run": steps_run, "trial_steps_all_to_the_end": total * len(trials),
+            "saved_share": 1 - steps_run / (total * len(trials)), "trials_per_hour": len(trials) / wall * 3600,
+            "best_eval_loss": summary["metrics"].get("eval_loss")}
+
+
+BENCHMARKS = {"steady": bench_steady, "fixed": bench_fixed, "scaling": bench_scaling, "search": bench_search}
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -219,6 +237,14 @@ def render(results: dict, smoke: bool) -> str:
         lines += [f"| {x['intervals']} | {x['steps_s']:.1f} | {x['log_s']:.2f} | {x['report_s']:.2f} | "
                   f"{x['checkpoint_s']:.2f} | {100 * x['share_of_step_time']:.1f}% |" for x in r["intervals"]]
         lines.append("")
+    if "search" in results:
+        r = results["search"]
+        states = ", ".join(f"{n} {state}" for state, n in sorted(r["states"].items()))
+        lines += ["### Search efficiency: jobs/tune-quickstart.yaml", "",
+                  f"{r['trials']} trials ({states}) in {r['wall_s']:.0f} s: **{r['trials_per_hour']:.0f} trials per "
+                  f"hour**. ASHA ran {r['trial_steps_run']} trial-steps of the {r['trial_steps_all_to_the_end']} that "
+                  f"running every trial to step {r['steps_per_trial']} takes: **{100 * r['saved_share']:.0f}% saved**. "
+                  f"Best eval loss {r['best_eval_loss']}.", ""]
     return "\n".join(lines)
 
 
@@ -228,7 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a few steps each: checks the benchmarks run")
     parser.add_argument("--out", type=Path, default=None, help="write results here, not to docs/benchmarks.md")
     args = parser.parse_args(argv)
-    names = args.names or list(BENCHMARKS)
+    # A smoke run leaves the search out unless asked: tests/test_search_run.py already runs a real
+    # small search through the same code path in the suite.
+    names = args.names or [n for n in BENCHMARKS if not (args.smoke and n == "search")]
     if unknown := set(names) - set(BENCHMARKS):
         parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}: choose from {', '.join(BENCHMARKS)}")
     out = args.out or REPO / "benchmarks" / "results"
