@@ -11,7 +11,8 @@ To train on identical batches it borrows two things from the orchestrator: the j
 seeded order. One process plays all of the job's workers: `micro_batch_size x num_workers`
 examples per micro batch, so each optimizer step sees the same number of examples.
 
-Prints one JSON object: seconds per phase (`time_<phase>_s`), tokens trained, eval losses.
+Prints one JSON object: seconds per phase (`time_<phase>_s`), tokens trained, eval losses, and
+each step's tokens/s.
 """
 
 from __future__ import annotations
@@ -133,22 +134,25 @@ def main() -> None:
     with autocast:
         evals = {0: evaluate(model, data.eval, eval_size, pad_id, cap)}
     times["eval"] += time.perf_counter() - start
-    times["steps"], tokens, losses = 0.0, 0, []
+    times["steps"], tokens, losses, step_tokens_per_s = 0.0, 0, [], []
     model.train()
     for step in range(1, steps + 1):
-        start = time.perf_counter()
+        start, step_tokens = time.perf_counter(), 0
         for _ in range(t.grad_accum):
             batch = pad(next(stream), pad_id)
             with autocast:
                 loss = model(**batch).loss
             (loss / t.grad_accum).backward()
-            tokens += int(batch["attention_mask"].sum())
+            step_tokens += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        times["steps"] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        times["steps"] += elapsed
+        tokens += step_tokens
+        step_tokens_per_s.append(step_tokens / elapsed)
         if step % t.eval_every == 0 or step == steps:
             start = time.perf_counter()
             with autocast:
@@ -162,6 +166,7 @@ def main() -> None:
     times["total"] = time.perf_counter() - STARTED
     print(json.dumps({**{f"time_{k}_s": round(v, 3) for k, v in times.items()}, "tokens_trained": tokens,
                       "steps": steps, "tokens_per_s": tokens / times["steps"], "eval_loss": evals,
+                      "step_tokens_per_s": [round(x, 1) for x in step_tokens_per_s],
                       "train_loss": losses[-1] if losses else math.nan}))
 
 

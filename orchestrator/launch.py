@@ -81,6 +81,13 @@ def connect(address: str | None = None, verbose: bool = False, dashboard: bool =
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def is_connected() -> bool:
+    """Whether this process already has a Ray instance (an earlier run of `compare`, a test session)."""
+    import ray
+
+    return ray.is_initialized()
+
+
 def _free_port() -> int:
     import socket
 

@@ -146,7 +146,8 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
     with watch("plan"):
         memory = plan_for_run(spec, workers, gpu_memory_bytes)
 
-    status("Connecting to Ray" if address else "Starting Ray")
+    if not launch.is_connected():
+        status("Connecting to Ray" if address else "Starting Ray")
     with watch("ray_start"):
         gpus = launch.connect(address, verbose, dashboard=spec.tune is not None)
     res = resources(spec, gpus_available=gpus)

@@ -302,14 +302,17 @@ def read_run_text(handle: RunHandle, path: str) -> str:
 class MetricLogger:
     """Buffered per-step metrics from rank 0 into an existing run.
 
-    Metrics are sent in batches (at evaluation and checkpoint steps and at the end) rather than
-    one request per step. A failed send keeps the buffer, so the next flush retries it: an
-    unreachable server never stops training. A step the run already has for a metric (logged
-    before a worker failure or a driver restart) is not sent again, so each step appears once.
+    Metrics are sent in batches (at evaluation and checkpoint steps, every `flush_interval_s`
+    seconds, and at the end) rather than one request per step: each send is a database write or
+    an HTTP request on the training thread. A failed send keeps the buffer, so the next flush
+    retries it: an unreachable server never stops training. A step the run already has for a
+    metric (logged before a worker failure or a driver restart) is not sent again, so each step
+    appears once.
     """
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 25, fail_fast: bool = True):
-        self.uri, self.run_id, self.flush_every = uri, run_id, flush_every
+    def __init__(self, uri: str, run_id: str, flush_interval_s: float = 10.0, fail_fast: bool = True):
+        self.uri, self.run_id, self.flush_interval_s = uri, run_id, flush_interval_s
+        self._last_flush = time.monotonic()
         self._buffer: list = []
         self._logged: dict[str, set[int]] = {}  # metric -> steps the run has, fetched once per metric
         self.last_error: Exception | None = None
@@ -322,7 +325,7 @@ class MetricLogger:
 
         now = int(time.time() * 1000)
         self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        if len(self._buffer) >= self.flush_every * 4:
+        if time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def extend(self, pending: list[dict]) -> None:
@@ -334,6 +337,7 @@ class MetricLogger:
     def flush(self) -> bool:
         """Send what is buffered; True when nothing is left. Never raises: a failure is kept in
         `last_error` and the metrics stay buffered."""
+        self._last_flush = time.monotonic()
         if not self._buffer:
             return True
         try:

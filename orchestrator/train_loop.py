@@ -330,6 +330,7 @@ def train_loop_per_worker(config: dict) -> None:
         state = restore_state(engine, rank) or TrainState()
     # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
     logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
+    progress = ProgressSender(job, rank)
     # Each optimizer step consumes `grad_accum` micro batches per rank.
     stream = micro_batches(job.train, t.micro_batch_size, rank, world, t.seed, start=state.step * t.grad_accum)
     eval_size = t.micro_batch_size * 2
@@ -343,7 +344,7 @@ def train_loop_per_worker(config: dict) -> None:
         if logger:
             logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss})
             logger.flush()
-        _progress(job, rank, 0, {"eval_loss": state.base_eval_loss})
+        progress(0, {"eval_loss": state.base_eval_loss})
     elif logger:
         logger.log(state.step, {"resumed_from_step": state.step})
     if state.step >= job.total_steps:  # stopped after its last checkpoint: report that state again
@@ -369,7 +370,7 @@ def train_loop_per_worker(config: dict) -> None:
                 # and at the end whatever is still unsent travels in the final checkpoint.
                 if (save or "eval_loss" in metrics) and not last:
                     logger.flush()  # the MLflow UI shows each evaluation as it happens
-            _progress(job, rank, step, metrics)
+            progress(step, metrics)
         if save or (job.report_evals and "eval_loss" in metrics):
             pending = logger.close(job.final_flush_timeout_s) if logger and last else []
             state.step = step
@@ -400,6 +401,23 @@ def report(engine, spec: JobSpec, rank: int, state: TrainState, metrics: dict, s
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _progress(job: WorkerJob, rank: int, step: int, metrics: dict) -> None:
-    if rank == 0 and job.progress is not None:
-        job.progress.update.remote(step, metrics)  # fire and forget: never waits on the driver
+class ProgressSender:
+    """Rank 0 tells the driver's progress bar how far it is (fire and forget: never waits on the
+    driver). Each update is an actor call made from the training thread, so at most one goes
+    out every `interval_s` seconds (the driver's bar refreshes twice a second), plus every
+    evaluation and the last step."""
+
+    def __init__(self, job: WorkerJob, rank: int, interval_s: float = 0.5):
+        self.actor = job.progress if rank == 0 else None
+        self.interval_s, self.total = interval_s, job.total_steps
+        self._sent_at = -math.inf
+
+    def __call__(self, step: int, metrics: dict) -> bool:
+        """Send unless one went out less than `interval_s` ago; returns whether it sent."""
+        now = time.monotonic()
+        must = "eval_loss" in metrics or step >= self.total
+        if self.actor is None or (not must and now - self._sent_at < self.interval_s):
+            return False
+        self._sent_at = now
+        self.actor.update.remote(step, metrics)
+        return True

@@ -1,4 +1,4 @@
-"""A killed worker must not leave every later job waiting on DeepSpeed's op build lock."""
+"""Worker-side housekeeping: a stale DeepSpeed op lock, and what rank 0 sends while it trains."""
 
 from __future__ import annotations
 
@@ -28,3 +28,61 @@ def test_stale_op_lock(tmp_path, monkeypatch, built, age_s, removed):
 
     assert release_stale_op_lock() is removed
     assert lock.exists() is not removed
+
+
+# --- what rank 0 sends while it trains: each send runs on the training thread -----------------------
+
+
+class _RecordingActor:
+    """Stands in for the driver's progress actor (a Ray actor handle): records `update.remote` calls."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+        self.update = self
+
+    def remote(self, step, metrics):
+        self.calls.append(step)
+
+
+def test_progress_updates_are_throttled_but_evaluations_and_the_last_step_always_go():
+    from orchestrator.train_loop import ProgressSender, WorkerJob
+
+    actor = _RecordingActor()
+    job = WorkerJob(spec={}, deepspeed_config={}, total_steps=100, train=[], eval=[], pad_id=0, use_gpu=False,
+                    tracking_uri="", run_id="", progress=actor)
+    send = ProgressSender(job, rank=0, interval_s=3600)
+    for step in range(0, 101):
+        send(step, {"eval_loss": 1.0} if step % 50 == 0 else {"train_loss": 1.0})
+    assert actor.calls == [0, 50, 100]  # within the hour only the evaluations and the last step
+
+    every = ProgressSender(job, rank=0, interval_s=0)
+    actor.calls.clear()
+    for step in range(1, 6):
+        every(step, {"train_loss": 1.0})
+    assert actor.calls == [1, 2, 3, 4, 5]
+    assert ProgressSender(job, rank=1)(100, {"eval_loss": 1.0}) is False  # other ranks never send
+
+
+def test_metric_logger_sends_on_its_interval_and_on_flush(tmp_path):
+    import mlflow
+
+    from orchestrator.tracking import MetricLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("logger")).info.run_id
+
+    def sent() -> list[int]:
+        return [m.step for m in client.get_metric_history(run_id, "train_loss")]
+
+    slow = MetricLogger(uri, run_id, flush_interval_s=3600)
+    for step in range(1, 11):
+        slow.log(step, {"train_loss": 1.0 / step})
+    assert sent() == []  # buffered: nothing written from the training thread yet
+    assert slow.flush() and sorted(sent()) == list(range(1, 11))
+
+    eager = MetricLogger(uri, run_id, flush_interval_s=0)
+    eager.log(11, {"train_loss": 0.05})
+    assert sorted(sent()) == list(range(1, 12))  # past its interval: sent with the log call
+    eager.log(5, {"train_loss": 9.9})  # a step the run has already: never sent twice
+    assert sorted(sent()) == list(range(1, 12))
