@@ -8,7 +8,8 @@
            plain transformers + peft loop (benchmarks/plain_loop.py) on the same model, data,
            batch, precision and thread count; interleaved A B B A ..., one ratio per pair.
 - fixed:   the quickstart end to end (`orchestrator run`) split into phases, against the same job
-           as the plain script; each in a fresh process, as a user runs them.
+           as the plain script; each in a fresh process, as a user runs them; and Ray Train's own
+           floor (benchmarks/ray_floor.py: a TorchTrainer whose workers do nothing).
 - scaling: tokens/s with 1 and 2 workers and ZeRO 0, 2 and 3; and what reports and checkpoints
            cost at the default and at short intervals.
 - search:  trials per hour and the share of trial-steps ASHA saved on jobs/tune-quickstart.yaml.
@@ -139,15 +140,21 @@ def bench_fixed(scratch: Path, smoke: bool) -> dict:
     overrides = ["training.max_steps=3", "training.eval_every=2"] if smoke else []
     reps = 1 if smoke else 2
     runs = []
+    from orchestrator.spec import load_spec
+
+    workers = load_spec(QUICKSTART, overrides).distributed.num_workers
+    floor_cmd = [sys.executable, str(REPO / "benchmarks" / "ray_floor.py"), "--workers", str(workers)]
     for rep in range(reps):
         plain_wall, plain_figures = plain(QUICKSTART, overrides, threads=CPUS)
         orch_wall, summary = orchestrator_cli(QUICKSTART, overrides + store_overrides(scratch / f"fixed{rep}"))
+        floor_wall, floor = _timed_json(floor_cmd)
         runs.append({"plain_wall_s": plain_wall, "plain": plain_figures,
                      "orchestrator_wall_s": orch_wall, "orchestrator": summary["timings"],
-                     "eval_loss": summary["metrics"]["eval_loss"]})
-    return {"runs": runs,
+                     "eval_loss": summary["metrics"]["eval_loss"], "ray_floor_wall_s": floor_wall, "ray_floor": floor})
+    return {"runs": runs, "workers": workers,
             "ratio_median": statistics.median(r["orchestrator_wall_s"] / r["plain_wall_s"] for r in runs),
-            "extra_s_median": statistics.median(r["orchestrator_wall_s"] - r["plain_wall_s"] for r in runs)}
+            "extra_s_median": statistics.median(r["orchestrator_wall_s"] - r["plain_wall_s"] for r in runs),
+            "ray_floor_s_median": statistics.median(r["ray_floor_wall_s"] for r in runs)}
 
 
 SCALING = [(1, 0), (2, 0), (2, 2), (2, 3)]  # (workers, ZeRO stage)
@@ -255,6 +262,13 @@ def render(results: dict, smoke: bool) -> str:
                   f"| **wall time of the process** | **{run['orchestrator_wall_s']:.1f}** | **{run['plain_wall_s']:.1f}** |",
                   "", f"End-to-end ratio (median of {len(r['runs'])}): **{r['ratio_median']:.2f}**; "
                   f"the orchestrator's extra wall time: **{r['extra_s_median']:.1f} s**.", ""]
+        if "ray_floor_s_median" in r:
+            f = {k: med("ray_floor", k) for k in runs[0]["ray_floor"]}
+            lines += [f"Ray Train's own floor on this machine (`benchmarks/ray_floor.py`: a TorchTrainer with "
+                      f"{r['workers']} workers whose function does nothing, run after each pair): "
+                      f"**{r['ray_floor_s_median']:.1f} s** of wall time (ray.init {f['ray_init_s']:.1f} s, "
+                      f"workers started {f['worker_start_s']:.1f} s, end of fit {f['finish_s']:.1f} s, "
+                      f"ray.shutdown {f['shutdown_s']:.1f} s, the rest Python start-up and exit).", ""]
     if "scaling" in results:
         r = results["scaling"]
         lines += ["### Scaling", "", f"{r['steps']} steps each; tokens/s of the training loop, all workers together.",
@@ -301,6 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         try:
             for name in names:
+                if name == "fixed" and ours:
+                    # The quickstart runs as a user runs it, on a machine where no other Ray
+                    # instance (this process's, left by `steady`) competes for the CPUs.
+                    launch.shutdown()
                 print(f"benchmark {name} ...", file=sys.stderr, flush=True)
                 results[name] = BENCHMARKS[name](Path(scratch), args.smoke)
                 (out / f"{name}.json").write_text(json.dumps(results[name], indent=2))

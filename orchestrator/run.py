@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -148,8 +149,13 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
 
     if not launch.is_connected():
         status("Connecting to Ray" if address else "Starting Ray")
+    # Starting Ray mostly waits on the processes it spawns; opening the MLflow store (importing
+    # MLflow, creating a new sqlite file's tables) uses that time instead of following it.
+    store = threading.Thread(target=tracking.open_store, args=(spec.tracking.uri,), daemon=True)
+    store.start()
     with watch("ray_start"):
         gpus = launch.connect(address, verbose, dashboard=spec.tune is not None)
+        store.join()
     res = resources(spec, gpus_available=gpus)
     if res.use_gpu:
         status(f"Memory plan: {human(memory.total_bytes)} of {human(memory.gpu_memory_bytes)} per GPU")

@@ -113,6 +113,14 @@ def start_run(spec: JobSpec, *, tags: dict[str, str], artifacts: dict[str, Any],
     return handle
 
 
+def open_store(uri: str) -> None:
+    """Import MLflow and open the tracking store once (for a new sqlite file this creates its
+    tables, about 2 s), so that later calls find it ready. Never raises: the first real call
+    reports any problem with the store."""
+    with contextlib.suppress(Exception):
+        _client(resolve_tracking_uri(uri)).search_experiments(max_results=1)
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise `SpecError` (tracking.uri) when an MLflow server URI does not answer within
     `timeout_s`, so that a typo or a stopped server costs seconds, before any worker starts.

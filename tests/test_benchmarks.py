@@ -35,6 +35,10 @@ def test_benchmarks_smoke_run_writes_every_figure(tmp_path, ray_local, tiny_base
         assert phases[phase] > 0, phase
     assert phases["total"] < fixed["orchestrator_wall_s"]
     assert fixed["plain"]["steps"] == 3 and fixed["plain"]["tokens_trained"] > 0
+    # Ray Train's floor: its phases are real and fit inside the process's wall time.
+    floor = fixed["ray_floor"]
+    assert floor["ray_init_s"] > 0 and floor["worker_start_s"] > 0 and floor["wall_s"] < fixed["ray_floor_wall_s"]
+    assert steady["step_ratio"] > 0 and len(results["steady"]["pairs"]) == 1
 
     intervals = results["scaling"]["intervals"][0]
     # Eval every step, checkpoint every 2 over 4 steps: checkpoints and logging took time, and evaluations
@@ -42,7 +46,7 @@ def test_benchmarks_smoke_run_writes_every_figure(tmp_path, ray_local, tiny_base
     assert intervals["checkpoint_s"] > 0 and intervals["log_s"] > 0 and intervals["report_s"] == 0
 
     report = (tmp_path / "report.md").read_text()
-    assert "SMOKE RUN" in report and "Steady-state throughput" in report and "| register |" in report
+    assert "SMOKE RUN" in report and "Steady-state throughput" in report and "| register |" in report and "Ray Train's own floor" in report
     # Without --out the report goes into docs/benchmarks.md; a smoke run never touches it.
     assert "SMOKE RUN" not in (REPO / "docs" / "benchmarks.md").read_text()
 
