@@ -1,6 +1,6 @@
 """The orchestrator against a plain script, on this machine: one command, results in docs/benchmarks.md.
 
-    python benchmarks/run.py                      # every benchmark (about 10 minutes on 2 cores)
+    python benchmarks/run.py                      # every benchmark (about 15 minutes on 2 cores)
     python benchmarks/run.py steady fixed         # some of them
     python benchmarks/run.py --smoke --out DIR    # a quick run of each (what the test suite runs)
 
