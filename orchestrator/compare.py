@@ -229,7 +229,7 @@ def compare_methods(job: str | Path, methods: list[str], overrides: list[str], *
             result.total_params = summary.planned["total_params"]
             result.planned_peak_bytes = summary.planned["peak_bytes"]
             result.measured_peak_bytes = summary.measured["peak_memory_bytes"]
-            result.tokens_per_s = summary.measured["mean_tokens_per_s"]
+            result.tokens_per_s = summary.metrics["tokens_per_s"]
             result.base_eval_loss = summary.metrics["base_eval_loss"]
             result.final_eval_loss = summary.metrics["eval_loss"]
             result.wall_s = summary.metrics["wall_s"]

@@ -257,8 +257,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         metrics = {"base_eval_loss": fit.metrics.get("base_eval_loss"), "eval_loss": fit.metrics.get("eval_loss"),
                    "train_loss": fit.metrics.get("train_loss"), "tokens_per_s": mean_tokens_per_s(fit.metrics),
                    "tokens_trained": fit.metrics.get("tokens_trained"), "wall_s": round(wall, 1)}
-        measured = {"peak_memory_bytes": fit.metrics.get("peak_memory_bytes"),
-                    "mean_tokens_per_s": metrics["tokens_per_s"], "artifact_bytes": artifact_bytes,
+        measured = {"peak_memory_bytes": fit.metrics.get("peak_memory_bytes"), "artifact_bytes": artifact_bytes,
                     "artifact_dir": fit.adapter_dir}
         tracking.log_metrics(handle, {"wall_s": wall, "final_eval_loss": metrics["eval_loss"],
                                       "artifact_bytes": artifact_bytes,
