@@ -94,10 +94,9 @@ def steady_tokens_per_s(summary: dict) -> float:
 
 def step_tokens_per_s(summary: dict) -> list[float]:
     """Each training step's own tokens/s (rank 0's `tokens_per_s` metric) from the run's MLflow store."""
-    from orchestrator.tracking import _client
+    from orchestrator.tracking import run_metric_history
 
-    history = _client(summary["tracking_uri"]).get_metric_history(summary["run_id"], "tokens_per_s")
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    return [value for _, value in run_metric_history(summary["tracking_uri"], summary["run_id"], "tokens_per_s")]
 
 
 def spread(values: list[float]) -> str:
