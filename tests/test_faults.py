@@ -117,11 +117,13 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once
     # Every step exactly once, the final one included, although steps after the checkpoint ran twice.
     assert steps(uri, summary.run_id, "train_loss") == list(range(1, total + 1))
     assert steps(uri, summary.run_id, "eval_loss") == [0, *range(4, total, 4), total]
-    # Resumed from the checkpoint that existed when the worker died (or a later one): at most one
-    # checkpoint interval of steps was lost.
+    # Resumed from the latest checkpoint Ray Train had recorded when the worker died (or one it
+    # recorded after the test looked), never from one past the step the worker died at. How many
+    # steps that loses is not fixed: the progress updates the kill waits for come at most twice a
+    # second, and Ray Train records a checkpoint only when it next polls the workers (every 0.5 s
+    # here), so the kill can land more than one interval after the last recorded checkpoint.
     [resumed] = steps(uri, summary.run_id, "resumed_from_step")
-    assert resumed % every == 0 and resumed >= killed["saved"]
-    assert killed["step"] - resumed <= every, (killed, resumed)
+    assert resumed % every == 0 and killed["saved"] <= resumed <= killed["step"], (killed, resumed)
     assert summary.registered_model["version"] == "1"
 
 
