@@ -42,6 +42,12 @@ def _data_error(path: str, message: str, fix: str) -> SpecError:
 
 def read_jsonl(path: str | Path, field_path: str = "data.train") -> list[dict]:
     """Read a JSONL file; a bad line is reported with its file and line number."""
+    return [record for _, record in read_jsonl_lines(path, field_path)]
+
+
+def read_jsonl_lines(path: str | Path, field_path: str = "data.train") -> list[tuple[int, dict]]:
+    """(line number, record) for each record of a JSONL file, so that later problems with a
+    record (a missing field, too long) can name the line it came from."""
     path = Path(path)
     records = []
     try:
@@ -61,7 +67,7 @@ def read_jsonl(path: str | Path, field_path: str = "data.train") -> list[dict]:
         if not isinstance(record, dict):
             raise _data_error(field_path, f"{path}:{number}: a line is not a JSON object",
                               "make each line one JSON object") from None
-        records.append(record)
+        records.append((number, record))
     if not records:
         raise _data_error(field_path, f"{path} has no records", "add at least one JSON line")
     return records
@@ -121,21 +127,23 @@ def tokenize_example(text: str, spans: list[tuple[int, int]], add_eos: bool, tok
 
 
 def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
-                    field_path: str) -> tuple[list[Example], int]:
-    """Format and tokenize records; returns examples and how many were truncated."""
+                    field_path: str, lines: list[int] | None = None) -> tuple[list[Example], int]:
+    """Format and tokenize records; returns examples and how many were truncated. `lines`: each
+    record's line in `source`, for problems to name (without it, its position in `records`)."""
     formatter, required = _FORMATTERS[data.format]
     required = required or (data.text_field,)
     examples, truncated = [], 0
     for number, record in enumerate(records, start=1):
+        where = f"{source}:{lines[number - 1]}: the record" if lines else f"{source}: record {number}"
         missing = [k for k in required if k not in record]
         if missing:
-            raise _data_error(field_path, f"{source}: record {number} lacks {', '.join(missing)} "
+            raise _data_error(field_path, f"{where} lacks {', '.join(missing)} "
                               f"(format '{data.format}' needs {', '.join(required)})",
                               "fix the record or set data.format to the file's format")
         text, spans, add_eos = formatter(record, tokenizer, data)
         example, cut = tokenize_example(text, spans, add_eos, tokenizer, data.max_seq_len)
         if cut and data.too_long == "error":
-            raise _data_error(field_path, f"{source}: record {number} is longer than data.max_seq_len="
+            raise _data_error(field_path, f"{where} is longer than data.max_seq_len="
                               f"{data.max_seq_len} tokens (data.too_long=error)",
                               "raise data.max_seq_len, shorten the record, or set data.too_long=truncate")
         truncated += cut
@@ -146,9 +154,11 @@ def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
 
 def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
     """Read, split (when `eval` is a fraction), format and tokenize the job's data."""
-    train_records = read_jsonl(data.train, "data.train")
+    train_records = read_jsonl_lines(data.train, "data.train")
+    eval_source, eval_field = data.train, "data.train"  # a fraction of the training file
     if isinstance(data.eval, str):
-        eval_records = read_jsonl(data.eval, "data.eval")
+        eval_source, eval_field = data.eval, "data.eval"
+        eval_records = read_jsonl_lines(data.eval, "data.eval")
     elif data.eval:
         shuffled = list(train_records)
         random.Random(seed).shuffle(shuffled)
@@ -156,13 +166,19 @@ def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
         eval_records, train_records = shuffled[:n_eval], shuffled[n_eval:]
     else:
         eval_records = []
-    train, cut_train = prepare_records(train_records, data, tokenizer, data.train, "data.train")
-    evals, cut_eval = prepare_records(eval_records, data, tokenizer, str(data.eval), "data.eval")
+    train, cut_train = _prepare_numbered(train_records, data, tokenizer, data.train, "data.train")
+    evals, cut_eval = _prepare_numbered(eval_records, data, tokenizer, eval_source, eval_field)
     tokens = sum(len(e.input_ids) for e in train)
     stats = {"train_examples": len(train), "eval_examples": len(evals), "train_tokens": tokens,
              "truncated_examples": cut_train + cut_eval,
              "mean_seq_len": round(tokens / max(1, len(train)), 1)}
     return DataSets(train=train, eval=evals, stats=stats)
+
+
+def _prepare_numbered(numbered: list[tuple[int, dict]], data: DataSpec, tokenizer, source: str,
+                      field_path: str) -> tuple[list[Example], int]:
+    return prepare_records([r for _, r in numbered], data, tokenizer, source, field_path,
+                           lines=[n for n, _ in numbered])
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:

@@ -90,6 +90,18 @@ def test_missing_fields_are_named(tokenizer):
     assert "record 1 lacks output" in str(exc.value.problems[0])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_bad_record_is_named_by_its_line_in_the_file_whichever_split_it_lands_in(tmp_path, tokenizer, seed):
+    good = json.dumps({"instruction": "Name it.", "input": "", "output": "a cat"})
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([good, good, "", good, json.dumps({"instruction": "x"}), good, good]) + "\n")
+    with pytest.raises(SpecError) as exc:
+        load_datasets(DataSpec(train=str(path), format="alpaca", eval=0.5), tokenizer, seed=seed)
+    [problem] = exc.value.problems
+    assert problem.path == "data.train"
+    assert f"{path}:5: the record lacks output" in str(problem)
+
+
 def test_collate_pads_and_masks(tokenizer):
     examples, _ = prepare_records([{"text": "a cat."}, {"text": "the small dog runs to the park."}],
                                   DataSpec(train="x", format="text"), tokenizer, "t", "data.train")
