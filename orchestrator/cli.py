@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +60,29 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def _stdout_for_results_only():
+    """While Ray runs, whatever would reach stdout (Ray's "(raylet) ..." notices, printed from a
+    driver thread; a library's print; a child process's output) goes to stderr instead, so that
+    stdout holds only the command's result: the --json object, the summary table."""
+    sys.stdout.flush()
+    try:
+        fd, to = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's captured stdout)
+        fd = to = None
+    saved = os.dup(fd) if fd is not None else None
+    if saved is not None:
+        os.dup2(to, fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stdout.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
 
 
 def _fail(e: SpecError):
@@ -154,26 +179,27 @@ def _run(call, spec: Optional[JobSpec], *, address, as_json: bool, verbose: bool
             live.start()
         live.update(_trials_table(trials, title="Trials"))
 
-    try:
-        summary = call(address=address, verbose=verbose, force=force, gpu_memory_bytes=budget,
-                       progress=on_progress, restart=restart, on_trials=on_trials,
-                       status=lambda s: err.print(f"[dim]•[/] {s}", highlight=False))
-    except SpecError as e:
-        live.stop()
-        _fail(e)
-    except DoesNotFit as e:
-        bar.stop()
-        if spec is not None:
-            _print_plan(spec, e.plan, explain=False)
-        err.print("[bold red]error:[/] refusing to start a job that cannot fit (see the plan and the changes "
-                  "above); pass --force to run anyway", highlight=False)
-        raise typer.Exit(code=2)
-    finally:
-        live.stop()
-        bar.stop()
-        from orchestrator.launch import shutdown
+    with _stdout_for_results_only():  # until Ray is shut down
+        try:
+            summary = call(address=address, verbose=verbose, force=force, gpu_memory_bytes=budget,
+                           progress=on_progress, restart=restart, on_trials=on_trials,
+                           status=lambda s: err.print(f"[dim]•[/] {s}", highlight=False))
+        except SpecError as e:
+            live.stop()
+            _fail(e)
+        except DoesNotFit as e:
+            bar.stop()
+            if spec is not None:
+                _print_plan(spec, e.plan, explain=False)
+            err.print("[bold red]error:[/] refusing to start a job that cannot fit (see the plan and the changes "
+                      "above); pass --force to run anyway", highlight=False)
+            raise typer.Exit(code=2)
+        finally:
+            live.stop()
+            bar.stop()
+            from orchestrator.launch import shutdown
 
-        shutdown()
+            shutdown()
     if as_json:
         typer.echo(json.dumps(summary.to_json(), indent=2))
         return
@@ -309,16 +335,17 @@ def compare(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     bar, on_progress = _progress_bar()
 
-    try:
-        result = compare_methods(job, chosen, set_ or [], out_dir=out, address=address, progress=on_progress,
-                                 status=lambda s: err.print(f"[dim]•[/] {escape(s)}", highlight=False))
-    except SpecError as e:
-        _fail(e)
-    finally:
-        bar.stop()
-        from orchestrator.launch import shutdown
+    with _stdout_for_results_only():  # until Ray is shut down
+        try:
+            result = compare_methods(job, chosen, set_ or [], out_dir=out, address=address, progress=on_progress,
+                                     status=lambda s: err.print(f"[dim]•[/] {escape(s)}", highlight=False))
+        except SpecError as e:
+            _fail(e)
+        finally:
+            bar.stop()
+            from orchestrator.launch import shutdown
 
-        shutdown()
+            shutdown()
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
         return

@@ -27,3 +27,31 @@ def test_a_local_gpu_job_without_gpus_is_refused(tmp_path, tiny_base):
     proc = run_cli("--set", "distributed.use_gpu=true", "--gpu-memory", "80GiB", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "distributed.use_gpu: the job asks for 2 GPU worker(s) but this machine has 0 GPU(s)" in proc.stderr
+
+
+STDOUT_PROBE = """
+import json, os, subprocess, sys
+from ray._private.worker import print_to_stdstream
+from orchestrator.cli import _stdout_for_results_only
+
+with _stdout_for_results_only():
+    print("a library's print")
+    os.write(1, b"a write to file descriptor 1\\n")
+    subprocess.run([sys.executable, "-c", "print('a child process')"], check=True)
+    # What Ray's driver thread does with a raylet notice (a worker died, a task was retried).
+    print_to_stdstream({"lines": ["A worker died or was killed"], "pid": "raylet", "is_err": False},
+                       ignore_prefix=False)
+print(json.dumps({"result": 1}))
+"""
+
+
+def test_while_ray_runs_stdout_is_kept_for_the_result():
+    """`run --json | jq` must parse: Ray prints raylet notices on the driver's stdout, so the CLI
+    sends everything written there while Ray runs to stderr, and the result alone to stdout."""
+    proc = subprocess.run([sys.executable, "-c", STDOUT_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == '{"result": 1}\n'
+    for text in ("a library's print", "a write to file descriptor 1", "a child process", "(raylet)",
+                 "A worker died or was killed"):
+        assert text in proc.stderr, text
