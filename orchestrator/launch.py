@@ -251,6 +251,27 @@ class SearchSetup:
     time_budget_s: float | None
 
 
+def asha_scheduler(**kwargs):
+    """Ray Tune's ASHA, except that a trial's last evaluation is never a reason to stop it.
+
+    ASHA puts a rung at every grace_period x reduction_factor^k evaluations, and one can fall on
+    a trial's last evaluation (4 of 4). Stopping a trial there saves no step, and Tune would kill
+    the trial while its Train run is finishing; so a result whose `step` is its `total_steps`
+    (every report carries both) is recorded in its rung but never stopped."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class LastEvaluationASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            step, total = result.get("step"), result.get("total_steps")
+            if action == TrialScheduler.STOP and step is not None and total is not None and step >= total:
+                self._num_stopped -= 1
+                return TrialScheduler.CONTINUE
+            return action
+
+    return LastEvaluationASHA(**kwargs)
+
+
 def search_dir(storage_path: str, name: str) -> str:
     storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     return f"{storage.rstrip('/')}/{name}"
@@ -265,7 +286,7 @@ def tune(trial_fn: Callable, trial_params: dict, *, param_space: dict, setup: Se
 
     import ray
     from ray import tune as rt
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Tune saves the experiment state at most this often (seconds); a small search is cheap to
@@ -292,9 +313,9 @@ def tune(trial_fn: Callable, trial_params: dict, *, param_space: dict, setup: Se
                 # max_t one past the last evaluation: ASHA stops a trial that reaches max_t, and a
                 # trial that has trained to its end should return by itself (its Train controller
                 # then shuts its workers down in order, rather than being killed with the trial).
-                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=setup.max_evaluations + 1,
-                                          grace_period=min(setup.grace_period, setup.max_evaluations),
-                                          reduction_factor=setup.reduction_factor)
+                scheduler = asha_scheduler(time_attr="training_iteration", max_t=setup.max_evaluations + 1,
+                                           grace_period=min(setup.grace_period, setup.max_evaluations),
+                                           reduction_factor=setup.reduction_factor)
             else:
                 scheduler = FIFOScheduler()
             if setup.search_alg == "optuna":

@@ -66,15 +66,14 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
               "searched": json.dumps(values), "total_steps": str(total), "num_workers": str(res.num_workers),
               "use_gpu": str(res.use_gpu), **tracking.lineage_tags(ctx.lineage)},
         artifacts={"deepspeed_config.json": ds_config})
-    try:
-        job = WorkerJob(spec=tspec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
-                        train=ctx.train, eval=ctx.eval, pad_id=ctx.pad_id, use_gpu=res.use_gpu,
-                        tracking_uri=handle.uri, run_id=handle.run_id, report_evals=True)
-        launch.fit(job, name=trial_id, resources=res, storage_path=ctx.trainers_path,
-                   max_failures=tspec.distributed.max_failures, in_tune=True)
-    except Exception:
-        tracking.finish_run(handle, "FAILED")
-        raise
+    job = WorkerJob(spec=tspec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
+                    train=ctx.train, eval=ctx.eval, pad_id=ctx.pad_id, use_gpu=res.use_gpu,
+                    tracking_uri=handle.uri, run_id=handle.run_id, report_evals=True)
+    launch.fit(job, name=trial_id, resources=res, storage_path=ctx.trainers_path,
+               max_failures=tspec.distributed.max_failures, in_tune=True)
+    # Trained to its end. Any other ending (an error, stopped by the scheduler or the time
+    # budget) is written by the driver, which hears it from Tune: a trial Tune stops can still
+    # be raising here as its Train run is torn down, and must not mark itself failed.
     tracking.finish_run(handle, "FINISHED")
 
 

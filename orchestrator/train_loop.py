@@ -349,7 +349,7 @@ def train_loop_per_worker(config: dict) -> None:
         logger.log(state.step, {"resumed_from_step": state.step})
     if state.step >= job.total_steps:  # stopped after its last checkpoint: report that state again
         report(engine, spec, rank, state, {"eval_loss": run_eval()}, save=True,
-               pending=logger.close(job.final_flush_timeout_s) if logger else [])
+               pending=logger.close(job.final_flush_timeout_s) if logger else [], total_steps=job.total_steps)
         return
 
     tokens = 0.0
@@ -378,17 +378,18 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {**metrics, **watch.metrics(), "tokens_trained": tokens, "worker_started_at": started_at,
                            "worker_loop_s": time.time() - started_at}
             with watch("checkpoint" if save else "report"):
-                report(engine, spec, rank, state, metrics, save, pending)
+                report(engine, spec, rank, state, metrics, save, pending, total_steps=job.total_steps)
 
 
 def report(engine, spec: JobSpec, rank: int, state: TrainState, metrics: dict, save: bool,
-           pending: list | None = None) -> None:
+           pending: list | None = None, *, total_steps: int) -> None:
     """Report to Ray Train (a barrier across workers), with a full-state checkpoint when `save`:
     every rank adds its files to the same checkpoint, which Ray persists to `storage.path`; the
-    `adapter/` of the last one is what gets registered."""
+    `adapter/` of the last one is what gets registered. Each report says the run's total steps,
+    so a search's scheduler can tell a trial's last evaluation from the others."""
     import ray.train
 
-    metrics = {"step": state.step, "base_eval_loss": state.base_eval_loss, **metrics}
+    metrics = {"step": state.step, "total_steps": total_steps, "base_eval_loss": state.base_eval_loss, **metrics}
     if not save:
         ray.train.report(metrics)
         return

@@ -117,3 +117,36 @@ def test_best_trial_is_the_best_completed_one_and_the_table_is_ranked():
     assert search.final_state(60, 60, False) == search.COMPLETED
     assert search.final_state(20, 60, False) == search.STOPPED
     assert search.final_state(60, 60, True) == search.FAILED
+
+
+def _asha_decisions(scheduler, total_steps: int) -> list[str]:
+    """A better and a worse trial each report evaluations 1..4 of a `total_steps`-step run (one
+    evaluation a step), the better one first at each; the worse one's decisions."""
+    from types import SimpleNamespace
+
+    better, worse = SimpleNamespace(trial_id="better"), SimpleNamespace(trial_id="worse")
+    for trial in (better, worse):
+        scheduler.on_trial_add(None, trial)
+    decisions = []
+    for step in range(1, 5):
+        for trial, loss in ((better, 1.0), (worse, 2.0)):
+            result = {"training_iteration": step, "eval_loss": loss, "step": step, "total_steps": total_steps}
+            action = scheduler.on_trial_result(None, trial, result)
+            if trial is worse:
+                decisions.append(action)
+    return decisions
+
+
+def test_asha_never_stops_a_trial_at_its_last_evaluation():
+    """ASHA's rungs (1, 2, 4 evaluations here) can fall on a trial's last evaluation, where
+    stopping it saves nothing and Tune would kill it while its Train run finishes."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.launch import asha_scheduler
+
+    kwargs = dict(time_attr="training_iteration", max_t=5, grace_period=1, reduction_factor=2,
+                  metric="eval_loss", mode="min")
+    assert _asha_decisions(ASHAScheduler(**kwargs), total_steps=4)[3] == "STOP"  # plain ASHA does
+    # Stopped at the rungs before its end, never at its end; a longer run is stopped at rung 4.
+    assert _asha_decisions(asha_scheduler(**kwargs), total_steps=4) == ["STOP", "STOP", "CONTINUE", "CONTINUE"]
+    assert _asha_decisions(asha_scheduler(**kwargs), total_steps=8)[3] == "STOP"
