@@ -40,14 +40,9 @@ def _data_error(path: str, message: str, fix: str) -> SpecError:
     return SpecError([Problem(path=path, message=message, fix=fix)])
 
 
-def read_jsonl(path: str | Path, field_path: str = "data.train") -> list[dict]:
-    """Read a JSONL file; a bad line is reported with its file and line number."""
-    return [record for _, record in read_jsonl_lines(path, field_path)]
-
-
-def read_jsonl_lines(path: str | Path, field_path: str = "data.train") -> list[tuple[int, dict]]:
-    """(line number, record) for each record of a JSONL file, so that later problems with a
-    record (a missing field, too long) can name the line it came from."""
+def read_jsonl(path: str | Path, field_path: str = "data.train") -> list[tuple[int, dict]]:
+    """(line number, record) for each record of a JSONL file: a bad line is reported with its
+    file and line number, and so, later, is a record with a missing field or one too long."""
     path = Path(path)
     records = []
     try:
@@ -154,11 +149,11 @@ def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
 
 def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
     """Read, split (when `eval` is a fraction), format and tokenize the job's data."""
-    train_records = read_jsonl_lines(data.train, "data.train")
+    train_records = read_jsonl(data.train, "data.train")
     eval_source, eval_field = data.train, "data.train"  # a fraction of the training file
     if isinstance(data.eval, str):
         eval_source, eval_field = data.eval, "data.eval"
-        eval_records = read_jsonl_lines(data.eval, "data.eval")
+        eval_records = read_jsonl(data.eval, "data.eval")
     elif data.eval:
         shuffled = list(train_records)
         random.Random(seed).shuffle(shuffled)

@@ -264,10 +264,8 @@ def asha_scheduler(**kwargs):
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
             step, total = result.get("step"), result.get("total_steps")
-            if action == TrialScheduler.STOP and step is not None and total is not None and step >= total:
-                self._num_stopped -= 1
-                return TrialScheduler.CONTINUE
-            return action
+            last = step is not None and total is not None and step >= total
+            return TrialScheduler.CONTINUE if last else action
 
     return LastEvaluationASHA(**kwargs)
 
