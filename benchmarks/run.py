@@ -139,7 +139,7 @@ def bench_fixed(scratch: Path, smoke: bool) -> dict:
     from orchestrator.spec import load_spec
 
     overrides = ["training.max_steps=3", "training.eval_every=2"] if smoke else []
-    reps = 1 if smoke else 2
+    reps = 1 if smoke else 3
     runs = []
     workers = load_spec(QUICKSTART, overrides).distributed.num_workers
     floor_cmd = [sys.executable, str(REPO / "benchmarks" / "ray_floor.py"), "--workers", str(workers)]

@@ -70,12 +70,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def release_stale_op_lock(name: str = "deepspeed_shm_comm", older_than_s: float = 120.0) -> bool:
+def skip_shared_memory_comm_op(deepspeed) -> None:
+    """On the CPU, DeepSpeed's communication backend builds and loads a shared-memory all-reduce op
+    in every worker (compiled just in time: about 30 s on a job's first run on a machine). Only its
+    tensor-parallel inference layers use it; training reduces through the process group (gloo), so
+    the op is marked unavailable, as DeepSpeed marks it on a platform that cannot build it."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def release_stale_op_lock(name: str, older_than_s: float = 120.0) -> bool:
     """Remove a JIT-built op's lock file left by a killed process, so this worker does not wait on it
-    forever. On the CPU DeepSpeed loads its shared-memory comm op in every worker, and torch takes
-    the op's build lock each time, even when the op is built. When the op is built, the lock is held
-    for well under a second; one older than `older_than_s` belongs to a dead process. Returns
-    whether a lock was removed."""
+    forever: torch takes the op's build lock each time the op loads, even when it is built. When the
+    op is built, the lock is held for well under a second; one older than `older_than_s` belongs to
+    a dead process. Returns whether a lock was removed."""
     from torch.utils.cpp_extension import _get_build_directory
 
     folder = Path(_get_build_directory(name, verbose=False))
@@ -104,7 +111,9 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
     model = prepare_for_training(spec, model, base_path)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not job.use_gpu:
-        release_stale_op_lock()
+        skip_shared_memory_comm_op(deepspeed)
+        if job.deepspeed_config["zero_optimization"].get("offload_optimizer"):
+            release_stale_op_lock("cpu_adam")  # DeepSpeedCPUAdam's op, built on first use
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=job.deepspeed_config)
     return engine

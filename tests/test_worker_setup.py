@@ -1,4 +1,4 @@
-"""Worker-side housekeeping: a stale DeepSpeed op lock, and what rank 0 sends while it trains."""
+"""Worker-side housekeeping: DeepSpeed ops on the CPU, a stale op lock, and what rank 0 sends while it trains."""
 
 from __future__ import annotations
 
@@ -7,7 +7,22 @@ import time
 
 import pytest
 
-from orchestrator.train_loop import release_stale_op_lock
+from orchestrator.train_loop import release_stale_op_lock, skip_shared_memory_comm_op
+
+
+def test_cpu_workers_skip_deepspeeds_shared_memory_op():
+    """DeepSpeed's CPU backend builds its shared-memory all-reduce op (a just-in-time compile on a
+    machine's first run) unless the op is marked unavailable; after the skip it returns no op."""
+    import deepspeed
+    from deepspeed.comm.torch import build_shm_op
+
+    compatible = deepspeed.ops.__compatible_ops__
+    before = compatible.get("deepspeed_shm_comm")
+    try:
+        skip_shared_memory_comm_op(deepspeed)
+        assert build_shm_op() is None
+    finally:
+        compatible["deepspeed_shm_comm"] = before
 
 
 @pytest.mark.parametrize("built, age_s, removed", [
@@ -17,16 +32,16 @@ from orchestrator.train_loop import release_stale_op_lock
 ])
 def test_stale_op_lock(tmp_path, monkeypatch, built, age_s, removed):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = tmp_path / "deepspeed_shm_comm"
+    folder = tmp_path / "cpu_adam"
     folder.mkdir()
     if built:
-        (folder / "deepspeed_shm_comm.so").write_bytes(b"")
+        (folder / "cpu_adam.so").write_bytes(b"")
     lock = folder / "lock"
     lock.write_bytes(b"")
     then = time.time() - age_s
     os.utime(lock, (then, then))
 
-    assert release_stale_op_lock() is removed
+    assert release_stale_op_lock("cpu_adam") is removed
     assert lock.exists() is not removed
 
 
