@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# The benchmarks against a plain script (about 10 minutes on 2 cores); rewrites docs/benchmarks.md.
+# The benchmarks against a plain script (about 15 minutes on 2 cores); rewrites docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 

@@ -260,7 +260,8 @@ def render(results: dict, smoke: bool) -> str:
                   f"{run['orchestrator_wall_s'] - o['total']:.1f} | {p.get('time_import_s', 0):.1f} |",
                   f"| **wall time of the process** | **{run['orchestrator_wall_s']:.1f}** | **{run['plain_wall_s']:.1f}** |",
                   "", f"End-to-end ratio (median of {len(r['runs'])}): **{r['ratio_median']:.2f}**; "
-                  f"the orchestrator's extra wall time: **{r['extra_s_median']:.1f} s**.", ""]
+                  f"the orchestrator's extra wall time: **{r['extra_s_median']:.1f} s** (each pair: "
+                  + ", ".join(f"{x['orchestrator_wall_s'] - x['plain_wall_s']:.1f}" for x in runs) + " s).", ""]
         if "ray_floor_s_median" in r:
             f = {k: med("ray_floor", k) for k in runs[0]["ray_floor"]}
             lines += [f"Ray Train's own floor on this machine (`benchmarks/ray_floor.py`: a TorchTrainer with "
