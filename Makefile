@@ -6,18 +6,21 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
+CONSTRAINTS := infra/docker/constraints.txt
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench clean ui
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# DS_BUILD_OPS=0: DeepSpeed builds its ops just in time, so installing needs no compiler step.
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[test]"
+	# The constraints pin the tested stack (the image installs the same), so a release upstream
+	# changes nothing here until the file is regenerated (see its header).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)

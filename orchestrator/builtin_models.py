@@ -448,9 +448,14 @@ def is_builtin(base: str) -> bool:
     return isinstance(base, str) and base.startswith(BUILTIN_PREFIX)
 
 
-def default_cache_dir() -> Path:
+def cache_root() -> Path:
+    """`$XDG_CACHE_HOME/orchestrator` (default `~/.cache/orchestrator`): built-in bases, tokenized data."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "orchestrator" / "builtin"
+    return Path(root) / "orchestrator"
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "builtin"
 
 
 def _lookup(base: str) -> BuiltinModelSpec:

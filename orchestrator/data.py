@@ -34,6 +34,7 @@ class DataSets:
     train: list[Example]
     eval: list[Example]
     stats: dict[str, Any] = field(default_factory=dict)
+    pad_id: int | None = None  # the tokenizer's padding token, for the workers' batches
 
 
 def _data_error(path: str, message: str, fix: str) -> SpecError:
@@ -167,7 +168,7 @@ def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
     stats = {"train_examples": len(train), "eval_examples": len(evals), "train_tokens": tokens,
              "truncated_examples": cut_train + cut_eval,
              "mean_seq_len": round(tokens / max(1, len(train)), 1)}
-    return DataSets(train=train, eval=evals, stats=stats)
+    return DataSets(train=train, eval=evals, stats=stats, pad_id=tokenizer.pad_token_id)
 
 
 def _prepare_numbered(numbered: list[tuple[int, dict]], data: DataSpec, tokenizer, source: str,
@@ -190,3 +191,87 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --- tokenized data sets, cached across runs of a job ----------------------------------------------
+
+# What formats and tokenizes records: changing either file changes every cache key.
+_CODE = (Path(__file__), Path(__file__).with_name("prompt_templates.py"))
+# A base's weight files: large, and not the tokenizer's, so left out of the cache key.
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz"}
+CACHE_KEEP = 16  # the most recently used data sets the cache keeps
+
+
+def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, trust_remote_code: bool = False) -> str:
+    """sha256 of everything the tokenized data sets depend on: the spec's data section, the seed
+    (it splits off an eval fraction), the data files' bytes, the base's files other than weights
+    (the tokenizer, its chat template), the code that formats and tokenizes, and the transformers
+    and tokenizers versions. Raises OSError when a file cannot be read."""
+    import hashlib
+    from importlib.metadata import version
+
+    from orchestrator.base_model import hash_file
+
+    digest = hashlib.sha256(json.dumps(
+        {"data": data.model_dump(mode="json"), "seed": seed, "trust_remote_code": trust_remote_code,
+         "versions": [version("transformers"), version("tokenizers")]}, sort_keys=True).encode())
+    files = [Path(p) for p in (data.train, data.eval) if isinstance(p, str)]
+    files += sorted(f for f in Path(base_path).iterdir() if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES)
+    for f in files + list(_CODE):
+        digest.update(f.name.encode() + b"\0")
+        hash_file(digest, f)
+    return digest.hexdigest()
+
+
+def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_code: bool = False,
+                     cache_dir: Path | None = None) -> tuple[DataSets, Path | None]:
+    """The job's tokenized data sets, and the cache file they came from (None when they were
+    tokenized now). A job run again with the same data, base and settings skips loading the
+    tokenizer (and importing transformers) and tokenizing; problems with the data are raised as
+    `load_datasets` raises them (only data that tokenized without one is cached)."""
+    from orchestrator.builtin_models import cache_root
+
+    cache_dir = cache_dir or cache_root() / "tokenized"
+    try:
+        path = cache_dir / f"{tokenized_cache_key(data, seed, base_path, trust_remote_code)}.json"
+    except OSError:  # a data file that cannot be read: load_datasets names the problem
+        path = None
+    if path is not None and path.is_file():
+        try:
+            cached = _read_cached(path)
+            path.touch()  # recently used: kept
+            return cached, path
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # damaged or from another version: tokenized again and rewritten
+    from orchestrator.base_model import load_tokenizer
+
+    datasets = load_datasets(data, load_tokenizer(base_path, trust_remote_code), seed)
+    if path is not None:
+        _write_cached(path, datasets)
+    return datasets, None
+
+
+def _read_cached(path: Path) -> DataSets:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    examples = {split: [Example(input_ids=ids, labels=labels) for ids, labels in raw[split]]
+                for split in ("train", "eval")}
+    return DataSets(train=examples["train"], eval=examples["eval"], stats=raw["stats"], pad_id=raw["pad_id"])
+
+
+def _write_cached(path: Path, datasets: DataSets) -> None:
+    """Write atomically (a concurrent run reads the old file or the new one), then keep the
+    `CACHE_KEEP` most recently used files. Best effort: a cache that cannot be written is skipped."""
+    import contextlib
+    import os
+    import tempfile
+
+    raw = {"pad_id": datasets.pad_id, "stats": datasets.stats,
+           **{split: [[e.input_ids, e.labels] for e in getattr(datasets, split)] for split in ("train", "eval")}}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(raw, fh, separators=(",", ":"))
+        os.replace(tmp, path)
+        for old in sorted(path.parent.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
+            old.unlink(missing_ok=True)

@@ -97,11 +97,10 @@ def lineage_of(spec: JobSpec, base_path: str) -> dict:
 
 @dataclass
 class Prepared:
-    """What every run of a job needs before it trains: the base, its tokenizer, the tokenized
-    data, the Ray resources of one run and the memory plan."""
+    """What every run of a job needs before it trains: the base, the tokenized data (with the
+    tokenizer's padding id), the Ray resources of one run and the memory plan."""
 
     base_path: str
-    tokenizer: object
     data: object
     gpus: float
     resources: object
@@ -114,8 +113,8 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
     the data, enough of it for one step on every worker, target modules and the memory plan),
     then connect to Ray and check the GPUs. Raises `SpecError` or `DoesNotFit`."""
     from orchestrator import launch, tracking
-    from orchestrator.base_model import check_base_files, load_tokenizer, resolve_base
-    from orchestrator.data import load_datasets
+    from orchestrator.base_model import check_base_files, resolve_base
+    from orchestrator.data import prepare_datasets
     from orchestrator.memory_plan import human, plan_for_run
     from orchestrator.plan import examples_per_step, resources
 
@@ -127,11 +126,13 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
         base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
                                  if progress else None)
         check_base_files(base_path)
-        tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code)
 
-    status("Tokenizing data")
+    status("Preparing data")
     with watch("data"):
-        data = load_datasets(spec.data, tokenizer, spec.training.seed)
+        # Tokenized data is cached by everything it depends on: a job run again loads no tokenizer.
+        data, cached = prepare_datasets(spec.data, spec.training.seed, base_path, spec.model.trust_remote_code)
+    if cached:
+        status(f"Tokenized data from the cache: {cached}")
     if data.stats["truncated_examples"]:
         status(f"{data.stats['truncated_examples']} example(s) longer than data.max_seq_len="
                f"{spec.data.max_seq_len} truncated (data.too_long=error refuses them instead)")
@@ -167,7 +168,7 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
                 path="distributed.use_gpu",
                 message=f"the job asks for {res.num_workers} GPU worker(s) but this machine has {gpus:g} GPU(s)",
                 fix="set distributed.use_gpu=auto (or false), or lower distributed.num_workers")])
-    return Prepared(base_path=base_path, tokenizer=tokenizer, data=data, gpus=gpus, resources=res, memory=memory)
+    return Prepared(base_path=base_path, data=data, gpus=gpus, resources=res, memory=memory)
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False, force: bool = False,
@@ -199,7 +200,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     watch = Stopwatch()
     p = prepare(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=gpu_memory_bytes,
                 status=status, progress=progress, watch=watch)
-    base_path, tokenizer, data, res, memory = p.base_path, p.tokenizer, p.data, p.resources, p.memory
+    base_path, data, res, memory = p.base_path, p.data, p.resources, p.memory
     total = optimizer_steps(spec, len(data.train), res.num_workers)
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 
@@ -232,7 +233,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
     try:
         job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
-                        train=data.train, eval=data.eval, pad_id=tokenizer.pad_token_id, use_gpu=res.use_gpu,
+                        train=data.train, eval=data.eval, pad_id=data.pad_id, use_gpu=res.use_gpu,
                         tracking_uri=handle.uri, run_id=handle.run_id, report_evals=report_evals)
         status(f"Training {total} steps on {res.num_workers} worker(s), "
                f"ZeRO stage {spec.distributed.deepspeed.stage}")

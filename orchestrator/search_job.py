@@ -174,7 +174,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
     trials_spec = spec.model_copy(deep=True)
     trials_spec.tracking.uri = parent.uri
     ctx = TrialContext(spec=trials_spec.model_dump(mode="json"), train=p.data.train, eval=p.data.eval,
-                       pad_id=p.tokenizer.pad_token_id, gpus=p.gpus, tracking_uri=parent.uri,
+                       pad_id=p.data.pad_id, gpus=p.gpus, tracking_uri=parent.uri,
                        parent_run_id=parent.run_id, lineage=lineage,
                        trainers_path=f"{launch.search_dir(spec.storage.path, name)}/trainers")
     records: dict[str, search.TrialRecord] = {}

@@ -111,3 +111,37 @@ def test_collate_pads_and_masks(tokenizer):
     assert batch["attention_mask"][0, short:].sum() == 0
     assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][0, short:] == tokenizer.pad_token_id).all()
+
+
+def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, monkeypatch):
+    """A second preparation of the same data comes from the cache, identical and without loading
+    the tokenizer; changing the data file or a data setting tokenizes again."""
+    import orchestrator.base_model as base_model
+    from orchestrator.data import prepare_datasets
+
+    path = tmp_path / "train.jsonl"
+    records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"word {i}"} for i in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec, cache = DataSpec(train=str(path), format="alpaca", eval=0.5), tmp_path / "cache"
+
+    first, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
+    assert hit is None and len(list(cache.glob("*.json"))) == 1
+    real_loader = base_model.load_tokenizer
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("a cached data set loads no tokenizer")
+
+    monkeypatch.setattr(base_model, "load_tokenizer", no_tokenizer)
+    again, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
+    assert hit is not None and again == first and first.pad_id is not None
+
+    monkeypatch.setattr(base_model, "load_tokenizer", real_loader)
+    for changed_spec, seed in [(spec.model_copy(update={"max_seq_len": 8}), 3), (spec, 4)]:
+        other, hit = prepare_datasets(changed_spec, seed, str(tiny_base), cache_dir=cache)
+        assert hit is None
+    assert max(len(e.input_ids) for e in other.train) > 8  # the seed-4 split, at the full length
+    with path.open("a") as f:
+        f.write(json.dumps({"instruction": "Repeat 6.", "input": "", "output": "word 6"}) + "\n")
+    grown, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
+    assert hit is None and len(grown.train) + len(grown.eval) == 7
+    assert len(list(cache.glob("*.json"))) == 4
