@@ -35,6 +35,7 @@ class DataSets:
     eval: list[Example]
     stats: dict[str, Any] = field(default_factory=dict)
     pad_id: int | None = None  # the tokenizer's padding token, for the workers' batches
+    files_sha256: dict[str, str] = field(default_factory=dict)  # `train_sha256`, `eval_sha256`: lineage
 
 
 def _data_error(path: str, message: str, fix: str) -> SpecError:
@@ -202,11 +203,29 @@ _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 CACHE_KEEP = 16  # the most recently used data sets the cache keeps
 
 
-def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, trust_remote_code: bool = False) -> str:
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    from orchestrator.base_model import hash_file
+
+    digest = hashlib.sha256()
+    hash_file(digest, path)
+    return digest.hexdigest()
+
+
+def data_files_sha256(data: DataSpec) -> dict[str, str]:
+    """sha256 of each data file the job names: `train_sha256`, and `eval_sha256` for an eval file.
+    Raises OSError when a file cannot be read."""
+    return {f"{name}_sha256": file_sha256(path) for name in ("train", "eval")
+            if isinstance(path := getattr(data, name), str)}
+
+
+def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, files_sha256: dict[str, str],
+                        trust_remote_code: bool = False) -> str:
     """sha256 of everything the tokenized data sets depend on: the spec's data section, the seed
-    (it splits off an eval fraction), the data files' bytes, the base's files other than weights
-    (the tokenizer, its chat template), the code that formats and tokenizes, and the transformers
-    and tokenizers versions. Raises OSError when a file cannot be read."""
+    (it splits off an eval fraction), the data files (`files_sha256`), the base's files other than
+    weights (the tokenizer, its chat template), the code that formats and tokenizes, and the
+    transformers and tokenizers versions. Raises OSError when a file cannot be read."""
     import hashlib
     from importlib.metadata import version
 
@@ -214,9 +233,9 @@ def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, trust_remote_
 
     digest = hashlib.sha256(json.dumps(
         {"data": data.model_dump(mode="json"), "seed": seed, "trust_remote_code": trust_remote_code,
-         "versions": [version("transformers"), version("tokenizers")]}, sort_keys=True).encode())
-    files = [Path(p) for p in (data.train, data.eval) if isinstance(p, str)]
-    files += sorted(f for f in Path(base_path).iterdir() if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES)
+         "files": files_sha256, "versions": [version("transformers"), version("tokenizers")]},
+        sort_keys=True).encode())
+    files = sorted(f for f in Path(base_path).iterdir() if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES)
     for f in files + list(_CODE):
         digest.update(f.name.encode() + b"\0")
         hash_file(digest, f)
@@ -225,27 +244,36 @@ def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, trust_remote_
 
 def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_code: bool = False,
                      cache_dir: Path | None = None) -> tuple[DataSets, Path | None]:
-    """The job's tokenized data sets, and the cache file they came from (None when they were
-    tokenized now). A job run again with the same data, base and settings skips loading the
-    tokenizer (and importing transformers) and tokenizing; problems with the data are raised as
-    `load_datasets` raises them (only data that tokenized without one is cached)."""
+    """The job's tokenized data sets (with the data files' sha256), and the cache file they came
+    from (None when they were tokenized now). A job run again with the same data, base and
+    settings skips loading the tokenizer (and importing transformers) and tokenizing; problems with
+    the data are raised as `load_datasets` raises them (only data that tokenized without one is
+    cached)."""
+    import contextlib
+
     from orchestrator.builtin_models import cache_root
 
     cache_dir = cache_dir or cache_root() / "tokenized"
     try:
-        path = cache_dir / f"{tokenized_cache_key(data, seed, base_path, trust_remote_code)}.json"
+        files_sha256 = data_files_sha256(data)
     except OSError:  # a data file that cannot be read: load_datasets names the problem
-        path = None
+        files_sha256 = None
+    path = None
+    if files_sha256 is not None:
+        with contextlib.suppress(OSError):  # a base file that cannot be read: no caching
+            path = cache_dir / f"{tokenized_cache_key(data, seed, base_path, files_sha256, trust_remote_code)}.json"
     if path is not None and path.is_file():
         try:
             cached = _read_cached(path)
             path.touch()  # recently used: kept
+            cached.files_sha256 = files_sha256
             return cached, path
         except (OSError, ValueError, KeyError, TypeError):
             pass  # damaged or from another version: tokenized again and rewritten
     from orchestrator.base_model import load_tokenizer
 
     datasets = load_datasets(data, load_tokenizer(base_path, trust_remote_code), seed)
+    datasets.files_sha256 = files_sha256 or {}
     if path is not None:
         _write_cached(path, datasets)
     return datasets, None

@@ -74,25 +74,13 @@ def mean_tokens_per_s(worker: dict) -> float | None:
     return tokens / seconds if tokens and seconds else worker.get("tokens_per_s")
 
 
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    from orchestrator.base_model import hash_file
-
-    digest = hashlib.sha256()
-    hash_file(digest, path)
-    return digest.hexdigest()
-
-
-def lineage_of(spec: JobSpec, base_path: str) -> dict:
+def lineage_of(spec: JobSpec, base_path: str, data_sha256: dict[str, str]) -> dict:
     """What a trained model came from, beyond the spec: the base and the sha256 of its weights
-    (checked when an adapter is loaded) and the sha256 of each data file."""
+    (checked when an adapter is loaded) and the sha256 of each data file (`DataSets.files_sha256`)."""
     from orchestrator.base_model import base_sha256
 
-    data = {f"{field}_sha256": file_sha256(path) for field in ("train", "eval")
-            if isinstance(path := getattr(spec.data, field), str)}
     return {"base": spec.model.base, "base_revision": spec.model.revision,
-            "base_sha256": base_sha256(spec.model, base_path), "data": data}
+            "base_sha256": base_sha256(spec.model, base_path), "data": dict(data_sha256)}
 
 
 @dataclass
@@ -205,7 +193,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 
     with watch("plan"):
-        lineage = lineage_of(spec, base_path)
+        lineage = lineage_of(spec, base_path, data.files_sha256)
     with watch("tracking_start"):
         handle = tracking.resumable_run(spec)
     if handle is not None and restart:

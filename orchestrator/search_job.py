@@ -163,7 +163,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
     at_once = concurrency(spec, p.resources, launch.cluster_capacity(), fixed_cluster=address is None)
     n_train = len(p.data.train)
     _, _, base_total = trial_setup(spec, {}, n_train, p.gpus)
-    lineage = lineage_of(spec, p.base_path)
+    lineage = lineage_of(spec, p.base_path, p.data.files_sha256)
     parent = _parent_run(spec, restart, status, tags={
         SEARCH_TAG: "parent", "search_name": spec.name, **tracking.lineage_tags(lineage)}, artifacts={
         "search_space.json": {path: d.model_dump(exclude_none=True) for path, d in tune.space.items()},

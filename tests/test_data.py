@@ -117,7 +117,7 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, mon
     """A second preparation of the same data comes from the cache, identical and without loading
     the tokenizer; changing the data file or a data setting tokenizes again."""
     import orchestrator.base_model as base_model
-    from orchestrator.data import prepare_datasets
+    from orchestrator.data import file_sha256, prepare_datasets
 
     path = tmp_path / "train.jsonl"
     records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"word {i}"} for i in range(6)]
@@ -134,6 +134,7 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, mon
     monkeypatch.setattr(base_model, "load_tokenizer", no_tokenizer)
     again, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
     assert hit is not None and again == first and first.pad_id is not None
+    assert first.files_sha256 == {"train_sha256": file_sha256(path)}  # for lineage, read once
 
     monkeypatch.setattr(base_model, "load_tokenizer", real_loader)
     for changed_spec, seed in [(spec.model_copy(update={"max_seq_len": 8}), 3), (spec, 4)]:

@@ -97,7 +97,7 @@ def test_adapter_version_is_a_fraction_of_the_merged_one(registered):
 
 def test_lineage_records_base_and_data_hashes(registered, tiny_base):
     from orchestrator.base_model import base_sha256
-    from orchestrator.run import file_sha256
+    from orchestrator.data import file_sha256
     from orchestrator.spec import ModelSpec
 
     shown = json.loads(cli("registry", "show", f"{NAME}@candidate", "--tracking-uri", registered["uri"], "--json"))
