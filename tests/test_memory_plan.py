@@ -305,11 +305,25 @@ def test_unknown_hub_id_offline_names_the_catalogue(monkeypatch):
     assert "not in the planner's catalogue" in str(e.value) and "meta-llama/Llama-2-7b-hf" in str(e.value)
 
 
-def test_plan_for_run_without_a_gpu_says_what_it_assumed():
-    p = plan_for_run(parse_spec(job()), world_size=2, gpu_memory_bytes=None)
-    if "no GPU here" in p.gpu_memory_source:
-        assert p.gpu_memory_bytes == 80 * GiB
-    assert p.to_json()["per_gpu"]["total_bytes"] == p.total_bytes
+@pytest.mark.parametrize("local_gpu,budget,source", [
+    (None, 80 * GiB, "no GPU here: assuming an 80 GiB GPU (pass --gpu-memory)"),
+    ((24 * GiB, "NVIDIA L4"), 24 * GiB, "local GPU (NVIDIA L4)"),
+])
+def test_plan_for_run_says_which_gpu_it_planned_against(monkeypatch, local_gpu, budget, source):
+    """Without --gpu-memory the plan is made against this machine's GPU, or with none an assumed
+    80 GiB one, and says which; the verdict is against that budget. (The local GPU is what torch
+    reports; here it is set, so both cases run on any machine.)"""
+    from orchestrator import memory_plan
+
+    monkeypatch.setattr(memory_plan, "local_gpu_memory", lambda: local_gpu)
+    spec = parse_spec(job())
+    spec.data.max_seq_len = 1024  # Llama-2-7B QLoRA: ~41 GiB per GPU, so the two budgets disagree
+    p = plan_for_run(spec, world_size=2, gpu_memory_bytes=None)
+    assert (p.gpu_memory_bytes, p.gpu_memory_source) == (budget, source)
+    assert 24 * GiB < p.total_bytes < 80 * GiB
+    assert p.fits is (budget == 80 * GiB)
+    given = plan_for_run(spec, world_size=2, gpu_memory_bytes=40 * GiB)
+    assert (given.gpu_memory_bytes, given.gpu_memory_source) == (40 * GiB, "given")
 
 
 @pytest.mark.parametrize("text,expected", [

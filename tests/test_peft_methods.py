@@ -79,18 +79,24 @@ def test_registered_artifact_holds_what_the_method_trained(trained):
 
 def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
     """Reloaded from the registry (base + artifact): every parameter the method does not train
-    equals the base's, some it trains changed, the model scores the eval set as the trained model
-    did at its last step, and it gives the same logits as the weights DeepSpeed held then."""
+    equals the base's, some it trains changed from their initial values, the model scores the eval
+    set as the trained model did at its last step, and it gives the same logits as the weights
+    DeepSpeed held then."""
     import torch
 
     from orchestrator.base_model import load_base, prepare_for_training, resolve_base
     from orchestrator.data import load_datasets
     from orchestrator.inference import complete, load_adapter
-    from orchestrator.train_loop import evaluate
+    from orchestrator.train_loop import evaluate, seed_everything
 
     method, spec, summary, saved = trained
     loaded = load_adapter(saved)
     base_path = resolve_base(spec.model)
+    # The model as the worker built it before its first step: the same seed before the same calls
+    # (train_loop_per_worker seeds, then loads the base and adds the adapter), so a randomly
+    # initialised adapter (LoRA's A, the prompts) starts here from the values it started from
+    # there, and an adapter that never trained shows no change.
+    seed_everything(spec.training.seed)
     reference = prepare_for_training(spec, load_base(spec, base_path), base_path)
     trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
     before = dict(reference.named_parameters())
@@ -99,7 +105,7 @@ def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
     frozen_changed = [n for n in set(before) - trainable if not torch.equal(before[n], after[n])]
     trained_changed = [n for n in trainable if not torch.equal(before[n], after[n])]
     assert not frozen_changed, frozen_changed[:5]
-    assert trained_changed
+    assert trained_changed, f"no trainable parameter of {method} changed from its initial value"
     if method == "freeze":
         from safetensors.torch import load_file
 

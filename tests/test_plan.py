@@ -23,50 +23,70 @@ def walk(obj):
         yield obj
 
 
+def parsed(cfg: dict, world_size: int, monkeypatch):
+    """`cfg` as DeepSpeed itself reads it (`deepspeed.runtime.config.DeepSpeedConfig`, the parser
+    `deepspeed.initialize` runs): a key it rejects, or batch sizes that disagree with the world
+    size, raise here rather than on a cluster. The parser asks the process group for the world
+    size; there is none in a unit test, so it is told the one the config was made for."""
+    import deepspeed.runtime.config as ds_config
+
+    monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(ds_config.dist, "get_world_size", lambda *a, **k: world_size)
+    return ds_config.DeepSpeedConfig(cfg)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("use_gpu", [False, True])
-def test_deepspeed_config_per_stage(stage, use_gpu):
+def test_deepspeed_config_per_stage(stage, use_gpu, monkeypatch):
     spec = spec_with(stage, micro_batch_size=8, grad_accum=4)
     cfg = deepspeed_config(spec, world_size=2, use_gpu=use_gpu, total_steps=100)
     assert "auto" not in list(walk(cfg)), "DeepSpeed config must hold concrete values only"
-    assert cfg["zero_optimization"]["stage"] == stage
-    assert cfg["train_batch_size"] == 8 * 4 * 2
-    assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["gradient_accumulation_steps"] == 4
-    assert cfg["bf16"] == {"enabled": True}
-    assert cfg["optimizer"]["params"]["lr"] == spec.training.learning_rate
+    ds = parsed(cfg, 2, monkeypatch)
+    zero = ds.zero_config
+    assert ds.zero_optimization_stage == stage
+    assert (ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (64, 8, 4)
+    assert ds.bfloat16_config.enabled and not ds.float16_config.enabled
+    assert ds.optimizer_name == "adamw" and ds.optimizer_params["lr"] == spec.training.learning_rate
     # torch's AdamW: nothing to JIT-compile on the node (FusedAdam would need a compiler).
-    assert cfg["optimizer"]["params"]["torch_adam"] is True
-    assert ("stage3_gather_16bit_weights_on_model_save" in cfg["zero_optimization"]) is (stage == 3)
-    assert "offload_optimizer" not in cfg["zero_optimization"]
+    assert ds.optimizer_params["torch_adam"] is True
+    assert ds.gradient_clipping == spec.training.max_grad_norm
+    # Overlapping the gradient reduction with backward needs CUDA streams: on the GPU only.
+    assert zero.overlap_comm is (use_gpu and stage >= 1)
+    assert zero.gather_16bit_weights_on_model_save is (stage == 3)
+    assert zero.offload_optimizer is None and zero.offload_param is None
 
 
-def test_offload_settings():
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_offload_settings(use_gpu, monkeypatch):
     raw = {"name": "t", "data": {"train": "x"}, "training": {"max_steps": 10},
-           "distributed": {"deepspeed": {"stage": 3, "offload_optimizer": True, "offload_params": True}}}
-    cfg = deepspeed_config(parse_spec(raw), world_size=4, use_gpu=True, total_steps=10)
-    zero = cfg["zero_optimization"]
-    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
-    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+           "distributed": {"num_workers": 4, "deepspeed": {"stage": 3, "offload_optimizer": True,
+                                                           "offload_params": True}}}
+    cfg = deepspeed_config(parse_spec(raw), world_size=4, use_gpu=use_gpu, total_steps=10)
+    zero = parsed(cfg, 4, monkeypatch).zero_config
+    assert zero.offload_optimizer.device == "cpu" and zero.offload_param.device == "cpu"
+    # Pinned host memory speeds up copies to and from a GPU; without one it only locks RAM.
+    assert zero.offload_optimizer.pin_memory is use_gpu and zero.offload_param.pin_memory is use_gpu
     # Optimizer offload runs DeepSpeed's CPU Adam, never torch's.
     assert "torch_adam" not in cfg["optimizer"]["params"]
 
 
 @pytest.mark.parametrize("name,ds_type", [("cosine", "WarmupCosineLR"), ("linear", "WarmupDecayLR"),
                                           ("constant", "WarmupLR")])
-def test_scheduler_translation(name, ds_type):
+def test_scheduler_translation(name, ds_type, monkeypatch):
     spec = spec_with(lr_scheduler=name, warmup_ratio=0.1)
-    sched = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100)["scheduler"]
-    assert sched["type"] == ds_type
+    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100)
+    sched = cfg["scheduler"]
+    assert parsed(cfg, 1, monkeypatch).scheduler_name == sched["type"] == ds_type
     assert sched["params"]["warmup_num_steps"] == 10
     if name != "constant":
         assert sched["params"]["total_num_steps"] == 100
 
 
-def test_zero_warmup_still_valid_for_deepspeed():
+def test_zero_warmup_still_valid_for_deepspeed(monkeypatch):
     spec = spec_with(warmup_ratio=0.0)
     assert warmup_steps(spec, 100) == 0
     cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100)
-    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 1
+    assert parsed(cfg, 1, monkeypatch).scheduler_params["warmup_num_steps"] == 1
 
 
 def test_optimizer_steps_from_max_steps_or_epochs():

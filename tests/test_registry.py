@@ -29,7 +29,7 @@ def registered(tmp_path_factory, ray_local, tiny_base):
 
     tmp = tmp_path_factory.mktemp("registry")
     sets = {"name": NAME, "registry.name": NAME, "registry.mode": "both", "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
-            "storage.path": str(tmp / "runs"), "training.max_steps": 6, "training.eval_every": 6}
+            "storage.path": str(tmp / "runs"), "training.max_steps": 12, "training.eval_every": 12}
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
     summary = run_job(spec)
     uri = summary.tracking_uri
@@ -46,14 +46,6 @@ def cli(*args):
     return result.output
 
 
-def logits(loaded, text="A brown owl at the river. Animal: owl"):
-    import torch
-
-    enc = loaded.tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        return loaded.model(**enc).logits.float()
-
-
 def test_both_mode_registers_linked_versions(registered):
     reg = registered["summary"].registered_model
     assert reg["mode"] == "adapter" and reg["linked"] == f"models:/{NAME}-merged/1"
@@ -63,25 +55,94 @@ def test_both_mode_registers_linked_versions(registered):
     assert shown["run_id"] == registered["summary"].run_id and shown["job_spec"].startswith("name: reg")
 
 
-def test_merged_model_equals_dequantized_base_plus_adapter(registered):
-    """The merged bf16 model against the 4-bit-trained adapter on the base loaded in bf16: the same
-    logits within bf16 rounding, and the same greedy completion. peft is not needed to load it."""
+# bf16 keeps 8 significant bits: rounding to the nearest bf16 value moves x by at most this much of
+# |x| (half a unit in the last place, torch.finfo(torch.bfloat16).eps / 2 = 2**-8).
+BF16_ROUNDING = 2.0**-8
+
+
+def exact_merged_weights(adapter_dir: Path, base_dir: Path) -> dict:
+    """base + (alpha / r) * B @ A for every LoRA pair, in float32, from the files alone (neither peft
+    nor the product's merge): the weights a perfect merge would hold before rounding."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert not config["use_dora"] and not config["use_rslora"] and not config.get("fan_in_fan_out")
+    scaling = config["lora_alpha"] / config["r"]
+    weights = {k: v.float() for k, v in load_file(base_dir / "model.safetensors").items()}
+    adapter = load_file(adapter_dir / "adapter_model.safetensors")
+    pairs = [k for k in adapter if k.endswith("lora_A.weight")]
+    assert pairs
+    for a_key in pairs:
+        target = a_key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        b = adapter[a_key.replace("lora_A", "lora_B")].float()
+        weights[target] = weights[target] + scaling * (b @ adapter[a_key].float())
+    return weights
+
+
+def test_merged_weights_are_base_plus_adapter_rounded_once(registered, tiny_base):
+    """Every weight of the merged bf16 model is the bf16 value nearest to base + adapter: the sum is
+    taken in float32 and rounded once. (Merging a float32 base loaded as bf16 rounds twice and put
+    about one weight in ten further off than this.)"""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.inference import complete, load_adapter
+    exact = exact_merged_weights(registered["adapter"], tiny_base)
+    merged = AutoModelForCausalLM.from_pretrained(registered["merged"], dtype=torch.float32).state_dict()
+    assert {k for k in merged if k != "lm_head.weight"} <= set(exact)
+    for name, x in exact.items():
+        worst = ((merged[name] - x).abs() - BF16_ROUNDING * x.abs()).max().item()
+        assert worst <= 0, f"{name}: a merged weight is further than half a bf16 unit from base + adapter"
+
+
+def test_merged_model_computes_base_plus_adapter(registered):
+    """The merged model against what it stands for, base + adapter (the 4-bit-trained adapter on the
+    base's own float32 weights), both run in float32: the only difference left is the rounding of
+    the merged weights to bf16. Its effect on the logits is bounded by the dtype, and greedy
+    decoding agrees wherever the top two logits are further apart than twice that bound (closer
+    ones may swap; comparing whole completions would compare such ties). peft is not needed to
+    load the merged model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.base_model import load_base, load_trained_model, resolve_base
+    from orchestrator.inference import format_prompt, load_adapter, read_spec
 
     merged = load_adapter(registered["merged"])
     assert type(merged.model) is type(AutoModelForCausalLM.from_pretrained(registered["merged"]))
     assert not any("lora" in n for n, _ in merged.model.named_parameters())
-    with_adapter = load_adapter(registered["adapter"], quantize=False)
-    bare = load_adapter(registered["adapter"], with_adapter=False, quantize=False)
-    a, b, base = logits(merged), logits(with_adapter), logits(bare)
+    spec = read_spec(registered["adapter"])
+    spec.model.dtype = "float32"
+    base_path = resolve_base(spec.model)
+    reference = load_trained_model(registered["adapter"], spec, base_path, quantize=False)
+    bare = load_base(spec, base_path, quantize=False).eval()
+    merged32 = AutoModelForCausalLM.from_pretrained(registered["merged"], dtype=torch.float32).eval()
+
+    tok = merged.tokenizer
+    text = format_prompt(merged, "Give a description of this animal.\nThere is a brown wolf at the river.")
+    ids = tok(text + "It is a wolf. It is big. It has four legs.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b, base = (m(input_ids=ids).logits[0] for m in (merged32, reference, bare))
+    # Each weight moves by at most 2**-8 of itself; through the layers that moves a logit by about
+    # eps x the logits' scale (measured: 0.7% of the largest logit). Four times that is the bound.
+    bound = 4 * torch.finfo(torch.bfloat16).eps * b.abs().max().item()
     diff, effect = (a - b).abs().max().item(), (b - base).abs().max().item()
-    print(f"max |merged - (base + adapter)| = {diff:.4f}; adapter's own effect {effect:.4f}")
-    # bf16 keeps 8 bits of mantissa: ~0.4% relative error per rounding, on logits of size ~10.
-    assert diff < 0.1, diff
-    assert effect > 2 * diff, (effect, diff)  # the comparison is not vacuous
-    assert complete(merged, PROMPT, 24) == complete(with_adapter, PROMPT, 24)
+    print(f"max |merged - (base + adapter)| = {diff:.4f} (bound {bound:.4f}); the adapter's own effect {effect:.4f}")
+    assert diff <= bound, (diff, bound)
+    # Not vacuous: a merge that dropped the adapter, or added it twice, would be off by its effect.
+    assert effect > 2 * bound, (effect, bound)
+
+    prompt = tok(format_prompt(merged, PROMPT), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = reference.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        # Both models read the reference's greedy completion; the logits before each of its tokens.
+        start = prompt.shape[1] - 1
+        want, got = (m(input_ids=out).logits[0, start:-1] for m in (reference, merged32))
+    top2 = want.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 2 * bound
+    assert decisive.sum() >= len(decisive) / 2, "too few tokens decided by more than the bound to compare"
+    assert torch.equal(got.argmax(-1)[decisive], want.argmax(-1)[decisive])
 
 
 def test_adapter_version_is_a_fraction_of_the_merged_one(registered):
