@@ -85,8 +85,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_cosine_schedule_with_warmup
 
-    from orchestrator.models.builtin import resolve_builtin
     from orchestrator.data.tokenize import load_datasets
+    from orchestrator.models.builtin import resolve_builtin
     from orchestrator.spec import load_spec
 
     times = {"import": time.perf_counter() - STARTED}

@@ -51,8 +51,8 @@ def store_overrides(scratch: Path) -> list[str]:
 
 def orchestrator_in_process(job: Path, overrides: list[str], report_evals: bool = False) -> dict:
     """`run_job` in this process (Ray stays up between runs): the run's summary as JSON."""
-    from orchestrator.training.recipe import run_job
     from orchestrator.spec import load_spec
+    from orchestrator.training.recipe import run_job
 
     summary = run_job(load_spec(job, overrides), report_evals=report_evals)
     return {**summary.to_json(), "tracking_uri": summary.tracking_uri}

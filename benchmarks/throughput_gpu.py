@@ -52,8 +52,8 @@ CASES = [Case("1b-qlora", "1b"), Case("8b-qlora", "8b")]
 
 def flops_per_token(model: str) -> float:
     """6N + 12 L d s: the PaLM paper's training FLOPs per token (forward + backward)."""
-    from orchestrator.planning.catalogue import CATALOGUE
     from orchestrator.planning.architectures import architecture_from_config
+    from orchestrator.planning.catalogue import CATALOGUE
     from orchestrator.planning.parameters import count_params
 
     arch = architecture_from_config(CATALOGUE[MODELS[model]], MODELS[model], source="catalogue")
@@ -104,8 +104,8 @@ def tokenizer_dir(model_dir: Path) -> None:
 def side_orchestrator(model_dir: Path, data: Path, scratch: Path) -> dict:
     import torch
 
-    from orchestrator.training.recipe import run_job
     from orchestrator.spec import parse_spec
+    from orchestrator.training.recipe import run_job
 
     summary = run_job(parse_spec(job_overrides(model_dir, data, scratch))).to_json()
     t = summary["timings"]

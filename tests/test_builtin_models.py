@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.data.formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, format_alpaca_prompt
 from orchestrator.models import builtin as bm
 from orchestrator.models import corpus
 from orchestrator.planning import catalogue
-from orchestrator.data.formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, format_alpaca_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = catalogue.BUILTIN_MODELS["tiny-llama"]

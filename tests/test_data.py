@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from orchestrator.data.formats import format_alpaca_prompt
 from orchestrator.data.records import IGNORE_INDEX, read_jsonl
 from orchestrator.data.tokenize import collate, load_datasets, prepare_records
-from orchestrator.data.formats import format_alpaca_prompt
 from orchestrator.spec import DataSpec, SpecError
 
 

@@ -13,9 +13,9 @@ import sys
 import pytest
 import yaml
 
-from orchestrator.planning.catalogue import CATALOGUE
 from orchestrator.planning.architectures import architecture_for, architecture_from_config
 from orchestrator.planning.budget import plan_for_run
+from orchestrator.planning.catalogue import CATALOGUE
 from orchestrator.planning.memory import memory_plan
 from orchestrator.planning.parameters import count_params, lora_targets, quantized_bytes
 from orchestrator.planning.units import GiB, parse_bytes

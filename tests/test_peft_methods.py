@@ -44,8 +44,8 @@ def method_spec(tmp, method: str, **extra):
 @pytest.fixture(scope="module", params=list(METHODS))
 def trained(request, tmp_path_factory, ray_local, tiny_base):
     """One short run per method, registered, and its registered version downloaded."""
-    from orchestrator.training.recipe import run_job
     from orchestrator.tracking.registry import download_model
+    from orchestrator.training.recipe import run_job
 
     tmp = tmp_path_factory.mktemp(request.param)
     spec = method_spec(tmp, request.param)
@@ -83,10 +83,10 @@ def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
     did at its last step, and it gives the same logits as the weights DeepSpeed held then."""
     import torch
 
-    from orchestrator.models.adapters import prepare_for_training
-    from orchestrator.models.loading import load_base, resolve_base
     from orchestrator.data.tokenize import load_datasets
+    from orchestrator.models.adapters import prepare_for_training
     from orchestrator.models.inference import complete, load_adapter
+    from orchestrator.models.loading import load_base, resolve_base
     from orchestrator.training.steps import evaluate
 
     method, spec, summary, saved = trained

@@ -24,8 +24,8 @@ NAME = "reg"
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, ray_local, tiny_base):
     """One short QLoRA run registered as both NAME (adapter) and NAME-merged, both downloaded."""
-    from orchestrator.training.recipe import run_job
     from orchestrator.tracking.registry import download_model
+    from orchestrator.training.recipe import run_job
 
     tmp = tmp_path_factory.mktemp("registry")
     sets = {"name": NAME, "registry.name": NAME, "registry.mode": "both", "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
@@ -96,8 +96,8 @@ def test_adapter_version_is_a_fraction_of_the_merged_one(registered):
 
 
 def test_lineage_records_base_and_data_hashes(registered, tiny_base):
-    from orchestrator.models.loading import base_sha256
     from orchestrator.data.files import file_sha256
+    from orchestrator.models.loading import base_sha256
     from orchestrator.spec import ModelSpec
 
     shown = json.loads(cli("registry", "show", f"{NAME}@candidate", "--tracking-uri", registered["uri"], "--json"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.search import space as search
 from orchestrator.planning.architectures import architecture_for
+from orchestrator.search import space as search
 from orchestrator.spec import SpecError, load_spec
 
 from conftest import REPO

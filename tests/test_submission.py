@@ -10,11 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.cluster import kuberay
 from orchestrator.cli import app
+from orchestrator.cluster import kuberay
 from orchestrator.cluster.jobs import ClusterError, find_token
-from orchestrator.spec import load_spec
 from orchestrator.cluster.submission import ClusterInfo, entrypoint, metadata, pinned_requirements, runtime_env, submission_problems, tracking_location, write_package
+from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
