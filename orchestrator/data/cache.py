@@ -12,8 +12,9 @@ from orchestrator.data.tokenize import load_datasets
 from orchestrator.planning.catalogue import cache_root
 from orchestrator.spec import DataSpec
 
-# What formats and tokenizes records: changing any of these files changes every cache key.
-_CODE = tuple(Path(__file__).with_name(name) for name in ("records.py", "formats.py", "tokenize.py"))
+# What reads, formats and tokenizes records, and this file (the cached format): changing any of
+# them changes every cache key.
+_CODE = tuple(Path(__file__).with_name(name) for name in ("records.py", "formats.py", "tokenize.py", "cache.py"))
 # A base's weight files: large, and not the tokenizer's, so left out of the cache key.
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz"}
 CACHE_KEEP = 16  # the most recently used data sets the cache keeps
