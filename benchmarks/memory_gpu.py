@@ -26,7 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.memory_plan import GiB, architecture_from_config, human, memory_plan  # noqa: E402
+from orchestrator.planning.architectures import architecture_from_config  # noqa: E402
+from orchestrator.planning.memory import memory_plan  # noqa: E402
+from orchestrator.planning.units import GiB, human  # noqa: E402
 from orchestrator.spec import JobSpec, parse_spec  # noqa: E402
 
 DOC = REPO / "docs" / "memory.md"
@@ -68,7 +70,7 @@ CASES = [
 
 
 def planned(case: Case, gpu_bytes: int):
-    from orchestrator.architectures import CATALOGUE
+    from orchestrator.planning.catalogue import CATALOGUE
 
     arch = architecture_from_config(CATALOGUE[MODELS[case.model]], MODELS[case.model], source="catalogue")
     return memory_plan(case.spec(MODELS[case.model]), arch, world_size=1, gpu_memory_bytes=gpu_bytes,
@@ -83,7 +85,7 @@ def build_model_dir(model: str, root: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from orchestrator.architectures import CATALOGUE
+    from orchestrator.planning.catalogue import CATALOGUE
 
     path = root / model
     if (path / "config.json").is_file():
@@ -106,8 +108,9 @@ def run_case(case: Case, model_dir: Path, steps: int) -> dict:
     import deepspeed
     import torch
 
-    from orchestrator.base_model import load_base, prepare_for_training
-    from orchestrator.plan import deepspeed_config
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.loading import load_base
+    from orchestrator.planning.deepspeed import deepspeed_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

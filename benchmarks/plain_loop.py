@@ -85,8 +85,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_cosine_schedule_with_warmup
 
-    from orchestrator.builtin_models import resolve_builtin
-    from orchestrator.data import load_datasets
+    from orchestrator.data.tokenize import load_datasets
+    from orchestrator.models.builtin import resolve_builtin
     from orchestrator.spec import load_spec
 
     times = {"import": time.perf_counter() - STARTED}
@@ -102,7 +102,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=quant,
                                                  device_map={"": "cpu"})
     if quant is not None:
-        # bitsandbytes 0.50's inference-only CPU kernel stops gradients (see base_model.py):
+        # bitsandbytes 0.50's inference-only CPU kernel stops gradients (see models/loading.py):
         # any script training a 4-bit model on this CPU needs this line.
         import bitsandbytes as bnb
 

@@ -38,7 +38,7 @@ def main() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from orchestrator.launch import WORKER_ENV
+    from orchestrator.training.launch import WORKER_ENV
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray

@@ -51,8 +51,8 @@ def store_overrides(scratch: Path) -> list[str]:
 
 def orchestrator_in_process(job: Path, overrides: list[str], report_evals: bool = False) -> dict:
     """`run_job` in this process (Ray stays up between runs): the run's summary as JSON."""
-    from orchestrator.run import run_job
     from orchestrator.spec import load_spec
+    from orchestrator.training.recipe import run_job
 
     summary = run_job(load_spec(job, overrides), report_evals=report_evals)
     return {**summary.to_json(), "tracking_uri": summary.tracking_uri}
@@ -94,7 +94,7 @@ def steady_tokens_per_s(summary: dict) -> float:
 
 def step_tokens_per_s(summary: dict) -> list[float]:
     """Each training step's own tokens/s (rank 0's `tokens_per_s` metric) from the run's MLflow store."""
-    from orchestrator.tracking import run_metric_history
+    from orchestrator.tracking.runs import run_metric_history
 
     return [value for _, value in run_metric_history(summary["tracking_uri"], summary["run_id"], "tokens_per_s")]
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from orchestrator import launch
+    from orchestrator.training import launch
 
     ours = not ray.is_initialized()  # stop Ray at the end only if these benchmarks started it
     results = {"load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}

@@ -52,8 +52,9 @@ CASES = [Case("1b-qlora", "1b"), Case("8b-qlora", "8b")]
 
 def flops_per_token(model: str) -> float:
     """6N + 12 L d s: the PaLM paper's training FLOPs per token (forward + backward)."""
-    from orchestrator.architectures import CATALOGUE
-    from orchestrator.memory_plan import architecture_from_config, count_params
+    from orchestrator.planning.architectures import architecture_from_config
+    from orchestrator.planning.catalogue import CATALOGUE
+    from orchestrator.planning.parameters import count_params
 
     arch = architecture_from_config(CATALOGUE[MODELS[model]], MODELS[model], source="catalogue")
     return 6 * count_params(arch).total + 12 * arch.num_layers * arch.hidden_size * SEQ
@@ -92,7 +93,7 @@ def job_overrides(model_dir: Path, data: Path, scratch: Path) -> dict:
 def tokenizer_dir(model_dir: Path) -> None:
     """The random-weight model uses the built-in tokenizer (ids < 1001 of its 128k vocabulary:
     the compute is the same)."""
-    from orchestrator.builtin_models import resolve_builtin
+    from orchestrator.models.builtin import resolve_builtin
 
     builtin = Path(resolve_builtin("builtin:tiny-llama"))
     for f in builtin.iterdir():
@@ -103,8 +104,8 @@ def tokenizer_dir(model_dir: Path) -> None:
 def side_orchestrator(model_dir: Path, data: Path, scratch: Path) -> dict:
     import torch
 
-    from orchestrator.run import run_job
     from orchestrator.spec import parse_spec
+    from orchestrator.training.recipe import run_job
 
     summary = run_job(parse_spec(job_overrides(model_dir, data, scratch))).to_json()
     t = summary["timings"]

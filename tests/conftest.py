@@ -12,14 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     """The built-in demo base, built (deterministically) once and cached like `make demo` does."""
-    from orchestrator.builtin_models import resolve_builtin
+    from orchestrator.models.builtin import resolve_builtin
 
     return Path(resolve_builtin("builtin:tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_base):
-    from orchestrator.base_model import load_tokenizer
+    from orchestrator.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_base))
 
@@ -28,7 +28,7 @@ def tokenizer(tiny_base):
 def ray_local():
     """One local Ray instance (2 CPUs) shared by every test that trains; stopped at the end.
     With the dashboard's state API, which a search needs to free the workers of stopped trials."""
-    from orchestrator import launch
+    from orchestrator.training import launch
 
     launch.connect(None, dashboard=True)
     yield

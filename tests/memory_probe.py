@@ -203,8 +203,9 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
     import deepspeed
     import torch
 
-    from orchestrator.base_model import load_base, prepare_for_training
-    from orchestrator.plan import deepspeed_config
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.loading import load_base
+    from orchestrator.planning.deepspeed import deepspeed_config
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate(case["spec"])

@@ -65,7 +65,7 @@ CASES = [
 def no_ray(monkeypatch):
     """Connecting to Ray is the step before any worker starts: reaching it fails the test. The
     CLI's final Ray shutdown is skipped, so the session's shared Ray instance stays up."""
-    from orchestrator import launch
+    from orchestrator.training import launch
 
     def connect(*_, **__):
         raise AssertionError("the run reached Ray: a bad input was not caught before workers start")

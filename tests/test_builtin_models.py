@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import builtin_models as bm
-from orchestrator.prompt_templates import (
-    ALPACA_PROMPT_NO_INPUT,
-    ALPACA_PROMPT_WITH_INPUT,
-    format_alpaca_prompt,
-)
+from orchestrator.data.formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, format_alpaca_prompt
+from orchestrator.models import builtin as bm
+from orchestrator.models import corpus
+from orchestrator.planning import catalogue
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = bm.BUILTIN_MODELS["tiny-llama"]
+TINY = catalogue.BUILTIN_MODELS["tiny-llama"]
 # Same architecture and tokenizer recipe, but only a handful of optimizer steps.
 SHRUNK = dataclasses.replace(TINY, steps=3, batch_size=2, tokenizer_docs=3000)
 LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -46,10 +44,10 @@ def tokenizer():
 
 
 def test_is_builtin_and_unknown_names():
-    assert bm.is_builtin("builtin:tiny-llama")
-    assert not bm.is_builtin("meta-llama/Llama-3.2-1B")
-    assert not bm.is_builtin("/models/tiny-llama")
-    assert "tiny-llama" in bm.BUILTIN_MODELS
+    assert catalogue.is_builtin("builtin:tiny-llama")
+    assert not catalogue.is_builtin("meta-llama/Llama-3.2-1B")
+    assert not catalogue.is_builtin("/models/tiny-llama")
+    assert "tiny-llama" in catalogue.BUILTIN_MODELS
     with pytest.raises(ValueError, match="builtin:tiny-llama"):
         bm.resolve_builtin("builtin:no-such-model")
 
@@ -77,7 +75,7 @@ def test_corpus_is_deterministic_and_never_shows_the_demo_task():
     assert a != list(bm.TinyWorldCorpus(8).documents(300))
     data = _load_data_script()
     instructions = data.TRAIN_INSTRUCTIONS + data.HELD_OUT_INSTRUCTIONS
-    descriptions = {data.render_description(animal) for animal in bm.ANIMALS}
+    descriptions = {data.render_description(animal) for animal in corpus.ANIMALS}
     for doc in bm.TinyWorldCorpus(TINY.seed + 1).documents(5000):
         assert not any(i in doc for i in instructions)
         assert not any(d in doc for d in descriptions)

@@ -321,7 +321,7 @@ def ray_head(tmp_path_factory):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"http://127.0.0.1:{dashboard_port}", home)
     try:
-        from orchestrator.cluster_jobs import Cluster, Token
+        from orchestrator.cluster.jobs import Cluster, Token
 
         token = Token((home / ".ray" / "auth_token").read_text(), "test")
         # Ready once the node has registered its CPUs (the Jobs API answers a little earlier).

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from orchestrator.data import IGNORE_INDEX, collate, load_datasets, prepare_records, read_jsonl
-from orchestrator.prompt_templates import format_alpaca_prompt
+from orchestrator.data.formats import format_alpaca_prompt
+from orchestrator.data.records import IGNORE_INDEX, read_jsonl
+from orchestrator.data.tokenize import collate, load_datasets, prepare_records
 from orchestrator.spec import DataSpec, SpecError
 
 
@@ -116,8 +117,9 @@ def test_collate_pads_and_masks(tokenizer):
 def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, monkeypatch):
     """A second preparation of the same data comes from the cache, identical and without loading
     the tokenizer; changing the data file or a data setting tokenizes again."""
-    import orchestrator.base_model as base_model
-    from orchestrator.data import file_sha256, prepare_datasets
+    import orchestrator.data.tokenize as tokenizing
+    from orchestrator.data.cache import prepare_datasets
+    from orchestrator.data.files import file_sha256
 
     path = tmp_path / "train.jsonl"
     records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"word {i}"} for i in range(6)]
@@ -126,17 +128,17 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, mon
 
     first, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
     assert hit is None and len(list(cache.glob("*.json"))) == 1
-    real_loader = base_model.load_tokenizer
+    real_loader = tokenizing.load_tokenizer
 
     def no_tokenizer(*args, **kwargs):
         raise AssertionError("a cached data set loads no tokenizer")
 
-    monkeypatch.setattr(base_model, "load_tokenizer", no_tokenizer)
+    monkeypatch.setattr(tokenizing, "load_tokenizer", no_tokenizer)
     again, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
     assert hit is not None and again == first and first.pad_id is not None
     assert first.files_sha256 == {"train_sha256": file_sha256(path)}  # for lineage, read once
 
-    monkeypatch.setattr(base_model, "load_tokenizer", real_loader)
+    monkeypatch.setattr(tokenizing, "load_tokenizer", real_loader)
     for changed_spec, seed in [(spec.model_copy(update={"max_seq_len": 8}), 3), (spec, 4)]:
         other, hit = prepare_datasets(changed_spec, seed, str(tiny_base), cache_dir=cache)
         assert hit is None

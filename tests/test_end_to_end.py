@@ -29,7 +29,7 @@ def quickstart(tmp, **overrides):
 
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory, ray_local, tiny_base):
-    from orchestrator.run import run_job
+    from orchestrator.training.recipe import run_job
 
     tmp = tmp_path_factory.mktemp("e2e")
     spec = quickstart(tmp, name="e2e-zero2", **{"training.max_steps": 60, "training.eval_every": 20})
@@ -81,7 +81,7 @@ def test_adapter_is_registered_with_alias(zero2_run, tmp_path):
     assert reg["name"] == "e2e-zero2" and reg["uri"] == "models:/e2e-zero2@candidate"
     assert version.tags["mode"] == "adapter" and version.tags["spec_hash"] == spec.spec_hash()
     # Adapter only: the stored files hold the LoRA weights, not the base model's.
-    from orchestrator.tracking import download_model
+    from orchestrator.tracking.registry import download_model
 
     adapter = download_model(reg["uri"], tmp_path, summary.tracking_uri)
     names = {p.name for p in adapter.iterdir()}
@@ -106,7 +106,7 @@ def test_generate_answers_in_the_direction_of_the_training_data(zero2_run):
 
 
 def test_zero3_run_with_4bit_base_registers(tmp_path, ray_local, tiny_base):
-    from orchestrator.run import run_job
+    from orchestrator.training.recipe import run_job
 
     spec = quickstart(tmp_path, name="e2e-zero3", **{"distributed.deepspeed.stage": 3, "training.max_steps": 4,
                                                      "training.eval_every": 2, "training.checkpoint_every": 2})

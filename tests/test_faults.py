@@ -53,7 +53,7 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 
 def latest_checkpoint_step(storage: Path) -> int | None:
-    from orchestrator.launch import latest_checkpoint
+    from orchestrator.training.launch import latest_checkpoint
 
     found = [latest_checkpoint(str(storage), d.name) for d in storage.glob("*") if d.is_dir()]
     return max((f[0] for f in found if f), default=None)
@@ -64,7 +64,7 @@ def latest_checkpoint_step(storage: Path) -> int | None:
 
 @pytest.mark.parametrize("start", [0, 1, 3, 4, 7, 11])
 def test_micro_batches_resume_exactly_where_they_stopped(start):
-    from orchestrator.train_loop import micro_batches
+    from orchestrator.training.steps import micro_batches
 
     train = list(range(9))  # 9 examples, 2 ranks: rank 1 holds 4 -> 2 batches of 2 per epoch
     for rank in (0, 1):
@@ -79,7 +79,7 @@ def test_rng_states_round_trip():
     import numpy as np
     import torch
 
-    from orchestrator.train_loop import rng_states, set_rng_states
+    from orchestrator.training.checkpoint import rng_states, set_rng_states
 
     saved = rng_states()
     draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(1)))
@@ -92,7 +92,7 @@ def test_rng_states_round_trip():
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once(tmp_path, ray_local, tiny_base):
-    from orchestrator.run import run_job
+    from orchestrator.training.recipe import run_job
 
     every, total = 5, 30
     spec = quickstart(tmp_path, name="fault-worker", **{
@@ -204,7 +204,7 @@ def test_only_a_stopped_latest_run_is_resumed(driver_stopped_and_resumed):
     """A job whose latest run finished starts a new run; one whose latest run stopped (here:
     marked KILLED for a moment) is picked up again; another spec is another job."""
     from orchestrator.spec import load_spec
-    from orchestrator.tracking import resumable_run
+    from orchestrator.tracking.runs import resumable_run
 
     r = driver_stopped_and_resumed
     run_id = r["summary"]["run_id"]
@@ -284,7 +284,7 @@ class MlflowServer:
 
 
 def test_mlflow_server_down_mid_run_loses_no_metric(tmp_path, ray_local, tiny_base):
-    from orchestrator.run import run_job
+    from orchestrator.training.recipe import run_job
 
     server = MlflowServer(tmp_path)
     server.start()

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from orchestrator import kuberay
+from orchestrator.cluster import kuberay
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from memory_probe import measure_activations, run_deepspeed_cases
-from orchestrator.memory_plan import DS_REDUCE_BUCKET_SIZE, architecture_for, memory_plan
+from orchestrator.planning.architectures import architecture_for
+from orchestrator.planning.memory import DS_REDUCE_BUCKET_SIZE, memory_plan
 from orchestrator.spec import parse_spec
 
 pytestmark = pytest.mark.integration
@@ -109,7 +110,8 @@ ACTIVATION_CASES = [
 def test_activations_within_25_percent(tiny_model_dir, method, bits, gc, dropout, targets, micro, seq):
     import torch
 
-    from orchestrator.base_model import load_base, prepare_for_training
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.loading import load_base
 
     spec = parse_spec(job(tiny_model_dir, method, bits, gc=gc, dropout=dropout, targets=targets,
                           micro=micro, seq=seq))

@@ -13,9 +13,12 @@ import sys
 import pytest
 import yaml
 
-from orchestrator.architectures import CATALOGUE
-from orchestrator.memory_plan import (GiB, architecture_for, architecture_from_config, count_params, lora_targets,
-                                      memory_plan, parse_bytes, plan_for_run, quantized_bytes)
+from orchestrator.planning.architectures import architecture_for, architecture_from_config
+from orchestrator.planning.budget import plan_for_run
+from orchestrator.planning.catalogue import CATALOGUE
+from orchestrator.planning.memory import memory_plan
+from orchestrator.planning.parameters import count_params, lora_targets, quantized_bytes
+from orchestrator.planning.units import GiB, parse_bytes
 from orchestrator.spec import SpecError, parse_spec
 
 
@@ -74,7 +77,7 @@ def test_lora_count_and_targets_equal_peft(targets):
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from orchestrator.base_model import lora_config, resolve_target_modules
+    from orchestrator.models.adapters import lora_config, resolve_target_modules
 
     hub_id = "mistralai/Mistral-7B-v0.1"  # grouped KV heads: k/v projections are narrower
     spec = parse_spec(job(hub_id, peft={"r": 16, "target_modules": targets}))
@@ -283,7 +286,7 @@ def test_local_config_json(tmp_path):
 
 
 def test_builtin_model_is_read_without_building():
-    from orchestrator.builtin_models import BUILTIN_MODELS
+    from orchestrator.planning.catalogue import BUILTIN_MODELS
 
     recipe = BUILTIN_MODELS["tiny-llama"]
     arch = architecture_for(parse_spec(job("builtin:tiny-llama")))
@@ -313,9 +316,9 @@ def test_plan_for_run_says_which_gpu_it_planned_against(monkeypatch, local_gpu, 
     """Without --gpu-memory the plan is made against this machine's GPU, or with none an assumed
     80 GiB one, and says which; the verdict is against that budget. (The local GPU is what torch
     reports; here it is set, so both cases run on any machine.)"""
-    from orchestrator import memory_plan
+    from orchestrator.planning import budget as planning_budget
 
-    monkeypatch.setattr(memory_plan, "local_gpu_memory", lambda: local_gpu)
+    monkeypatch.setattr(planning_budget, "local_gpu_memory", lambda: local_gpu)
     spec = parse_spec(job())
     spec.data.max_seq_len = 1024  # Llama-2-7B QLoRA: ~41 GiB per GPU, so the two budgets disagree
     p = plan_for_run(spec, world_size=2, gpu_memory_bytes=None)
@@ -343,7 +346,7 @@ def test_full_fine_tuning_of_a_quantized_base_is_an_error():
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, orchestrator.memory_plan; assert 'torch' not in sys.modules"
+    code = "import sys, orchestrator.planning.memory, orchestrator.planning.budget; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.compare import preset_overrides
+from orchestrator.search.compare import preset_overrides
 from orchestrator.spec import load_spec
 
 from conftest import REPO
@@ -44,8 +44,8 @@ def method_spec(tmp, method: str, **extra):
 @pytest.fixture(scope="module", params=list(METHODS))
 def trained(request, tmp_path_factory, ray_local, tiny_base):
     """One short run per method, registered, and its registered version downloaded."""
-    from orchestrator.run import run_job
-    from orchestrator.tracking import download_model
+    from orchestrator.tracking.registry import download_model
+    from orchestrator.training.recipe import run_job
 
     tmp = tmp_path_factory.mktemp(request.param)
     spec = method_spec(tmp, request.param)
@@ -84,10 +84,12 @@ def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
     DeepSpeed held then."""
     import torch
 
-    from orchestrator.base_model import load_base, prepare_for_training, resolve_base
-    from orchestrator.data import load_datasets
-    from orchestrator.inference import complete, load_adapter
-    from orchestrator.train_loop import evaluate, seed_everything
+    from orchestrator.data.tokenize import load_datasets
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.inference import complete, load_adapter
+    from orchestrator.models.loading import load_base, resolve_base
+    from orchestrator.training.steps import evaluate
+    from orchestrator.training.worker import seed_everything
 
     method, spec, summary, saved = trained
     loaded = load_adapter(saved)
@@ -121,8 +123,8 @@ def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
     # The same logits as the trained model: the weights DeepSpeed held at the last step (its own
     # checkpoint, a path independent of the adapter save -> MLflow -> download -> load chain),
     # put into a freshly built model, against the registered version, on real eval batches.
-    from orchestrator.data import collate
-    from orchestrator.train_loop import DEEPSPEED_DIR, DEEPSPEED_TAG
+    from orchestrator.data.tokenize import collate
+    from orchestrator.training.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG
 
     checkpoint = Path(summary.measured["artifact_dir"]).parent
     [states] = (checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("mp_rank_00_model_states.pt")
@@ -173,8 +175,10 @@ COUNT_CASES = {
 
 @pytest.mark.parametrize("case", list(COUNT_CASES))
 def test_planned_trainable_count_equals_the_live_model(case, tiny_base):
-    from orchestrator.base_model import load_base, prepare_for_training, resolve_base
-    from orchestrator.memory_plan import architecture_for, count_params
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.loading import load_base, resolve_base
+    from orchestrator.planning.architectures import architecture_for
+    from orchestrator.planning.parameters import count_params
 
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in COUNT_CASES[case].items()])
     path = resolve_base(spec.model)
@@ -184,7 +188,7 @@ def test_planned_trainable_count_equals_the_live_model(case, tiny_base):
 
 
 def test_adaption_prompt_beyond_the_model_layers_is_a_spec_error(tiny_base):
-    from orchestrator.memory_plan import architecture_for
+    from orchestrator.planning.architectures import architecture_for
     from orchestrator.spec import SpecError
 
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", ["peft.method=adaption_prompt", "peft.adapter_layers=7"])
@@ -198,7 +202,7 @@ def test_adaption_prompt_beyond_the_model_layers_is_a_spec_error(tiny_base):
 def test_compare_logs_parent_and_children_table_and_plot(tmp_path, ray_local, tiny_base):
     from mlflow import MlflowClient
 
-    from orchestrator.compare import compare_methods
+    from orchestrator.search.compare import compare_methods
 
     sets = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"storage.path={tmp_path / 'runs'}",
             "training.max_steps=2", "training.eval_every=1", "training.eval_batches=1", "distributed.num_workers=1"]

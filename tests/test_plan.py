@@ -2,7 +2,9 @@
 
 import pytest
 
-from orchestrator.plan import deepspeed_config, optimizer_steps, resources, warmup_steps
+from orchestrator.planning.deepspeed import deepspeed_config
+from orchestrator.planning.resources import resources
+from orchestrator.planning.steps import optimizer_steps, warmup_steps
 from orchestrator.spec import parse_spec
 
 

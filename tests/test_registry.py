@@ -24,8 +24,8 @@ NAME = "reg"
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, ray_local, tiny_base):
     """One short QLoRA run registered as both NAME (adapter) and NAME-merged, both downloaded."""
-    from orchestrator.run import run_job
-    from orchestrator.tracking import download_model
+    from orchestrator.tracking.registry import download_model
+    from orchestrator.training.recipe import run_job
 
     tmp = tmp_path_factory.mktemp("registry")
     sets = {"name": NAME, "registry.name": NAME, "registry.mode": "both", "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
@@ -105,8 +105,9 @@ def test_merged_model_computes_base_plus_adapter(registered):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.base_model import load_base, load_trained_model, resolve_base
-    from orchestrator.inference import format_prompt, load_adapter, read_spec
+    from orchestrator.models.adapters import load_trained_model
+    from orchestrator.models.inference import format_prompt, load_adapter, read_spec
+    from orchestrator.models.loading import load_base, resolve_base
 
     merged = load_adapter(registered["merged"])
     assert type(merged.model) is type(AutoModelForCausalLM.from_pretrained(registered["merged"]))
@@ -146,7 +147,7 @@ def test_merged_model_computes_base_plus_adapter(registered):
 
 
 def test_adapter_version_is_a_fraction_of_the_merged_one(registered):
-    from orchestrator.tracking import describe_version, dir_size
+    from orchestrator.tracking.registry import describe_version, dir_size
 
     uri = registered["uri"]
     adapter, merged = describe_version(uri, f"{NAME}@candidate"), describe_version(uri, f"{NAME}-merged@candidate")
@@ -157,8 +158,8 @@ def test_adapter_version_is_a_fraction_of_the_merged_one(registered):
 
 
 def test_lineage_records_base_and_data_hashes(registered, tiny_base):
-    from orchestrator.base_model import base_sha256
-    from orchestrator.data import file_sha256
+    from orchestrator.data.files import file_sha256
+    from orchestrator.models.loading import base_sha256
     from orchestrator.spec import ModelSpec
 
     shown = json.loads(cli("registry", "show", f"{NAME}@candidate", "--tracking-uri", registered["uri"], "--json"))
@@ -173,7 +174,7 @@ def test_adapter_on_a_changed_base_fails_clearly(registered, tiny_base, tmp_path
     import torch
     from safetensors.torch import load_file, save_file
 
-    from orchestrator.inference import BaseMismatch, load_adapter
+    from orchestrator.models.inference import BaseMismatch, load_adapter
 
     base = shutil.copytree(tiny_base, tmp_path / "base")
     weights = load_file(base / "model.safetensors")
@@ -216,7 +217,7 @@ def test_export_hf_and_adapter(registered, tmp_path):
 
 
 def test_pyfunc_loads_and_predicts_in_a_fresh_process(registered):
-    from orchestrator.inference import complete, load_adapter
+    from orchestrator.models.inference import complete, load_adapter
 
     code = (
         "import json, sys, mlflow\n"

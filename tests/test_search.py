@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import search
-from orchestrator.memory_plan import architecture_for
+from orchestrator.planning.architectures import architecture_for
+from orchestrator.search import space as search
 from orchestrator.spec import SpecError, load_spec
 
 from conftest import REPO
@@ -142,7 +142,7 @@ def test_asha_never_stops_a_trial_at_its_last_evaluation():
     stopping it saves nothing and Tune would kill it while its Train run finishes."""
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestrator.launch import asha_scheduler
+    from orchestrator.training.launch import asha_scheduler
 
     kwargs = dict(time_attr="training_iteration", max_t=5, grace_period=1, reduction_factor=2,
                   metric="eval_loss", mode="min")

@@ -44,7 +44,7 @@ def runs_of(c, experiment: str):
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, ray_local, tiny_base):
-    from orchestrator.run import run_job
+    from orchestrator.search.recipe import run_spec as run_job  # a tune spec: the search dispatch
 
     tmp = tmp_path_factory.mktemp("search")
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", search_sets(tmp, "search-e2e"))

@@ -10,12 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator import kuberay
 from orchestrator.cli import app
-from orchestrator.cluster_jobs import ClusterError, find_token
+from orchestrator.cluster import kuberay
+from orchestrator.cluster.jobs import ClusterError, find_token
+from orchestrator.cluster.submission import ClusterInfo, entrypoint, metadata, pinned_requirements, runtime_env, submission_problems, tracking_location, write_package
 from orchestrator.spec import load_spec
-from orchestrator.submission import (ClusterInfo, entrypoint, metadata, pinned_requirements, runtime_env,
-                                     submission_problems, tracking_location, write_package)
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
@@ -139,7 +138,7 @@ def test_runtime_env_ships_code_and_pinned_requirements_or_an_image():
     bare = runtime_env("/tmp/pkg", code_dir=None, requirements=None)
     assert "pip" not in bare and "image_uri" not in bare
     # The driver's ray.init adds its own env vars; the job's must not clash with them.
-    from orchestrator.launch import WORKER_ENV
+    from orchestrator.training.launch import WORKER_ENV
 
     assert not set(env["env_vars"]) & set(WORKER_ENV)
     assert entrypoint() == "python -m orchestrator run job.yaml --address auto --confined"
@@ -276,7 +275,7 @@ def test_an_unreachable_cluster_is_one_line_and_exit_2():
     ({"storage.path": "s3://bucket/runs"}, None),
 ])
 def test_confined_run_refuses_paths_outside_the_job(tmp_path, sets, field):
-    from orchestrator.submission import confinement_problems
+    from orchestrator.cluster.submission import confinement_problems
 
     package = tmp_path / "pkg"
     write_package(quickstart(), package)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestrator.train_loop import release_stale_op_lock, skip_shared_memory_comm_op
+from orchestrator.training.worker import release_stale_op_lock, skip_shared_memory_comm_op
 
 
 def test_cpu_workers_skip_deepspeeds_shared_memory_op():
@@ -60,7 +60,7 @@ class _RecordingActor:
 
 
 def test_progress_updates_are_throttled_but_evaluations_and_the_last_step_always_go():
-    from orchestrator.train_loop import ProgressSender, WorkerJob
+    from orchestrator.training.worker import ProgressSender, WorkerJob
 
     actor = _RecordingActor()
     job = WorkerJob(spec={}, deepspeed_config={}, total_steps=100, train=[], eval=[], pad_id=0, use_gpu=False,
@@ -81,7 +81,7 @@ def test_progress_updates_are_throttled_but_evaluations_and_the_last_step_always
 def test_metric_logger_sends_on_its_interval_and_on_flush(tmp_path):
     import mlflow
 
-    from orchestrator.tracking import MetricLogger
+    from orchestrator.tracking.metrics import MetricLogger
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri)

@@ -8,7 +8,7 @@ The task, "describe the animal", is never shown to the built-in base model
 ``builtin:tiny-llama`` during pre-training.  The input is a sentence that mentions an
 animal together with a colour and a place (distractors); the response is a fixed
 five-sentence description of that animal built from the closed world the base model
-was pre-trained on (``orchestrator.builtin_models.ANIMALS``: size, legs, sound, home)::
+was pre-trained on (``orchestrator.models.corpus.ANIMALS``: size, legs, sound, home)::
 
     ### Instruction:
     Describe the animal.
@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from orchestrator.builtin_models import ANIMALS, COLORS, NAMES, PLACES  # noqa: E402
+from orchestrator.models.corpus import ANIMALS, COLORS, NAMES, PLACES  # noqa: E402
 
 SEED = 20240611
 N_TRAIN = 2000

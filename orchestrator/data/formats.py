@@ -1,0 +1,64 @@
+"""Prompt templates shared by the data loader, the built-in demo model and the demo data.
+
+The Alpaca templates are ``str.format`` strings with the fields ``{instruction}``
+and ``{input}``.  The data loader renders the prompt with one of them (depending on
+whether ``input`` is empty), masks the prompt tokens out of the loss and trains on
+``output`` followed by the EOS token.
+
+The built-in demo base model (``builtin:tiny-llama``) is pre-trained on generic
+instruction examples rendered with exactly these templates, so it knows the format
+(but not the demo fine-tuning task).
+
+The formatters turn one record of each data format (alpaca, chat, text) into its full text and
+the character spans whose tokens are trained.
+"""
+
+from __future__ import annotations
+
+from orchestrator.spec import DataSpec
+
+ALPACA_PROMPT_WITH_INPUT = (
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def format_alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - alpaca field name
+    """Render the Alpaca prompt (everything before the response) for one example."""
+    if input:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# --- formatters: record -> (text, trained character spans) ------------------------------------
+
+
+def _format_alpaca(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tuple[int, int]], bool]:
+    prompt = format_alpaca_prompt(str(record["instruction"]), str(record.get("input") or ""))
+    text = prompt + str(record["output"])
+    return text, [(len(prompt), len(text))], True
+
+
+def _format_text(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tuple[int, int]], bool]:
+    text = str(record[data.text_field])
+    return text, [(0, len(text))], True
+
+
+def _format_chat(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tuple[int, int]], bool]:
+    messages = record["messages"]
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        # The assistant turn's characters are those the template adds after the prompt for it.
+        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+        spans.append((start, end))
+    # The chat template writes its own end-of-turn tokens, so no extra EOS is appended.
+    return text, spans, False
+
+
+_FORMATTERS = {"alpaca": (_format_alpaca, ("instruction", "output")),
+               "text": (_format_text, None),
+               "chat": (_format_chat, ("messages",))}

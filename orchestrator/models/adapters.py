@@ -1,0 +1,115 @@
+"""The adapter: make a loaded base trainable as `peft.method` says (a peft adapter, the selected
+weights for `freeze`, every weight for `full`) and load a trained one back. The target rules
+themselves are `planning.targets`, shared with the memory planner; peft is imported only inside
+the functions that need it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.models.loading import load_base
+from orchestrator.planning.targets import architecture_problems, freeze_selects, ia3_feedforward, select_targets
+from orchestrator.spec import JobSpec, SpecError
+
+
+def linear_module_names(model) -> dict[str, str]:
+    """Full path -> leaf name of every linear layer (plain, 4-bit or 8-bit), lm_head excluded."""
+    import torch
+
+    linear_types: tuple = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency, but planning needs none
+        pass
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, linear_types) and not name.endswith("lm_head"):
+            out[name] = name.rsplit(".", 1)[-1]
+    return out
+
+
+def resolve_target_modules(target: str | list[str], model) -> list[str]:
+    """The live model's leaf names for a preset (`attention`, `mlp`, `all-linear`) or a list."""
+    return select_targets(target, linear_module_names(model))
+
+
+def lora_config(spec: JobSpec, target_modules: list[str]):
+    from peft import LoraConfig
+
+    p = spec.peft
+    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.use_dora,
+                      use_rslora=p.use_rslora, target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def peft_config(spec: JobSpec, model, base_path: str):
+    """The peft config of an adapter method, resolved against the live model."""
+    import peft
+
+    p = spec.peft
+    if p.method == "lora":
+        return lora_config(spec, resolve_target_modules(p.target_modules, model))
+    if p.method == "ia3":
+        linears = linear_module_names(model)
+        targets = select_targets(p.target_modules, linears)
+        return peft.IA3Config(target_modules=targets, feedforward_modules=ia3_feedforward(targets, linears),
+                              task_type="CAUSAL_LM")
+    if p.method == "prompt_tuning":
+        text = {"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": p.init_text,
+                "tokenizer_name_or_path": base_path} if p.init_text else {}
+        return peft.PromptTuningConfig(num_virtual_tokens=p.virtual_tokens, task_type="CAUSAL_LM", **text)
+    if p.method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=p.virtual_tokens, task_type="CAUSAL_LM")
+    if p.method == "adaption_prompt":
+        return peft.AdaptionPromptConfig(adapter_len=p.prompt_len, task_type="CAUSAL_LM",
+                                         adapter_layers=p.adapter_layers or model.config.num_hidden_layers)
+    raise ValueError(f"peft.method {p.method} has no adapter")
+
+
+def prepare_for_training(spec: JobSpec, model, base_path: str = ""):
+    """Make the model trainable as the spec says: wrapped with a peft adapter (only the adapter
+    trains); for `freeze`, the selected weights trainable and the rest frozen; for `full`, every
+    weight trainable. Raises `SpecError` when the architecture cannot take the method."""
+    problems = architecture_problems(spec, model.config.model_type, model.config.num_hidden_layers)
+    if problems:
+        raise SpecError(problems)
+    if spec.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    p = spec.peft
+    if p.method in ("full", "freeze"):
+        n = model.config.num_hidden_layers
+        for name, param in model.named_parameters():
+            param.requires_grad_(p.method == "full" or freeze_selects(name, p.trainable_patterns, p.last_n_layers, n))
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(spec, model, base_path))
+
+
+# A freeze job saves only the tensors it trained, under this name, beside the job spec.
+TRAINED_TENSORS = "trained_tensors.safetensors"
+
+
+def load_trained_model(saved_dir: str | Path, spec: JobSpec, base_path: str, quantize: bool = True):
+    """A trained model ready for inference: base + saved adapter, base + the tensors a freeze
+    job trained, or the saved full model."""
+    method = spec.peft.method
+    if method == "full":
+        model = load_base(spec, str(saved_dir), quantize=False)
+    elif method == "freeze":
+        from safetensors.torch import load_file
+
+        model = load_base(spec, base_path, quantize=False)
+        trained = load_file(str(Path(saved_dir) / TRAINED_TENSORS))
+        missing = set(trained) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise ValueError(f"{saved_dir}: trained tensors {sorted(missing)[:3]} are not in the base {base_path}")
+        model.load_state_dict(trained, strict=False)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_base(spec, base_path, quantize=quantize), str(saved_dir))
+    model.eval()
+    return model

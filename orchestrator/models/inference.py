@@ -1,0 +1,117 @@
+"""Load a trained adapter with its base (or a merged model) and complete prompts with it (greedy
+decoding); read what was saved beside it (job spec, lineage)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from orchestrator.spec import SPEC_FILE, JobSpec
+
+# Where the adapter was trained from: base reference, revision and the sha256 of its weights.
+LINEAGE_FILE = "lineage.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class BaseMismatch(Exception):
+    """The base found at load time is not the one the adapter was trained on."""
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    spec: JobSpec
+
+
+def read_spec(model_dir: Path) -> JobSpec:
+    """The job spec saved beside an adapter or merged model."""
+    spec_file = model_dir / SPEC_FILE
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{model_dir} holds no {SPEC_FILE}: not an adapter this tool saved")
+    return JobSpec.model_validate(yaml.safe_load(spec_file.read_text(encoding="utf-8")))
+
+
+def read_lineage(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / LINEAGE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def is_merged(model_dir: str | Path) -> bool:
+    """A saved job without adapter files (or a freeze job's trained tensors) is a merged model
+    (a plain transformers model)."""
+    model_dir = Path(model_dir)
+    return not (model_dir / ADAPTER_CONFIG).is_file() and (model_dir / "config.json").is_file()
+
+
+def check_base(model_dir: Path, spec: JobSpec, base_path: str) -> None:
+    """Raise `BaseMismatch` when the base's weights no longer hash to what the adapter recorded."""
+    from orchestrator.models.loading import base_sha256
+
+    expected = read_lineage(model_dir).get("base_sha256")
+    if not expected:
+        return  # saved before hashes were recorded, or the base was not available to hash
+    found = base_sha256(spec.model, base_path)
+    if found is not None and found != expected:
+        raise BaseMismatch(
+            f"the base model {spec.model.base} (at {base_path}) has changed since this adapter was trained: "
+            f"its weights hash to sha256 {found[:16]}..., the adapter was trained on {expected[:16]}... "
+            f"Fix: load it on the original base (model.base {spec.model.base}, revision "
+            f"{spec.model.revision or 'default'}), or use a merged version of the model, which needs no base.")
+
+
+def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: bool = True) -> Loaded:
+    """The base named by the adapter's saved job spec, quantized as it was trained (or, with
+    `quantize=False`, in its compute dtype), plus the adapter; or, with `with_adapter=False`, the
+    bare base for comparison. A merged model directory loads as it is, without peft.
+
+    Raises `BaseMismatch` when the base's weights differ from the ones the adapter was trained on."""
+    from orchestrator.models.adapters import load_trained_model
+    from orchestrator.models.loading import load_base, load_tokenizer, resolve_base, torch_dtype
+
+    adapter_dir = Path(adapter_dir)
+    spec = read_spec(adapter_dir)
+    if with_adapter and spec.peft.method != "full" and is_merged(adapter_dir):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype(spec.model.dtype))
+        model.eval()
+        return Loaded(model=model, tokenizer=load_tokenizer(str(adapter_dir)), spec=spec)
+    base_path = resolve_base(spec.model)
+    if with_adapter:
+        if spec.peft.method != "full":
+            check_base(adapter_dir, spec, base_path)
+        model = load_trained_model(adapter_dir, spec, base_path, quantize=quantize)
+    else:
+        model = load_base(spec, base_path, quantize=quantize)
+        model.eval()
+    return Loaded(model=model, tokenizer=load_tokenizer(base_path), spec=spec)
+
+
+def format_prompt(loaded: Loaded, prompt: str) -> str:
+    """Wrap a bare prompt the way the adapter's training data was formatted."""
+    fmt = loaded.spec.data.format
+    if fmt == "alpaca":
+        from orchestrator.data.formats import format_alpaca_prompt
+
+        instruction, _, input_text = prompt.partition("\n")
+        return format_alpaca_prompt(instruction, input_text)
+    if fmt == "chat":
+        return loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                    tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def complete(loaded: Loaded, prompt: str, max_new_tokens: int = 64) -> str:
+    """Greedy completion of `prompt` (formatted as in training); the prompt is not repeated."""
+    import torch
+
+    tok = loaded.tokenizer
+    enc = tok(format_prompt(loaded, prompt), return_tensors="pt")
+    with torch.no_grad():
+        out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

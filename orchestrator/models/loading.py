@@ -1,0 +1,140 @@
+"""The base model: resolve `model.base` to a directory, check its files, load it (quantized or not)
+and hash its weights for lineage.
+
+Every base, the built-in demo included, goes through the same `from_pretrained` path.
+bitsandbytes is imported only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.data.files import hash_file
+from orchestrator.data.tokenize import load_tokenizer
+from orchestrator.spec import JobSpec, ModelSpec, Problem, SpecError
+
+__all__ = ["base_sha256", "base_weights_dir", "check_base_files", "load_base", "load_tokenizer", "quantization_config",
+           "resolve_base", "torch_dtype"]  # load_tokenizer: data.tokenize's, the loader's own
+
+
+def resolve_base(model: ModelSpec, progress=None) -> str:
+    """A local directory (built-in models are built and cached on first use) or a hub id.
+
+    `progress(done, total)` is called while a built-in model is being pre-trained."""
+    if model.base.startswith("builtin:"):
+        from orchestrator.models.builtin import resolve_builtin
+
+        return str(resolve_builtin(model.base, progress=progress))
+    return model.base
+
+
+def check_base_files(path: str) -> None:
+    """Raise `SpecError` when a local base directory lacks weights or a tokenizer (a config.json
+    alone is enough to plan memory, not to train)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: the hub says what is missing
+    missing = []
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("weight files (*.safetensors or *.bin)")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        missing.append("tokenizer files (tokenizer.json, tokenizer.model or tokenizer_config.json)")
+    if missing:
+        raise SpecError([Problem(path="model.base", message=f"the model directory {folder} has no "
+                                                            f"{' and no '.join(missing)}",
+                                 fix="copy the whole saved model (save_pretrained writes the weights and "
+                                     "tokenizer files), or point at a complete one")])
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def quantization_config(spec: JobSpec):
+    """The `BitsAndBytesConfig` for the spec, or None for an unquantized base."""
+    q = spec.quantization
+    if q.bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch_dtype(spec.model.dtype)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # ZeRO-3 partitions every parameter it is given, and can only shard the packed 4-bit
+    # weights if they are stored in the model's float dtype rather than uint8.
+    storage = dtype if spec.distributed.deepspeed.stage == 3 else None
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": storage} if storage else {}))
+
+
+def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = True):
+    """The base causal LM, in the spec's dtype and (when asked) quantized as the spec says."""
+    from transformers import AutoModelForCausalLM
+
+    qconfig = quantization_config(spec) if quantize else None
+    kwargs = {"quantization_config": qconfig, "device_map": {"": device}} if qconfig else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(spec.model.dtype), revision=spec.model.revision,
+        trust_remote_code=spec.model.trust_remote_code, **kwargs)
+    if not qconfig:
+        model.to(device)
+    elif qconfig.load_in_4bit and device == "cpu":
+        _keep_4bit_trainable_on_cpu(model)
+    elif device == "cpu":
+        _keep_8bit_dtype_on_cpu(model)
+    return model
+
+
+def _keep_8bit_dtype_on_cpu(model) -> None:
+    """bitsandbytes' (0.50) 8-bit matmul on the CPU returns float32 whatever its input, so the
+    hidden states reach the bf16/fp16 lm_head as float32, which it refuses; cast them to the
+    head's dtype on the way in (a differentiable cast). The layers in between take either."""
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
+
+
+def _keep_4bit_trainable_on_cpu(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for an inference-only CPU kernel the
+    first time it runs in eval mode on an avx512-bf16 CPU, after which no gradient reaches the
+    layer's input, so LoRA below it stops learning. Our base evaluation runs before training;
+    switching that kernel off keeps every layer trainable (the repacking saves no memory)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def base_weights_dir(model: ModelSpec, base_path: str) -> Path | None:
+    """The local directory holding the base's weight files: the path itself, or the hub cache's
+    snapshot of a hub id (None when it is not in the cache)."""
+    if Path(base_path).is_dir():
+        return Path(base_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base_path, revision=model.revision, local_files_only=True,
+                                      allow_patterns=["*.safetensors", "*.bin"]))
+    except Exception:  # not cached (or not a hub id): nothing to hash
+        return None
+
+
+def base_sha256(model: ModelSpec, base_path: str) -> str | None:
+    """sha256 over the base's weight files (name and bytes, in name order), so an adapter can tell
+    at load time that the base it is put on is not the one it was trained on.
+
+    Reads every weight file once (~1-2 GB/s: seconds for a 7B model); None when none is found."""
+    import hashlib
+
+    folder = base_weights_dir(model, base_path)
+    files = (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))) if folder else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        hash_file(digest, f)
+    return digest.hexdigest()

@@ -1,0 +1,41 @@
+"""The GPU memory to plan against (given, the local GPU's, or an assumed 80 GiB), and the plan
+`orchestrator run` checks before it launches. Asks torch for the local GPU's size, inside a function."""
+
+from __future__ import annotations
+
+from orchestrator.planning.architectures import architecture_for
+from orchestrator.planning.memory import MemoryPlan, memory_plan
+from orchestrator.planning.units import GiB
+from orchestrator.spec import JobSpec
+
+DEFAULT_GPU_MEMORY = 80 * GiB
+
+
+def local_gpu_memory() -> tuple[int, str] | None:
+    """(bytes, name) of this machine's first CUDA GPU, or None without one."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return int(props.total_memory), props.name
+
+
+def gpu_budget(gpu_memory_bytes: int | None) -> tuple[int, str]:
+    """The GPU memory to plan against, and where that figure came from."""
+    if gpu_memory_bytes is not None:
+        return gpu_memory_bytes, "given"
+    local = local_gpu_memory()
+    if local is not None:
+        return local[0], f"local GPU ({local[1]})"
+    return DEFAULT_GPU_MEMORY, "no GPU here: assuming an 80 GiB GPU (pass --gpu-memory)"
+
+
+def plan_for_run(spec: JobSpec, world_size: int, gpu_memory_bytes: int | None) -> MemoryPlan:
+    """The plan `orchestrator run` checks before it launches: raises `SpecError` when the
+    architecture cannot be read; the caller refuses the job when `plan.fits` is false."""
+    budget, source = gpu_budget(gpu_memory_bytes)
+    return memory_plan(spec, architecture_for(spec), world_size=world_size, gpu_memory_bytes=budget,
+                       gpu_memory_source=source)

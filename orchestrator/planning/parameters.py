@@ -1,0 +1,140 @@
+"""The parameters of an architecture tensor by tensor, what each PEFT method trains (by the same
+rules training uses, `planning.targets`), and the bytes of a quantized weight (pure)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from orchestrator.planning.architectures import ATTENTION_MODULES, LINEAR_MODULES, Architecture
+from orchestrator.planning.targets import freeze_selects, ia3_feedforward, select_targets
+from orchestrator.spec import JobSpec
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+# bitsandbytes 4-bit storage (bitsandbytes.functional.quantize_4bit): 2 weights per byte, one
+# absmax per 64 weights; with double quantization that absmax is itself 8-bit, with one fp32
+# absmax per 256 of them, a 256-entry fp32 code book and an fp32 offset. Each tensor also has its
+# 16-entry fp32 NF4/FP4 code.
+NF4_BLOCKSIZE = 64
+DOUBLE_QUANT_BLOCKSIZE = 256
+
+
+@dataclass(frozen=True)
+class ParamTensor:
+    """One parameter tensor of the model, as transformers creates it."""
+
+    name: str
+    numel: int
+    module: str  # leaf module: q_proj, ..., embed_tokens, lm_head, norm
+    quantizable: bool = False  # a decoder linear weight: bitsandbytes replaces it when quantizing
+    out_features: int = 0
+
+
+def parameter_tensors(arch: Architecture) -> list[ParamTensor]:
+    """Every parameter in transformers' order (embeddings, each layer, final norm, lm_head)."""
+    h, d = arch.hidden_size, arch.head_dim
+    out = [ParamTensor("model.embed_tokens.weight", arch.vocab_size * h, "embed_tokens")]
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}"
+        for name, (fan_in, fan_out) in arch.linear_shapes().items():
+            group = "self_attn" if name in ATTENTION_MODULES else "mlp"
+            out.append(ParamTensor(f"{p}.{group}.{name}.weight", fan_in * fan_out, name, True, fan_out))
+            if arch.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
+                out.append(ParamTensor(f"{p}.{group}.{name}.bias", fan_out, name))
+        if arch.qk_norm:
+            out += [ParamTensor(f"{p}.self_attn.q_norm.weight", d, "q_norm"),
+                    ParamTensor(f"{p}.self_attn.k_norm.weight", d, "k_norm")]
+        out += [ParamTensor(f"{p}.input_layernorm.weight", h, "input_layernorm"),
+                ParamTensor(f"{p}.post_attention_layernorm.weight", h, "post_attention_layernorm")]
+    out.append(ParamTensor("model.norm.weight", h, "norm"))
+    if not arch.tie_word_embeddings:  # tied: lm_head reuses the embedding matrix
+        out.append(ParamTensor("lm_head.weight", arch.vocab_size * h, "lm_head"))
+    return out
+
+
+def lora_targets(arch: Architecture, target_modules: str | list[str]) -> tuple[str, ...]:
+    """The linear layers a LoRA target preset or list resolves to, by the same rule training uses."""
+    chosen = set(select_targets(target_modules, _layer_paths(arch)))
+    return tuple(m for m in LINEAR_MODULES if m in chosen)
+
+
+# What each method trains, in the plan's words.
+METHOD_TRAINS = {"full": "all parameters", "freeze": "selected base parameters", "lora": "LoRA parameters",
+                 "ia3": "IA3 scaling vectors", "prompt_tuning": "virtual token embeddings",
+                 "prefix_tuning": "prefix keys and values", "adaption_prompt": "adaption prompts and gates"}
+
+
+def _layer_paths(arch: Architecture) -> dict[str, str]:
+    """Module path -> leaf name of one block's linear layers, as transformers names them."""
+    return {f"layers.0.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}": m for m in LINEAR_MODULES}
+
+
+def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
+    """What the optimizer trains, tensor by tensor, exactly as peft builds it:
+    full: every parameter; freeze: the parameters it selects; lora: A (r x in) and B (out x r)
+    on each targeted linear layer of each block (+ DoRA's magnitude, one per output);
+    ia3: one vector per targeted layer (its input width for feed-forward layers, else its output);
+    prompt_tuning: the virtual tokens' embeddings; prefix_tuning: a key and a value per virtual
+    token and layer (key/value heads x head_dim wide); adaption_prompt: a prompt and a gate on
+    each adapted (top) layer."""
+    p, method = spec.peft, spec.peft.method
+    h, n_layers, shapes = arch.hidden_size, arch.num_layers, arch.linear_shapes()
+    if method == "full":
+        return parameter_tensors(arch)
+    if method == "freeze":
+        return [t for t in parameter_tensors(arch)
+                if freeze_selects(t.name, p.trainable_patterns, p.last_n_layers, n_layers)]
+    if method == "prompt_tuning":
+        return [ParamTensor("prompt_encoder.embedding", p.virtual_tokens * h, "prompt")]
+    if method == "prefix_tuning":
+        kv = arch.num_kv_heads * arch.head_dim
+        return [ParamTensor("prompt_encoder.embedding", p.virtual_tokens * n_layers * 2 * kv, "prefix")]
+    if method == "adaption_prompt":
+        adapted = range(n_layers - (p.adapter_layers or n_layers), n_layers)
+        return [t for i in adapted for t in (ParamTensor(f"layers.{i}.adaption_prompt", p.prompt_len * h, "prompt"),
+                                             ParamTensor(f"layers.{i}.adaption_gate", 1, "prompt"))]
+    targets = lora_targets(arch, p.target_modules)
+    out = []
+    if method == "ia3":
+        feedforward = ia3_feedforward(list(targets), _layer_paths(arch))
+        for i in range(n_layers):
+            out += [ParamTensor(f"layers.{i}.{name}.ia3", shapes[name][0 if name in feedforward else 1], name)
+                    for name in targets]
+        return out
+    r = p.r
+    for i in range(n_layers):
+        for name in targets:
+            fan_in, fan_out = shapes[name]
+            out += [ParamTensor(f"layers.{i}.{name}.lora_A", r * fan_in, name),
+                    ParamTensor(f"layers.{i}.{name}.lora_B", fan_out * r, name)]
+            if p.use_dora:
+                out.append(ParamTensor(f"layers.{i}.{name}.lora_magnitude", fan_out, name))
+    return out
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    trainable: int
+
+
+def count_params(arch: Architecture, spec: JobSpec | None = None) -> ParamCount:
+    """Parameters of the model, and of what `spec` trains (all of them without a spec)."""
+    total = sum(t.numel for t in parameter_tensors(arch))
+    trainable = total if spec is None else sum(t.numel for t in trainable_tensors(spec, arch))
+    return ParamCount(total=total, trainable=trainable)
+
+
+def quantized_bytes(numel: int, out_features: int, bits: int, double_quant: bool) -> tuple[int, int]:
+    """(weight storage, quantization constants) of one linear weight in bitsandbytes."""
+    if bits == 8:
+        # Int8Params: int8 weights plus one fp32 scale per output row (SCB).
+        return numel, 4 * out_features
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    code = 16 * 4
+    if double_quant:
+        constants = blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCKSIZE) + 256 * 4 + 4 + code
+    else:
+        constants = 4 * blocks + code
+    return (numel + 1) // 2, constants

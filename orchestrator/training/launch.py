@@ -1,0 +1,343 @@
+"""The one module that talks to the Ray driver API: connect, fit a `TorchTrainer`, watch progress."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from orchestrator.planning.resources import Resources
+from orchestrator.training.checkpoint import ADAPTER_DIR, TRAIN_STATE_FILE
+from orchestrator.training.worker import WorkerJob, train_loop_per_worker
+
+# Quiet third-party chatter in the workers; our own progress and summary are what users read.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "PYTHONWARNINGS": "ignore",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Train's controller collects reports and notices the end of training when it polls the
+    # workers, every 2 s by default; a worker's report waits while the previous one is unread.
+    # Polling every 0.5 s makes frequent reports (a search's evaluations) and the end of a run
+    # cheaper, for four small actor calls a second (a value set in the environment wins).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+}
+
+
+@dataclass
+class FitResult:
+    adapter_dir: str
+    metrics: dict
+    storage_dir: str
+    checkpoint_dir: str = ""
+
+
+def _storage(storage_path: str) -> str:
+    # A URI (s3://bucket/prefix) is Ray Train's to resolve; a local path is made absolute.
+    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+
+
+def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
+    """(step, directory) of the latest checkpoint Ray Train recorded for the run `name` (the one
+    a `fit` under that name resumes from); None when there is none, or the storage is remote."""
+    import json
+
+    run_dir = Path(_storage(storage_path)) / name
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if "://" in storage_path or not snapshot.is_file():
+        return None
+    latest = json.loads(snapshot.read_text(encoding="utf-8")).get("latest_checkpoint_result") or {}
+    directory = run_dir / str(latest.get("checkpoint_dir_name"))
+    state = directory / TRAIN_STATE_FILE
+    return (json.loads(state.read_text(encoding="utf-8"))["step"], str(directory)) if state.is_file() else None
+
+
+def connect(address: str | None = None, verbose: bool = False, dashboard: bool = False) -> float:
+    """Start a new local Ray instance (or join the cluster at `address`); returns its GPU count.
+
+    With no address this never attaches to some other Ray instance that happens to run here.
+    `dashboard`: start the dashboard's state API with a local instance. A search needs it: when
+    Tune stops a trial early it kills the trial's Train controller, and Ray Train's cleaner asks
+    the state API whether the controller died before it frees the trial's workers' placement
+    group (without it, the stopped trial's CPUs stay reserved and later trials wait forever)."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        env, extra = dict(WORKER_ENV), {}
+        if dashboard and address is None:
+            # Ray's workers find the state API by looking for "the" Ray instance on this machine,
+            # and give up when there are several (other users' tests, a cluster); so the
+            # dashboard gets a port chosen here, and every worker is told where it is.
+            port = _free_port()
+            extra = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address=address or "local", log_to_driver=verbose, include_dashboard=dashboard,
+                 logging_level="ERROR" if not verbose else "INFO",
+                 runtime_env={"env_vars": env}, **extra)
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def is_connected() -> bool:
+    """Whether this process already has a Ray instance (an earlier run of `compare`, a test session)."""
+    import ray
+
+    return ray.is_initialized()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster_capacity() -> dict[str, float]:
+    """CPUs and GPUs of the connected Ray cluster (as it is now)."""
+    import ray
+
+    total = ray.cluster_resources()
+    return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _tune_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
+
+
+def _progress_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Progress:
+        """Rank 0 pushes (step, metrics) here; the driver polls it for its progress bar."""
+
+        def __init__(self):
+            self.step, self.metrics = 0, {}
+
+        def update(self, step: int, metrics: dict) -> None:
+            self.step, self.metrics = step, metrics
+
+        def get(self) -> tuple[int, dict]:
+            return self.step, self.metrics
+
+    return Progress.remote()
+
+
+def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, max_failures: int,
+        on_progress: Callable[[int, dict], None] | None = None, in_tune: bool = False) -> FitResult:
+    """Run the worker loop on `resources.num_workers` Ray Train workers and wait for it.
+
+    Ray Train keeps the run's checkpoints under `storage_path/name`: a worker group restarted
+    after a failure, or a later `fit` under the same name, continues from the latest one.
+    `in_tune`: this is a trial of a search (called inside a Tune function), so rank 0's reports
+    are forwarded to Tune, whose scheduler may stop the trial (and with it these workers)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    progress = _progress_actor()
+    job.progress = progress
+    storage = _storage(storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=resources.scaling_config(),
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=[_tune_report_callback()] if in_tune else None),
+    )
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            try:
+                step, metrics = ray.get(progress.get.remote(), timeout=5)
+            except Exception:  # the actor is gone at shutdown; the bar simply stops
+                return
+            if on_progress:
+                on_progress(step, metrics)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        watcher.join(timeout=2)
+        ray.kill(progress)
+    if on_progress:
+        on_progress(job.total_steps, result.metrics or {})
+    # A checkpoint in remote storage is downloaded, so the adapter can be registered from here.
+    checkpoint_dir = result.checkpoint.to_directory() if "://" in storage else result.checkpoint.path
+    return FitResult(adapter_dir=os.path.join(checkpoint_dir, ADAPTER_DIR),
+                     metrics=dict(result.metrics or {}), storage_dir=os.path.join(storage, name),
+                     checkpoint_dir=checkpoint_dir)
+
+
+# --- hyperparameter search: Ray Tune drives one TorchTrainer per trial -------------------------
+
+# The listener of the search running in this driver: (event, trial_id, config, result). Tune
+# pickles its callbacks with the experiment (to restore it), so the callback below holds no
+# reference to the driver's state and looks the listener up here instead.
+_search_listener: Callable[[str, str, dict, dict], None] | None = None
+
+
+def _search_callback():
+    from ray.tune import Callback
+
+    class SearchEvents(Callback):
+        """Forwards Tune's trial events on the driver to `_search_listener`."""
+
+        def __reduce__(self):
+            # Pickled with the experiment as "call _search_callback()", never by value (by value,
+            # cloudpickle would take the listener and the driver's console along).
+            return _search_callback, ()
+
+        def _send(self, event: str, trial, result: dict | None = None) -> None:
+            if _search_listener is not None:
+                _search_listener(event, trial.trial_id, dict(trial.config),
+                                 dict(result if result is not None else trial.last_result or {}))
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._send("start", trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._send("result", trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._send("complete", trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._send("error", trial)
+
+    return SearchEvents()
+
+
+def trial_id() -> str:
+    """The id of the Tune trial this code runs in."""
+    from ray import tune
+
+    return tune.get_context().get_trial_id()
+
+
+@dataclass
+class SearchSetup:
+    """How Tune runs the search: everything but the trial function and its parameters."""
+
+    metric: str
+    mode: str
+    num_samples: int
+    max_concurrent_trials: int | None
+    scheduler: str  # asha or none
+    grace_period: int  # evaluations
+    reduction_factor: float
+    max_evaluations: int  # ASHA's max_t: the evaluations of a trial that runs to its end
+    search_alg: str  # optuna or random
+    seed: int | None
+    time_budget_s: float | None
+
+
+def asha_scheduler(**kwargs):
+    """Ray Tune's ASHA, except that a trial's last evaluation is never a reason to stop it.
+
+    ASHA puts a rung at every grace_period x reduction_factor^k evaluations, and one can fall on
+    a trial's last evaluation (4 of 4). Stopping a trial there saves no step, and Tune would kill
+    the trial while its Train run is finishing; so a result whose `step` is its `total_steps`
+    (every report carries both) is recorded in its rung but never stopped."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class LastEvaluationASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            step, total = result.get("step"), result.get("total_steps")
+            last = step is not None and total is not None and step >= total
+            return TrialScheduler.CONTINUE if last else action
+
+    return LastEvaluationASHA(**kwargs)
+
+
+def search_dir(storage_path: str, name: str) -> str:
+    storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def tune(trial_fn: Callable, trial_params: dict, *, param_space: dict, setup: SearchSetup, name: str,
+         storage_path: str, on_event: Callable[[str, str, dict, dict], None]) -> list[dict]:
+    """Run (or resume, when `storage_path/name` holds an unfinished one) a Tune search whose
+    trials call `trial_fn(config, **trial_params)`; returns one dict per trial: `trial_id`,
+    `config`, `last_result`, `error` (or None)."""
+    global _search_listener
+
+    import ray
+    from ray import tune as rt
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune saves the experiment state at most this often (seconds); a small search is cheap to
+    # save, and a fresh state means a resumed search re-runs no trial that had finished.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Tune's own console reporter (experiment box, trial tables) would interleave with ours.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = search_dir(storage_path, name)
+    # The trial function only drives its TorchTrainer: the workers hold the CPUs (or GPUs), so the
+    # function asks for none (even 0.01 CPU each would leave 2 trials x 1 worker x 1 CPU short of
+    # a 2-CPU machine) and `max_concurrent_trials` limits how many run at once. A trial's bundle
+    # cannot be empty, so it holds a token 1 MiB of Ray's `memory` resource.
+    trainable = rt.with_resources(rt.with_parameters(trial_fn, **trial_params), {"CPU": 0, "memory": 1 << 20})
+    _search_listener = on_event
+    try:
+        if rt.Tuner.can_restore(path):
+            tuner = rt.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                     param_space=param_space)
+        else:
+            if setup.scheduler == "asha":
+                # max_t one past the last evaluation: ASHA stops a trial that reaches max_t, and a
+                # trial that has trained to its end should return by itself (its Train controller
+                # then shuts its workers down in order, rather than being killed with the trial).
+                scheduler = asha_scheduler(time_attr="training_iteration", max_t=setup.max_evaluations + 1,
+                                           grace_period=min(setup.grace_period, setup.max_evaluations),
+                                           reduction_factor=setup.reduction_factor)
+            else:
+                scheduler = FIFOScheduler()
+            if setup.search_alg == "optuna":
+                from ray.tune.search.optuna import OptunaSearch
+
+                search_alg = OptunaSearch(seed=setup.seed)
+            else:
+                # Tune applies max_concurrent_trials to a Searcher (Optuna) but not to this one.
+                search_alg = BasicVariantGenerator(random_state=setup.seed,
+                                                   max_concurrent=setup.max_concurrent_trials or 0)
+            tuner = rt.Tuner(
+                trainable, param_space=param_space,
+                tune_config=rt.TuneConfig(metric=setup.metric, mode=setup.mode, num_samples=setup.num_samples,
+                                          max_concurrent_trials=setup.max_concurrent_trials,
+                                          scheduler=scheduler, search_alg=search_alg,
+                                          time_budget_s=setup.time_budget_s),
+                run_config=rt.RunConfig(name=name, storage_path=str(Path(path).parent), verbose=0,
+                                        callbacks=[_search_callback()],
+                                        failure_config=ray.tune.FailureConfig(max_failures=0)))
+        grid = tuner.fit()
+    finally:
+        _search_listener = None
+    # Tune puts the trial id in every result; a trial that failed before reporting has none (the
+    # caller knows it from the "error" event).
+    return [{"trial_id": str((r.metrics or {}).get("trial_id") or ""), "config": dict(r.config or {}),
+             "last_result": dict(r.metrics or {}), "error": str(r.error) if r.error else None} for r in grid]

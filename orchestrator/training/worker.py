@@ -1,0 +1,232 @@
+"""The training loop that runs on every Ray Train worker.
+
+Reads like a recipe: setup (or restore the latest checkpoint) -> evaluate the base -> steps (log)
+-> eval -> checkpoint -> report. A checkpoint holds the full training state, so a worker group
+restarted by Ray Train (`distributed.max_failures`) or a resumed run continues exactly.
+It receives everything as plain data from the driver (`WorkerJob`); rank 0 logs per-step metrics
+to MLflow and tells the driver's progress bar how far it is. `ray.train.report` is called only at
+checkpoint steps, and at evaluations when a search needs them (each call is a barrier across
+workers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.data.records import Example
+from orchestrator.spec import JobSpec
+from orchestrator.timing import Stopwatch
+from orchestrator.training.checkpoint import (ADAPTER_DIR, PENDING_METRICS_FILE, TrainState, restore_state,
+                                              save_state, save_trained)
+from orchestrator.training.steps import evaluate, micro_batches, peak_memory_bytes, train_step
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs, prepared by the driver."""
+
+    spec: dict
+    deepspeed_config: dict
+    total_steps: int
+    train: list[Example]
+    eval: list[Example]
+    pad_id: int
+    use_gpu: bool
+    tracking_uri: str
+    run_id: str
+    progress: Any = None  # a Ray actor handle with `update(step, metrics)`, or None
+    # Report every evaluation to Ray Train (a search's scheduler needs them); otherwise only
+    # checkpoints are reported: each report is a barrier across workers.
+    report_evals: bool = False
+    # How long rank 0 waits at the end for an unreachable MLflow before it leaves the unsent
+    # metrics in the final checkpoint for the driver to send.
+    final_flush_timeout_s: float = 120.0
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def skip_shared_memory_comm_op(deepspeed) -> None:
+    """On the CPU, DeepSpeed's communication backend builds and loads a shared-memory all-reduce op
+    in every worker (compiled just in time: about 30 s on a job's first run on a machine). Only its
+    tensor-parallel inference layers use it; training reduces through the process group (gloo), so
+    the op is marked unavailable, as DeepSpeed marks it on a platform that cannot build it."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def release_stale_op_lock(name: str, older_than_s: float = 120.0) -> bool:
+    """Remove a JIT-built op's lock file left by a killed process, so this worker does not wait on it
+    forever: torch takes the op's build lock each time the op loads, even when it is built. When the
+    op is built, the lock is held for well under a second; one older than `older_than_s` belongs to
+    a dead process. Returns whether a lock was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory(name, verbose=False))
+    lock = folder / "lock"
+    built = any(folder.glob(f"{name}*.so"))
+    try:
+        if built and time.time() - lock.stat().st_mtime > older_than_s:
+            lock.unlink()
+            return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def setup_engine(spec: JobSpec, job: WorkerJob, device):
+    """Load the base (quantized as the spec says), add the adapter, wrap it in DeepSpeed."""
+    import deepspeed
+
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.loading import load_base, resolve_base
+
+    # Each worker resolves the base itself: a built-in model is built deterministically, so
+    # every node of a cluster gets the same weights without shipping them.
+    base_path = resolve_base(spec.model)
+    model = load_base(spec, base_path, device=str(device))
+    model.config.use_cache = False
+    model = prepare_for_training(spec, model, base_path)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not job.use_gpu:
+        skip_shared_memory_comm_op(deepspeed)
+        if job.deepspeed_config["zero_optimization"].get("offload_optimizer"):
+            release_stale_op_lock("cpu_adam")  # DeepSpeedCPUAdam's op, built on first use
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
+                                           config=job.deepspeed_config)
+    return engine
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from orchestrator.tracking.metrics import MetricLogger
+
+    job: WorkerJob = config["job"]
+    started_at = time.time()
+    watch = Stopwatch()  # where this worker's time goes; rank 0's figures reach the driver
+    spec = JobSpec.model_validate(job.spec)
+    t = spec.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+    torch.set_num_threads(spec.distributed.cpus_per_worker)
+    seed_everything(t.seed)
+
+    with watch("setup"):
+        engine = setup_engine(spec, job, device)
+        state = restore_state(engine, rank) or TrainState()
+    # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
+    logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
+    progress = ProgressSender(job, rank)
+    # Each optimizer step consumes `grad_accum` micro batches per rank.
+    stream = micro_batches(job.train, t.micro_batch_size, rank, world, t.seed, start=state.step * t.grad_accum)
+    eval_size = t.micro_batch_size * 2
+
+    def run_eval() -> float:
+        with watch("eval"):
+            return evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
+
+    if state.base_eval_loss is None:
+        state.base_eval_loss = run_eval()
+        if logger:
+            logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss})
+            logger.flush()
+        progress(0, {"eval_loss": state.base_eval_loss})
+    elif logger:
+        logger.log(state.step, {"resumed_from_step": state.step})
+    if state.step >= job.total_steps:  # stopped after its last checkpoint: report that state again
+        report(engine, spec, rank, state, {"eval_loss": run_eval()}, save=True,
+               pending=logger.close(job.final_flush_timeout_s) if logger else [], total_steps=job.total_steps)
+        return
+
+    tokens = 0.0
+    for step in range(state.step + 1, job.total_steps + 1):
+        with watch("steps"):
+            metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device)
+        tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
+        last = step == job.total_steps
+        if step % t.eval_every == 0 or last:
+            metrics["eval_loss"] = run_eval()
+        if last:  # rank 0's peak memory, for `orchestrator compare`
+            metrics["peak_memory_bytes"] = float(peak_memory_bytes(job.use_gpu))
+        save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+        with watch("log"):
+            if logger:
+                logger.log(step, metrics)
+                # An unreachable MLflow never stops training: what is not sent stays buffered,
+                # and at the end whatever is still unsent travels in the final checkpoint.
+                if (save or "eval_loss" in metrics) and not last:
+                    logger.flush()  # the MLflow UI shows each evaluation as it happens
+            progress(step, metrics)
+        if save or (job.report_evals and "eval_loss" in metrics):
+            pending = logger.close(job.final_flush_timeout_s) if logger and last else []
+            state.step = step
+            if last:  # the run's totals travel with its final report (the last save is not in them)
+                metrics = {**metrics, **watch.metrics(), "tokens_trained": tokens, "worker_started_at": started_at,
+                           "worker_loop_s": time.time() - started_at}
+            with watch("checkpoint" if save else "report"):
+                report(engine, spec, rank, state, metrics, save, pending, total_steps=job.total_steps)
+
+
+def report(engine, spec: JobSpec, rank: int, state: TrainState, metrics: dict, save: bool,
+           pending: list | None = None, *, total_steps: int) -> None:
+    """Report to Ray Train (a barrier across workers), with a full-state checkpoint when `save`:
+    every rank adds its files to the same checkpoint, which Ray persists to `storage.path`; the
+    `adapter/` of the last one is what gets registered. Each report says the run's total steps,
+    so a search's scheduler can tell a trial's last evaluation from the others."""
+    import ray.train
+
+    metrics = {"step": state.step, "total_steps": total_steps, "base_eval_loss": state.base_eval_loss, **metrics}
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_trained(engine, os.path.join(tmp, ADAPTER_DIR), rank, spec.distributed.deepspeed.stage,
+                     spec.peft.method)
+        save_state(engine, tmp, rank, state)
+        if rank == 0 and pending:
+            Path(tmp, PENDING_METRICS_FILE).write_text(json.dumps(pending), encoding="utf-8")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class ProgressSender:
+    """Rank 0 tells the driver's progress bar how far it is (fire and forget: never waits on the
+    driver). Each update is an actor call made from the training thread, so at most one goes
+    out every `interval_s` seconds (the driver's bar refreshes twice a second), plus every
+    evaluation and the last step."""
+
+    def __init__(self, job: WorkerJob, rank: int, interval_s: float = 0.5):
+        self.actor = job.progress if rank == 0 else None
+        self.interval_s, self.total = interval_s, job.total_steps
+        self._sent_at = -math.inf
+
+    def __call__(self, step: int, metrics: dict) -> bool:
+        """Send unless one went out less than `interval_s` ago; returns whether it sent."""
+        now = time.monotonic()
+        must = "eval_loss" in metrics or step >= self.total
+        if self.actor is None or (not must and now - self._sent_at < self.interval_s):
+            return False
+        self._sent_at = now
+        self.actor.update.remote(step, metrics)
+        return True
