@@ -3,6 +3,8 @@ models, every page is reachable from the README, no relative link is broken, and
 names every command and option. Fast and pure: no Ray, torch or MLflow."""
 
 import re
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -24,6 +26,14 @@ def test_job_file_page_is_generated_from_the_spec():
     assert committed == job_file_reference(), (
         "docs/job-file.md is not what orchestrator/job_reference.py generates from the spec's models: "
         "run `make docs` and commit docs/job-file.md")
+
+
+def test_generating_the_page_imports_no_heavy_library():
+    # `make docs` must stay instant and work without a GPU stack.
+    code = ("import sys, orchestrator.job_reference as r; r.job_file_reference(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'mlflow', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
 
 
 def _model_of(annotation) -> type[BaseModel] | None:
