@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed
 CONSTRAINTS := infra/docker/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean ui
+.PHONY: setup demo test bench docs clean ui
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: $(STAMP)
 # The benchmarks against a plain script (about 15 minutes on 2 cores); rewrites docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# The job file reference, generated from the spec's pydantic models (tests/test_docs.py checks it).
+docs: $(STAMP)
+	$(PY) -m orchestrator.spec.reference --write docs/job-file.md
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -53,38 +53,48 @@ class _Section(BaseModel):
 
 class ModelSpec(_Section):
     base: str = Field("builtin:tiny-llama", description="local directory, hub id, or builtin:NAME")
-    revision: str | None = None
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    revision: str | None = Field(None, description="the hub revision (branch, tag or commit) of `base`")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the unquantized weights and of the compute")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, more compute")
+    trust_remote_code: bool = Field(
+        False, description="run model code shipped with a hub model (false unless the job sets it)")
 
 
 class QuantizationSpec(_Section):
-    bits: Literal[4, 8] | None = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    bits: Literal[4, 8] | None = Field(
+        4, description="load the base 4-bit (QLoRA) or 8-bit with bitsandbytes; null: unquantized")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (4-bit)")
 
 
 class PeftSpec(_Section):
     # `full` trains every weight, with no adapter (`orchestrator plan` shows what PEFT saves).
-    method: Literal["lora", "ia3", "prompt_tuning", "prefix_tuning", "adaption_prompt", "freeze", "full"] = "lora"
+    method: Literal["lora", "ia3", "prompt_tuning", "prefix_tuning", "adaption_prompt", "freeze", "full"] = Field(
+        "lora", description="the PEFT method; a field that only another method reads is an error (see peft-methods.md)")
     # lora
-    r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     # lora and ia3 (ia3's feed-forward modules are the chosen ones inside the MLP)
-    target_modules: Union[str, list[str]] = "all-linear"
-    use_dora: bool = False  # weight-decomposed LoRA (DoRA)
-    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r)
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear", description="lora, ia3: a preset (attention, mlp, all-linear) or a list of module names")
+    use_dora: bool = Field(False, description="lora: weight-decomposed LoRA (DoRA)")  # weight-decomposed LoRA (DoRA)
+    use_rslora: bool = Field(  # rank-stabilized scaling alpha / sqrt(r)
+        False, description="lora: rank-stabilized scaling alpha / sqrt(r)")
     # prompt_tuning, prefix_tuning (default 20)
-    num_virtual_tokens: int | None = Field(None, ge=1, le=4096)
+    num_virtual_tokens: int | None = Field(
+        None, ge=1, le=4096, description="prompt_tuning, prefix_tuning: virtual tokens (null: 20)")
     init_text: str | None = Field(None, min_length=1, description="prompt_tuning: initialise from this text")
     # adaption_prompt (LLaMA-Adapter): prompt length (default 10), top layers to adapt (default all)
-    adapter_len: int | None = Field(None, ge=1, le=4096)
-    adapter_layers: int | None = Field(None, ge=1)
+    adapter_len: int | None = Field(None, ge=1, le=4096, description="adaption_prompt: prompt length (null: 10)")
+    adapter_layers: int | None = Field(
+        None, ge=1, description="adaption_prompt: top layers to adapt (null: all)")
     # freeze: train the parameters whose names match a regular expression, and/or the last N blocks
-    trainable_patterns: list[str] | None = None
-    last_n_layers: int | None = Field(None, ge=1)
+    trainable_patterns: list[str] | None = Field(
+        None, description="freeze: train the parameters whose names match one of these regular expressions")
+    last_n_layers: int | None = Field(None, ge=1, description="freeze: train the last N decoder blocks")
 
     @property
     def virtual_tokens(self) -> int:
@@ -96,86 +106,97 @@ class PeftSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: str
+    train: str = Field(description="the training data: a JSONL file, relative to the job file")
     # A path to an eval file, or the fraction of `train` held out for evaluation.
-    eval: Union[float, str, None] = 0.1
-    format: Literal["alpaca", "chat", "text"] = "alpaca"
-    max_seq_len: int = Field(512, ge=8, le=1_048_576)
+    eval: Union[float, str, None] = Field(
+        0.1, description="an eval JSONL file, or the fraction of `train` held out for evaluation")
+    format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="the records' format (see Data formats)")
+    max_seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per example")
     # Examples longer than max_seq_len: cut to it (counted in the run summary), or refused.
-    too_long: Literal["truncate", "error"] = "truncate"
-    text_field: str = "text"
+    too_long: Literal["truncate", "error"] = Field(
+        "truncate", description="examples longer than max_seq_len: cut (counted in the summary) or refused")
+    text_field: str = Field("text", description="format text: the field that holds the text")
 
 
 class TrainingSpec(_Section):
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    micro_batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0, le=1.0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0)
-    seed: int = 42
-    eval_every: int = Field(50, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to train (set this or epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data (set this or max_steps)")
+    micro_batch_size: int = Field(4, ge=1, description="examples per worker per forward pass")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="peak learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate schedule after warm-up")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="share of the steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping norm")
+    seed: int = Field(42, description="seeds the eval split, the data order and the workers' RNGs")
+    eval_every: int = Field(50, ge=1, description="evaluate every N steps (a search reports to Tune then)")
     eval_batches: int | None = Field(None, ge=1, description="cap on eval batches per evaluation")
-    checkpoint_every: int | None = Field(None, ge=1)
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also checkpoint to storage.path every N steps (null: at the end only)")
 
 
 class DeepSpeedSpec(_Section):
-    stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage")
+    offload_optimizer: bool = Field(False, description="keep optimizer states in host memory (stage 1-3)")
+    offload_params: bool = Field(False, description="keep parameters in host memory (stage 3)")
 
 
 class DistributedSpec(_Section):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: Union[bool, Literal["auto"]] = "auto"
-    cpus_per_worker: int = Field(1, ge=1)
-    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
-    max_failures: int = Field(0, ge=-1)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one process, and one GPU if used, each)")
+    use_gpu: Union[bool, Literal["auto"]] = Field(
+        "auto", description="auto: use GPUs when the cluster has them when the job starts")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker reserves")
+    deepspeed: DeepSpeedSpec = Field(DeepSpeedSpec(), description="DeepSpeed ZeRO settings")
+    max_failures: int = Field(
+        0, ge=-1, description="restarts of the worker group after a worker dies (-1: always)")
 
 
 class TrackingSpec(_Section):
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str | None = None
+    uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI: a sqlite file in the working directory, or an http:// server for teams")
+    experiment: str | None = Field(None, description="MLflow experiment (null: the job name)")
 
 
 class RegistrySpec(_Section):
-    name: str | None = None
+    name: str | None = Field(None, description="registered model name (null: the job name)")
     # adapter: LoRA weights + a reference to the base (small); merged: base + adapter merged into
     # one plain transformers model (no peft needed to load it); both: NAME and NAME-merged.
-    mode: Literal["adapter", "merged", "both"] = "adapter"
-    alias: str = "candidate"
+    mode: Literal["adapter", "merged", "both"] = Field(
+        "adapter", description="what a version holds: the adapter, the merged model, or both (see registry.md)")
+    alias: str = Field("candidate", description="alias pointed at each new version")
 
 
 class StorageSpec(_Section):
     # Where Ray Train persists checkpoints and results; relative paths are relative to the
     # working directory of the driver. A URI (s3://bucket/prefix, gs://...) is used as is.
-    path: str = "runs"
+    path: str = Field(
+        "runs", description="where Ray Train keeps checkpoints and results; on a cluster an absolute path or s3://...")
     # True when `path` is a filesystem mounted at the same place on every node (NFS, EFS, a
     # shared PVC). Once a job's workers span nodes, a local path must be shared: each worker
     # writes its checkpoint where it runs and the driver reads it back on the head node.
-    shared: bool = False
+    shared: bool = Field(False, description="true when `path` is mounted at the same place on every node")
 
 
 class SchedulerSpec(_Section):
     # asha: stop trials whose metric trails the others' at each rung; none: run every trial out.
-    type: Literal["asha", "none"] = "asha"
+    type: Literal["asha", "none"] = Field(
+        "asha", description="asha: stop trials that trail at each rung; none: run every trial out")
     # Counted in evaluations (one every training.eval_every steps): a trial is first judged after
     # grace_period evaluations, then at grace_period x reduction_factor^k.
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1.0)
+    grace_period: int = Field(1, ge=1, description="evaluations before a trial is first judged")
+    reduction_factor: float = Field(2.0, gt=1.0, description="later rungs at grace_period x reduction_factor^k")
 
 
 class DomainSpec(_Section):
     """One searched value: exactly one of `choice` (a list), `uniform`, `loguniform` or `randint`
     (`[low, high]`, both ends included)."""
 
-    choice: list[Any] | None = Field(None, min_length=1)
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = Field(None, min_length=1, description="one of these values")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], uniformly")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], uniformly in log space")
+    randint: tuple[int, int] | None = Field(None, description="[low, high], a whole number, both ends included")
 
     @property
     def kind(self) -> str | None:
@@ -186,30 +207,34 @@ class DomainSpec(_Section):
 class TuneSpec(_Section):
     """A hyperparameter search over the job: each trial is the job with the `space` values set."""
 
-    metric: str = "eval_loss"
-    mode: Literal["min", "max"] = "min"
-    num_samples: int = Field(8, ge=1)
+    metric: str = Field("eval_loss", description="the metric trials are ranked by: eval_loss or train_loss")
+    mode: Literal["min", "max"] = Field("min", description="whether lower or higher metric is better")
+    num_samples: int = Field(8, ge=1, description="trials")
     # Trials running at once; each takes distributed.num_workers x cpus_per_worker CPUs (or GPUs).
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    scheduler: SchedulerSpec = SchedulerSpec()
-    search_alg: Literal["optuna", "random"] = "optuna"
-    time_budget_s: float | None = Field(None, gt=0)
-    seed: int | None = 0
-    space: dict[str, DomainSpec] = Field(default_factory=dict)
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="trials running at once (null: as many as the cluster holds now)")
+    scheduler: SchedulerSpec = Field(SchedulerSpec(), description="the trial scheduler")
+    search_alg: Literal["optuna", "random"] = Field("optuna", description="how trial values are picked")
+    time_budget_s: float | None = Field(None, gt=0, description="stop the search after this many seconds")
+    seed: int | None = Field(0, description="seed of the search algorithm")
+    space: dict[str, DomainSpec] = Field(
+        default_factory=dict, description="dotted path of a job setting -> its searched values")
 
 
 class JobSpec(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    model: ModelSpec = ModelSpec()
-    quantization: QuantizationSpec = QuantizationSpec()
-    peft: PeftSpec = PeftSpec()
-    data: DataSpec
-    training: TrainingSpec = TrainingSpec()
-    distributed: DistributedSpec = DistributedSpec()
-    tracking: TrackingSpec = TrackingSpec()
-    registry: RegistrySpec = RegistrySpec()
-    storage: StorageSpec = StorageSpec()
-    tune: TuneSpec | None = None
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                      description="job name (letters, digits, ., _, -); the default experiment and registered name")
+    model: ModelSpec = Field(ModelSpec(), description="the base model")
+    quantization: QuantizationSpec = Field(QuantizationSpec(), description="how the base is quantized (bitsandbytes)")
+    peft: PeftSpec = Field(PeftSpec(), description="the PEFT method and its fields")
+    data: DataSpec = Field(description="training and evaluation data")
+    training: TrainingSpec = Field(TrainingSpec(), description="steps, batches, optimizer, evaluation and checkpoints")
+    distributed: DistributedSpec = Field(DistributedSpec(), description="Ray Train workers and DeepSpeed")
+    tracking: TrackingSpec = Field(TrackingSpec(), description="MLflow tracking")
+    registry: RegistrySpec = Field(RegistrySpec(), description="the MLflow model registry")
+    storage: StorageSpec = Field(StorageSpec(), description="Ray Train's checkpoint and result storage")
+    tune: TuneSpec | None = Field(
+        None, description="optional: turns the job into a hyperparameter search (see search.md)")
 
     @property
     def experiment(self) -> str:
