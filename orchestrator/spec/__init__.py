@@ -1,5 +1,6 @@
-"""The job spec: its sections (`models`), problems (`problems`), loading (`loading`) and checks
-(`checks`). Pure: imports nothing of the orchestrator above it, and nothing heavier than pydantic and PyYAML."""
+"""The job spec: its sections (`models`), problems (`problems`), loading (`loading`), checks
+(`checks`) and the generated job file reference (`reference`, docs/job-file.md). Pure: imports
+nothing of the orchestrator above it, and nothing heavier than pydantic and PyYAML."""
 
 from orchestrator.spec.checks import TUNE_METRICS, peft_problems, resolve_path, semantic_problems, tune_problems
 from orchestrator.spec.loading import apply_overrides, flatten, load_spec, parse_spec
