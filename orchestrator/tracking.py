@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import SPEC_FILE, JobSpec, flatten
+from orchestrator.spec import SPEC_FILE, JobSpec, flatten, redact_uri
 
 ADAPTER_ARTIFACT = "adapter"
 
@@ -60,6 +60,9 @@ def _client(uri: str):
 
     # No tqdm bars for artifact transfers in our console output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Nor MLflow's "View run ... at: URL" notice when a run ends: its URL is `tracking.uri` as
+    # given, user:password@ included.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import logging
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables..."
@@ -361,7 +364,7 @@ class MetricLogger:
                 del self._buffer[:len(chunk)]
         except Exception as e:  # unreachable, timed out, 5xx: all mean "try again later"
             if self.last_error is None:
-                print(f"MLflow at {self.uri} unreachable ({type(e).__name__}); keeping "
+                print(f"MLflow at {redact_uri(self.uri)} unreachable ({type(e).__name__}); keeping "
                       f"{len(self._buffer)} metric value(s) to send later", flush=True)
             self.last_error = e
             return False

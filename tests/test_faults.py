@@ -210,7 +210,8 @@ class MlflowServer:
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"), auth=(MLFLOW_USER, SECRETS["MLFLOW_TRACKING_PASSWORD"]))
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"),
+                          auth=(MLFLOW_USER, SECRETS["MLFLOW_TRACKING_PASSWORD"]))
     try:
         server.start()
         yield server
