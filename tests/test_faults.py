@@ -2,8 +2,11 @@
 MLflow server going away and coming back. Real Ray, DeepSpeed, MLflow (a real `mlflow server`);
 the faults are real processes killed by pid.
 
-Fake secrets sit in the environment of the stopped-and-resumed CLI runs, and everything those runs
-write (MLflow params, tags, metric names, artifacts, the Ray storage directory, the console) is
+Fake secrets travel with the stopped-and-resumed CLI runs and a short run on S3-style storage: the
+password of an MLflow server that requires one (in `tracking.uri`, or in MLFLOW_TRACKING_PASSWORD),
+AWS_SECRET_ACCESS_KEY for a local S3 server (moto), the token of a Ray instance started with token
+authentication, HF_TOKEN. Everything those runs write (the console, MLflow params, tags, metric names,
+artifacts, the MLflow server's log and store, the Ray storage, local or S3, Ray's session logs) is
 searched for them.
 """
 
@@ -12,12 +15,15 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -128,22 +134,120 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once
 
 
 # --- the driver is stopped; running the job again resumes it ----------------------------------------------
+#
+# These runs, and the small run on S3-style storage below, carry fake secrets where they travel: the
+# MLflow server requires a password (in `tracking.uri` for the driver runs, in MLFLOW_TRACKING_USERNAME /
+# MLFLOW_TRACKING_PASSWORD for the S3 run), the storage needs AWS_SECRET_ACCESS_KEY, the local Ray
+# instance runs with token authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), HF_TOKEN is set.
 
+MLFLOW_USER = "admin"
 SECRETS = {"HF_TOKEN": "hf_FAKEtoken0123456789", "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pass-4242",
            "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-4343", "AWS_SECRET_ACCESS_KEY": "fakeAwsSecretKey/4444",
-           "RAY_AUTH_TOKEN": "fake-ray-token-4545"}
+           "RAY_AUTH_TOKEN": "fake-ray-token-4545-0123456789abcdef"}
+BUCKET = "fault-runs"
 
 
-def _sets(tmp: Path) -> list[str]:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store; stop() and start() keep the store.
+    With `auth` (user, password): MLflow's basic-auth app, which answers no API call without them."""
+
+    def __init__(self, root: Path, auth: tuple[str, str] | None = None):
+        self.root, self.port, self.proc, self.auth = root, _free_port(), None, auth
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+
+    @property
+    def uri_with_password(self) -> str:
+        user, password = self.auth
+        return f"http://{user}:{password}@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+               "--artifacts-destination", str(self.root / "artifacts")]
+        env = dict(os.environ)
+        if self.auth:
+            config = self.root / "basic_auth.ini"
+            config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                              f"database_uri = sqlite:///{self.root}/auth.db\nadmin_username = {self.auth[0]}\n"
+                              "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            cmd[4:4] = ["--app-name", "basic-auth"]
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=self.auth[1],
+                       MLFLOW_FLASK_SERVER_SECRET_KEY="fault-test-csrf-key")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, \
+                    f"mlflow server did not start: {self.log.read_text()[-2000:]}"
+                time.sleep(0.3)
+        if self.auth:  # the server does require the credentials
+            api = f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(api, timeout=10)
+            assert refused.value.code == 401
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (a clean stop; `kill`: SIGKILL, for a server whose store is not needed again)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"),
+                          auth=(MLFLOW_USER, SECRETS["MLFLOW_TRACKING_PASSWORD"]))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+@pytest.fixture(scope="module")
+def ray_tmp():
+    """RAY_TMPDIR of the CLI runs: their Ray instances keep their session logs here (short: it
+    holds Ray's unix sockets)."""
+    path = Path(tempfile.mkdtemp(prefix="rayf-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_env(ray_tmp: Path, **more: str) -> dict[str, str]:
+    """The environment of a CLI run: HF, AWS and Ray secrets (Ray with token authentication)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_", "RAY_AUTH"))}
+    return {**env, "COLUMNS": "200", "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": SECRETS["RAY_AUTH_TOKEN"], "HF_TOKEN": SECRETS["HF_TOKEN"],
+            "AWS_ACCESS_KEY_ID": "AKIAFAKEFAULTTEST", "AWS_SECRET_ACCESS_KEY": SECRETS["AWS_SECRET_ACCESS_KEY"],
+            "AWS_DEFAULT_REGION": "us-east-1", **more}
+
+
+def _sets(tmp: Path, uri: str) -> list[str]:
     return [f"{k}={v}" for k, v in {
-        "name": "fault-driver", "registry.name": "fault-driver", "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
+        "name": "fault-driver", "registry.name": "fault-driver", "tracking.uri": uri,
         "storage.path": str(tmp / "runs"), "training.max_steps": 40, "training.checkpoint_every": 5,
         "training.eval_every": 8, "training.eval_batches": 1}.items()]
 
 
-def _cli(tmp: Path) -> list[str]:
+def _cli(sets: list[str]) -> list[str]:
     return [sys.executable, "-m", "orchestrator", "run", str(REPO / "jobs" / "quickstart.yaml"), "--json",
-            *[x for kv in _sets(tmp) for x in ("--set", kv)]]
+            *[x for kv in sets for x in ("--set", kv)]]
 
 
 def _stop_session(proc: subprocess.Popen) -> None:
@@ -164,10 +268,12 @@ def _sid(pid: int) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def driver_stopped_and_resumed(tmp_path_factory, tiny_base):
+def driver_stopped_and_resumed(tmp_path_factory, tiny_base, auth_server, ray_tmp):
+    """The job runs against the password-protected MLflow server, the password in `tracking.uri`."""
     tmp = tmp_path_factory.mktemp("driver")
-    env = {**os.environ, **SECRETS, "COLUMNS": "200"}
-    first = subprocess.Popen(_cli(tmp), cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    uri = auth_server.uri_with_password
+    cli, env = _cli(_sets(tmp, uri)), _run_env(ray_tmp)
+    first = subprocess.Popen(cli, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -180,15 +286,15 @@ def driver_stopped_and_resumed(tmp_path_factory, tiny_base):
         if first.poll() is None:
             _stop_session(first)
     first_out, first_err = first.communicate()
-    second = subprocess.run(_cli(tmp), cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cli, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    return {"tmp": tmp, "saved": saved, "console": first_out + first_err + second.stdout + second.stderr,
+    return {"tmp": tmp, "uri": uri, "saved": saved, "console": first_out + first_err + second.stdout + second.stderr,
             "first_err": first_err, "second_err": second.stderr, "summary": json.loads(second.stdout)}
 
 
 def test_a_stopped_driver_is_resumed_by_running_the_job_again(driver_stopped_and_resumed):
     r = driver_stopped_and_resumed
-    summary, uri = r["summary"], f"sqlite:///{r['tmp']}/mlflow.db"
+    summary, uri = r["summary"], r["uri"]
     # The same MLflow run continues, from the checkpoint the stopped run had saved.
     assert f"MLflow run {summary['run_id']}" in r["first_err"]
     assert f"Resuming the stopped MLflow run {summary['run_id']} from its checkpoint at step" in r["second_err"]
@@ -196,7 +302,8 @@ def test_a_stopped_driver_is_resumed_by_running_the_job_again(driver_stopped_and
     assert resumed >= r["saved"]
     assert client_for(uri).get_run(summary["run_id"]).info.status == "FINISHED"
     assert steps(uri, summary["run_id"], "train_loss") == list(range(1, 41))
-    assert len(client_for(uri).search_runs([client_for(uri).get_experiment_by_name("quickstart").experiment_id])) == 1
+    assert len(client_for(uri).search_runs([client_for(uri).get_experiment_by_name("quickstart").experiment_id],
+                                           filter_string="attributes.run_name = 'fault-driver'")) == 1
     assert summary["data"]["truncated_examples"] == 0
 
 
@@ -208,7 +315,7 @@ def test_only_a_stopped_latest_run_is_resumed(driver_stopped_and_resumed):
 
     r = driver_stopped_and_resumed
     run_id = r["summary"]["run_id"]
-    spec = load_spec(REPO / "jobs" / "quickstart.yaml", _sets(r["tmp"]))
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", _sets(r["tmp"], r["uri"]))
     client = client_for(spec.tracking.uri)
     assert resumable_run(spec) is None
     client.set_terminated(run_id, "KILLED")
@@ -220,6 +327,42 @@ def test_only_a_stopped_latest_run_is_resumed(driver_stopped_and_resumed):
         client.set_terminated(run_id, "FINISHED")
 
 
+@pytest.fixture(scope="module")
+def s3_run(tmp_path_factory, tiny_base, auth_server, ray_tmp):
+    """A short run whose `storage.path` is s3://BUCKET/... on a local S3 server (moto), the MLflow
+    credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (and a token beside them)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    tmp = tmp_path_factory.mktemp("s3run")
+    port = _free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    s3.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        env = _run_env(ray_tmp, AWS_ENDPOINT_URL=endpoint, MLFLOW_TRACKING_USERNAME=MLFLOW_USER,
+                       MLFLOW_TRACKING_PASSWORD=SECRETS["MLFLOW_TRACKING_PASSWORD"],
+                       MLFLOW_TRACKING_TOKEN=SECRETS["MLFLOW_TRACKING_TOKEN"])
+        bucket = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"])
+        bucket.create_bucket(Bucket=BUCKET)
+        sets = [f"{k}={v}" for k, v in {
+            "name": "fault-secrets", "registry.name": "fault-secrets", "tracking.uri": auth_server.uri,
+            "storage.path": f"s3://{BUCKET}/runs", "training.max_steps": 4, "training.checkpoint_every": 2,
+            "training.eval_every": 2, "training.eval_batches": 1}.items()]
+        done = subprocess.run(_cli(sets), cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        objects = {}
+        for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            for o in page.get("Contents", []):
+                objects[o["Key"]] = bucket.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+        return {"tmp": tmp, "console": done.stdout + done.stderr, "summary": json.loads(done.stdout),
+                "objects": objects}
+    finally:
+        s3.stop()
+
+
 def _all_text_under(root: Path) -> str:
     out = []
     for f in root.rglob("*"):
@@ -228,59 +371,47 @@ def _all_text_under(root: Path) -> str:
     return "\n".join(out)
 
 
-def test_no_secret_appears_in_anything_a_run_writes(driver_stopped_and_resumed, tmp_path):
-    r = driver_stopped_and_resumed
-    uri = f"sqlite:///{r['tmp']}/mlflow.db"
+def _run_record(uri: str, run_id: str, into: Path) -> dict[str, str]:
+    """What MLflow holds of a run, as text: params, tags, metric names, artifacts (downloaded)."""
     client = client_for(uri)
-    run = client.get_run(r["summary"]["run_id"])
-    written = [r["console"], json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(list(run.data.metrics)),
-               _all_text_under(Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))),
-               _all_text_under(r["tmp"] / "runs"), _all_text_under(r["tmp"] / "mlartifacts")]
-    assert len(written[4]) > 0 and "deepspeed" in written[5]  # the searches did read something
+    run = client.get_run(run_id)
+    into.mkdir()
+    return {"params": json.dumps(run.data.params), "tags": json.dumps(run.data.tags),
+            "metric names": json.dumps(list(run.data.metrics)),
+            "artifacts": _all_text_under(Path(client.download_artifacts(run_id, "", str(into))))}
+
+
+def test_no_secret_appears_in_anything_a_run_writes(driver_stopped_and_resumed, s3_run, auth_server, ray_tmp,
+                                                    tmp_path):
+    d, s = driver_stopped_and_resumed, s3_run
+    uri = auth_server.uri_with_password
+    written = {"driver runs' console": d["console"], "S3 run's console": s["console"],
+               **{f"driver run's {k}": v for k, v in _run_record(uri, d["summary"]["run_id"], tmp_path / "d").items()},
+               **{f"S3 run's {k}": v for k, v in _run_record(uri, s["summary"]["run_id"], tmp_path / "s").items()},
+               "driver runs' storage": _all_text_under(d["tmp"] / "runs"),
+               "driver runs' working directory": _all_text_under(d["tmp"]),
+               "S3 run's working directory": _all_text_under(s["tmp"]),
+               **{f"s3://{BUCKET}/{k}": v.decode("latin-1") for k, v in s["objects"].items()},
+               "MLflow server (log, store, artifacts)": _all_text_under(auth_server.root),
+               "Ray session logs": _all_text_under(ray_tmp)}
+    # The searches did read something from every source (an S3 "directory" object and the S3
+    # run's working directory may be empty; the bucket as a whole may not).
+    empty = [k for k, v in written.items() if not v and not k.startswith(("s3://", "S3 run's working"))]
+    assert not empty, f"nothing read from {empty}"
+    assert sum(map(len, s["objects"].values())) > 0, sorted(s["objects"])
+    assert "deepspeed" in written["driver runs' storage"]
+    assert any(k.endswith("checkpoint_manager_snapshot.json") for k in s["objects"]), sorted(s["objects"])
+    assert len(list(ray_tmp.rglob("session_*/logs/raylet.out"))) >= 3  # the three runs' Ray instances
+    assert s["summary"]["run_id"] in written["MLflow server (log, store, artifacts)"]
+    leaks = []
     for name, secret in SECRETS.items():
-        for text in written:
-            assert secret not in text, f"{name} leaked"
+        for where, text in written.items():
+            if (at := text.find(secret)) >= 0:
+                leaks.append(f"{name} in {where}: ...{text[max(0, at - 150):at + len(secret) + 50]!r}...")
+    assert not leaks, "secrets leaked:\n" + "\n".join(leaks)
 
 
 # --- the MLflow server goes away mid-run and comes back -------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a sqlite store; stop() and start() keep the store."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.proc = root, _free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-               "--artifacts-destination", str(self.root / "artifacts")]
-        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def test_mlflow_server_down_mid_run_loses_no_metric(tmp_path, ray_local, tiny_base):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from orchestrator.spec import redact_uri
 from orchestrator.tracking.runs import _client
 
 # A worker's MLflow calls fail fast when the server is down (MLflow's own default retries for
@@ -66,7 +67,7 @@ class MetricLogger:
                 del self._buffer[:len(chunk)]
         except Exception as e:  # unreachable, timed out, 5xx: all mean "try again later"
             if self.last_error is None:
-                print(f"MLflow at {self.uri} unreachable ({type(e).__name__}); keeping "
+                print(f"MLflow at {redact_uri(self.uri)} unreachable ({type(e).__name__}); keeping "
                       f"{len(self._buffer)} metric value(s) to send later", flush=True)
             self.last_error = e
             return False

@@ -61,6 +61,9 @@ def _client(uri: str):
 
     # No tqdm bars for artifact transfers in our console output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Nor MLflow's "View run ... at: URL" notice when a run ends: its URL is `tracking.uri` as
+    # given, user:password@ included.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import logging
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables..."

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from orchestrator.spec import JobSpec, Problem, SpecError
+from orchestrator.spec import JobSpec, Problem, SpecError, redact_uri
 from orchestrator.timing import Stopwatch
 
 StatusFn = Callable[[str], None]
@@ -298,7 +298,9 @@ def sync_tracking(spec: JobSpec, handle, checkpoint_dir: str, timeout_s: float =
         logger.extend(json.loads(path.read_text(encoding="utf-8")))
     if not runs.wait_for_server(handle.uri, timeout_s) or logger.close(timeout_s):
         raise SpecError([Problem(
-            path="tracking.uri", message=f"the MLflow server at {handle.uri} did not answer for {timeout_s:.0f} s "
-                                         f"after training ({logger.last_error}); the trained checkpoint is kept at "
+            path="tracking.uri", message=f"the MLflow server at {redact_uri(handle.uri)} did not answer for "
+                                         f"{timeout_s:.0f} s after training ("
+                                         f"{str(logger.last_error).replace(handle.uri, redact_uri(handle.uri))}); "
+                                         f"the trained checkpoint is kept at "
                                          f"{checkpoint_dir}",
             fix=f"bring the server back and run `orchestrator resume {spec.name}` (training is not repeated)")])
