@@ -295,9 +295,27 @@ def test_builtin_model_is_read_without_building():
     assert arch.vocab_size <= recipe.tokenizer_vocab_size
 
 
-def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
-    with pytest.raises(SpecError, match="the planner does not know the architecture 'gpt2'"):
+def test_any_architecture_plans_with_transformers_count(tmp_path):
+    """gpt2 has no formula: its count is transformers' own (tied embeddings once, Conv1D weights
+    quantized, the head not), and the plan names what it estimates."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    arch = architecture_for(parse_spec(job(str(tmp_path))))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=768, n_layer=12, n_head=12))
+    assert count_params(arch).total == sum(p.numel() for p in model.parameters()) == 124_439_808
+    quantized = [t.name for t in arch.tensors if t.quantizable]
+    assert len(quantized) == 4 * 12 and "transformer.h.0.attn.c_attn.weight" in quantized
+    result = plan(job(str(tmp_path)))
+    assert any("estimated terms: activations of gpt2" in a for a in result.assumptions)
+
+
+def test_unknown_model_type_is_a_clean_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-model"}))
+    with pytest.raises(SpecError, match=r"model.base: transformers cannot build the architecture 'not-a-model'"):
         architecture_for(parse_spec(job(str(tmp_path))))
 
 
