@@ -48,6 +48,15 @@ PUBLISHED = {
     "meta-llama/Llama-3.2-1B": 1_235_814_400,
     "Qwen/Qwen2.5-0.5B": 494_032_768,
     "Qwen/Qwen2.5-7B": 7_615_616_512,
+    "Qwen/Qwen2.5-1.5B": 1_543_714_304,
+    "Qwen/Qwen2.5-3B": 3_085_938_688,
+    "Qwen/Qwen2.5-32B": 32_763_876_352,
+    "Qwen/Qwen2.5-72B": 72_706_203_648,
+    # Counted from transformers' meta-device build, not a formula (planning/inventory.py):
+    "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
+    "google/gemma-2-9b": 9_241_705_984,  # tied embeddings counted once
+    "mistralai/Mixtral-8x7B-v0.1": 46_702_792_704,  # 8 experts held, 2 run per token
+    "tiiuae/falcon-7b": 6_921_720_704,
 }
 
 
