@@ -133,3 +133,75 @@ def test_registered_adapter_reloads_to_the_trained_model_and_generates(trained):
                         torch.device("cpu"), t.eval_batches * spec.distributed.num_workers)
     assert reloaded == pytest.approx(summary.metrics["eval_loss"], rel=1e-3, abs=1e-3), family
     assert isinstance(complete(loaded, "Describe the animal.\nA cat.", max_new_tokens=4), str)
+
+
+# --- target presets per family (meta device, no training) -------------------------------------------
+
+PRESETS = {  # family -> (attention, mlp) as the presets resolve
+    "gpt2": (["attn.c_attn", "attn.c_proj"], ["mlp.c_fc", "mlp.c_proj"]),
+    "phi3": (["self_attn.o_proj", "self_attn.qkv_proj"], ["mlp.down_proj", "mlp.gate_up_proj"]),
+    "gpt_neox": (["attention.dense", "attention.query_key_value"], ["mlp.dense_4h_to_h", "mlp.dense_h_to_4h"]),
+    "falcon": (["self_attention.dense", "self_attention.query_key_value"],
+               ["mlp.dense_4h_to_h", "mlp.dense_h_to_4h"]),
+    "mixtral": (["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"], None),
+    "gemma2": (["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"],
+               ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]),
+}
+
+
+def _meta_model(family: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.planning.inventory import build_config
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(build_config(FAMILIES[family][0]))
+
+
+def _wrapped(model, targets) -> set[str]:
+    """The modules peft really wraps with LoRA for `targets` (a list, or peft's own "all-linear")."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    return {n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+            for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default")}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_presets_are_disjoint_and_all_linear_is_peft_own(family):
+    """attention and mlp wrap disjoint layers; all-linear wraps what peft's own all-linear does
+    (every linear layer but the output head, lm_head or embed_out), except on a mixture of
+    experts, where peft's own also wraps the router (`mlp.gate`) and ours never does."""
+    from orchestrator.models.adapters import resolve_target_modules
+    from orchestrator.spec import SpecError
+
+    model = _meta_model(family)
+    wrapped = {}
+    for preset in ("attention", "mlp", "all-linear"):
+        try:
+            targets = resolve_target_modules(preset, model)
+        except SpecError as e:  # a mixture of experts' MLP holds no linear layer: experts are fused
+            assert family == "mixtral" and preset == "mlp", e
+            wrapped[preset] = set()
+            continue
+        if preset != "all-linear" and family in PRESETS:
+            assert targets == PRESETS[family][preset == "mlp"], (family, preset, targets)
+        wrapped[preset] = _wrapped(_meta_model(family), targets)
+    assert wrapped["attention"] and not wrapped["attention"] & wrapped["mlp"]
+    peft_own = _wrapped(_meta_model(family), "all-linear")
+    if family == "mixtral":
+        assert {n for n in peft_own if n.endswith("mlp.gate")} and wrapped["all-linear"] < peft_own
+    else:
+        assert wrapped["all-linear"] == peft_own
+    assert not any(n.endswith(("lm_head", "embed_out", "mlp.gate")) for n in wrapped["all-linear"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_planner_resolves_presets_as_the_loader(family):
+    from orchestrator.models.adapters import resolve_target_modules
+    from orchestrator.planning.architectures import architecture_from_config
+    from orchestrator.planning.parameters import lora_targets
+
+    arch = architecture_from_config({"vocab_size": 32064, **FAMILIES[family][0]}, family)
+    assert list(lora_targets(arch, "all-linear")) == resolve_target_modules("all-linear", _meta_model(family))
