@@ -127,7 +127,7 @@ def _read_architecture(spec: JobSpec) -> Architecture:
     if config is not None:
         return architecture_from_config(config, base, source="built-in catalogue")
     try:
-        config = _hub_config(base, spec.model.revision)
+        config = hub_config(base, spec.model.revision)
     except Exception as e:  # offline, unknown repo, gated repo: all say the same to the user
         known = ", ".join(sorted(CATALOGUE))
         raise SpecError([Problem(path="model.base",
@@ -139,7 +139,7 @@ def _read_architecture(spec: JobSpec) -> Architecture:
     return architecture_from_config(config, base, source="Hugging Face hub")
 
 
-def _hub_config(repo: str, revision: str | None) -> dict:
+def hub_config(repo: str, revision: str | None) -> dict:
     """`config.json` from the local hub cache, else from one request to the hub (5 s, no retries:
     huggingface_hub's own download retries for ~25 s when there is no network)."""
     import os

@@ -119,7 +119,7 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
     with watch("resolve_base"):
         base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
                                  if progress else None)
-        check_base_files(base_path)
+        check_base_files(base_path, spec.model.revision)
 
     status("Preparing data")
     with watch("data"):
