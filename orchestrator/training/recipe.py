@@ -124,7 +124,8 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
     status("Preparing data")
     with watch("data"):
         # Tokenized data is cached by everything it depends on: a job run again loads no tokenizer.
-        data, cached = prepare_datasets(spec.data, spec.training.seed, base_path, spec.model.trust_remote_code)
+        data, cached = prepare_datasets(spec.data, spec.training.seed, base_path, spec.model.trust_remote_code,
+                                        revision=spec.model.revision)
     if cached:
         status(f"Tokenized data from the cache: {cached}")
     if data.stats["truncated_examples"]:
