@@ -133,6 +133,38 @@ def test_registered_adapter_reloads_to_the_trained_model_and_generates(trained):
                         torch.device("cpu"), t.eval_batches * spec.distributed.num_workers)
     assert reloaded == pytest.approx(summary.metrics["eval_loss"], rel=1e-3, abs=1e-3), family
     assert isinstance(complete(loaded, "Describe the animal.\nA cat.", max_new_tokens=4), str)
+    if spec.distributed.deepspeed.stage == 2:  # ZeRO-3's checkpoint holds shards, not the tensors
+        assert_same_logits_as_deepspeed_held(spec, summary, loaded, data)
+
+
+def assert_same_logits_as_deepspeed_held(spec, summary, loaded, data):
+    """The registered adapter gives the logits of the LoRA weights DeepSpeed held at the last step
+    (its own checkpoint: a path independent of save -> MLflow -> download -> load), put into a
+    freshly wrapped 4-bit base."""
+    from pathlib import Path
+
+    import torch
+
+    from orchestrator.data.tokenize import collate
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.loading import load_base
+    from orchestrator.training.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG
+
+    reference = prepare_for_training(spec, load_base(spec, spec.model.base), spec.model.base)
+    trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+    checkpoint = Path(summary.measured["artifact_dir"]).parent
+    [states] = (checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("mp_rank_00_model_states.pt")
+    held = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert trainable <= set(held), sorted(trainable - set(held))[:3]
+    reference.load_state_dict({n: held[n] for n in trainable}, strict=False)
+    reference.eval()
+    loaded.model.eval()
+    batch = collate(data.eval[:spec.training.micro_batch_size], loaded.tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        expected, got = reference(**inputs).logits.float(), loaded.model(**inputs).logits.float()
+    # bf16 weights and activations: equal up to bf16 rounding of the last layers' sums
+    assert torch.allclose(got, expected, rtol=1e-2, atol=1e-2), (got - expected).abs().max()
 
 
 # --- target presets per family (meta device, no training) -------------------------------------------
