@@ -95,7 +95,8 @@ def _counted_architecture(config: dict, name: str, source: str, note: str) -> Ar
     estimated = (f"activations of {model_type} estimated with the Llama decoder-layer formula from the "
                  f"config's dimensions (hidden {d['hidden_size']}, MLP {d['intermediate_size']}"
                  + (f" x {per_token} of {d['experts']} experts per token" if d["experts"] else "")
-                 + f", {d['num_heads']} heads / {d['num_kv_heads']} kv heads of {d['head_dim']})",)
+                 + f", {d['num_heads']} heads / {d['num_kv_heads']} kv heads of {d['head_dim']}; "
+                 "measured 0.6-1.5x the real peak, see docs/memory.md)",)
     return Architecture(
         name=name, model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
         intermediate_size=d["intermediate_size"] * per_token, num_layers=d["num_layers"], num_heads=d["num_heads"],
