@@ -42,6 +42,11 @@ CASES = [
      "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     ("missing base model", {}, None, ["model.base=./no-such-model"],
      "model.base: no model directory with a config.json at"),
+    ("base neither a directory nor a hub id", {}, None, ["model.base=not a model!"],
+     "model.base: 'not a model!' is neither a model directory nor a hub id. Fix: point at a directory"),
+    ("hub id not cached, hub offline", {}, None, ["model.base=someone/not-cached-model-7b"],
+     "model.base: the hub id 'someone/not-cached-model-7b' is not in the local hub cache and the hub cannot be "
+     "reached or does not have it (HF_HUB_OFFLINE is set). Fix: download it"),
     ("base model missing files", {"model/config.json": "TINY_CONFIG"}, None, ["model.base=./model"],
      "has no weight files (*.safetensors or *.bin) and no tokenizer files"),
     ("missing data file", {}, None, ["data.train=nope.jsonl"], "data.train: file not found: nope.jsonl"),
@@ -95,7 +100,7 @@ def test_bad_input_is_refused_before_any_worker_starts(tmp_path, tiny_base, no_r
     expected = expected.replace("PORT", port)
     args = ["run", str(job), "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             "--set", f"storage.path={tmp_path}/runs", *[x for s in sets for x in ("--set", s)]]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400", "HF_HUB_OFFLINE": "1"})
     output = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert result.exit_code == 2, (output, result.exception)
     assert expected in " ".join(output.split()), output

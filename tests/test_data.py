@@ -47,6 +47,65 @@ def test_chat_trains_assistant_turns_only(tokenizer):
     assert trained.count(tokenizer.eos_token) == 2
 
 
+CHAT = {"messages": [{"role": "user", "content": "What does the dog say?"},
+                     {"role": "assistant", "content": "woof"}]}
+# A template of another family's kind (Zephyr-like), written as a Jinja string in the job.
+OTHER_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + eos_token }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+
+
+@pytest.fixture
+def plain_tokenizer(tiny_base):
+    """The tiny base's tokenizer as a base model's often is: no chat template, pad = eos."""
+    from orchestrator.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    tok.chat_template = None
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def test_chat_without_a_template_is_a_clean_error(plain_tokenizer):
+    with pytest.raises(SpecError, match=r"data.chat_template: the tokenizer of the base .* has no chat template.*"
+                                        r"Fix: set data.chat_template"):
+        prepare_records([CHAT], DataSpec(train="x", format="chat"), plain_tokenizer, "t", "data.train")
+
+
+@pytest.mark.parametrize("template", [None, OTHER_TEMPLATE])
+def test_chat_template_writes_the_only_bos_and_eos_is_trained_where_pad_is_eos(tiny_base, template):
+    """The tokenizer's own template and one named in the job both write bos_token: one BOS id per
+    example, not two; with pad == eos, the EOS ending the assistant turn is still trained, also
+    after padding in a batch."""
+    from orchestrator.data.tokenize import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base), chat_template=template)
+    tok.pad_token = tok.eos_token
+    data = DataSpec(train="x", format="chat", chat_template=template)
+    [ex], _ = prepare_records([CHAT], data, tok, "t", "data.train")
+    assert ex.input_ids.count(tok.bos_token_id) == 1 and ex.input_ids[0] == tok.bos_token_id
+    assert trained_text(tok, ex).lstrip().startswith("woof" + tok.eos_token)
+    if template:
+        assert tok.decode(ex.input_ids[1:]).startswith("[user] What does the dog say?")
+    [short], _ = prepare_records([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo"}]}],
+                                 data, tok, "t", "data.train")
+    batch = collate([short, ex], tok.pad_token_id)
+    n, eos_at = len(short.input_ids), short.labels.index(tok.eos_token_id)
+    assert batch["input_ids"][0, n] == tok.eos_token_id  # padded with the EOS id...
+    assert batch["labels"][0, eos_at] == tok.eos_token_id and (batch["labels"][0, n:] == IGNORE_INDEX).all()
+
+
+def test_chat_template_file_is_read_into_the_spec(tmp_path):
+    from orchestrator.spec import load_spec
+
+    from conftest import REPO
+
+    (tmp_path / "chat.jinja").write_text(OTHER_TEMPLATE)
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", ["data.format=chat", f"data.chat_template={tmp_path}/chat.jinja"])
+    assert spec.data.chat_template == OTHER_TEMPLATE
+    with pytest.raises(SpecError, match=r"data.chat_template: file not found: nope.jinja"):
+        load_spec(REPO / "jobs" / "quickstart.yaml", ["data.chat_template=nope.jinja"])
+
+
 def test_text_trains_everything_but_special_prefix(tokenizer):
     [ex], _ = prepare_records([{"text": "the dog runs to the park."}], DataSpec(train="x", format="text"),
                               tokenizer, "t", "data.train")

@@ -48,6 +48,15 @@ PUBLISHED = {
     "meta-llama/Llama-3.2-1B": 1_235_814_400,
     "Qwen/Qwen2.5-0.5B": 494_032_768,
     "Qwen/Qwen2.5-7B": 7_615_616_512,
+    "Qwen/Qwen2.5-1.5B": 1_543_714_304,
+    "Qwen/Qwen2.5-3B": 3_085_938_688,
+    "Qwen/Qwen2.5-32B": 32_763_876_352,
+    "Qwen/Qwen2.5-72B": 72_706_203_648,
+    # Counted from transformers' meta-device build, not a formula (planning/inventory.py):
+    "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
+    "google/gemma-2-9b": 9_241_705_984,  # tied embeddings counted once
+    "mistralai/Mixtral-8x7B-v0.1": 46_702_792_704,  # 8 experts held, 2 run per token
+    "tiiuae/falcon-7b": 6_921_720_704,
 }
 
 
@@ -295,9 +304,27 @@ def test_builtin_model_is_read_without_building():
     assert arch.vocab_size <= recipe.tokenizer_vocab_size
 
 
-def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
-    with pytest.raises(SpecError, match="the planner does not know the architecture 'gpt2'"):
+def test_any_architecture_plans_with_transformers_count(tmp_path):
+    """gpt2 has no formula: its count is transformers' own (tied embeddings once, Conv1D weights
+    quantized, the head not), and the plan names what it estimates."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    arch = architecture_for(parse_spec(job(str(tmp_path))))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=768, n_layer=12, n_head=12))
+    assert count_params(arch).total == sum(p.numel() for p in model.parameters()) == 124_439_808
+    quantized = [t.name for t in arch.tensors if t.quantizable]
+    assert len(quantized) == 4 * 12 and "transformer.h.0.attn.c_attn.weight" in quantized
+    result = plan(job(str(tmp_path)))
+    assert any("estimated terms: activations of gpt2" in a for a in result.assumptions)
+
+
+def test_unknown_model_type_is_a_clean_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-model"}))
+    with pytest.raises(SpecError, match=r"model.base: transformers cannot build the architecture 'not-a-model'"):
         architecture_for(parse_spec(job(str(tmp_path))))
 
 
@@ -405,8 +432,11 @@ def test_cli_explain_shows_the_rule_of_thumb(job_file):
 @pytest.mark.parametrize("args,message", [
     (["--gpu-memory", "lots"], "--gpu-memory: not a memory size"),
     (["--set", "model.base=someone/unknown-7b"], "model.base: cannot read the architecture"),
+    (["--set", "peft.target_modules=[q_proj, c_fc]"], "peft.target_modules: the model has no linear module named c_fc"),
+    (["--set", "model.base=mistralai/Mixtral-8x7B-v0.1", "--set", "peft.target_modules=mlp"],
+     "peft.target_modules: preset 'mlp' matches no linear module of this model (its experts are fused parameters"),
 ])
 def test_cli_user_errors_exit_2(job_file, monkeypatch, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = _cli("plan", job_file(job()), *args)
-    assert r.exit_code == 2 and message in r.output
+    assert r.exit_code == 2 and message in " ".join(r.output.split()) and "Traceback" not in r.output

@@ -31,12 +31,11 @@ def plan(job: Path = JobArg, set_: Optional[List[str]] = SetOption,
     spec = _load(job, set_)
     budget = _gpu_memory(gpu_memory)
     budget, source = gpu_budget(budget)
-    try:
-        arch = architecture_for(spec)
+    try:  # the plan also resolves peft.target_modules against the architecture
+        result = memory_plan(spec, architecture_for(spec), world_size=num_gpus or spec.distributed.num_workers,
+                             gpu_memory_bytes=budget, gpu_memory_source=source)
     except SpecError as e:
         _fail(e)
-    result = memory_plan(spec, arch, world_size=num_gpus or spec.distributed.num_workers,
-                         gpu_memory_bytes=budget, gpu_memory_source=source)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
     else:

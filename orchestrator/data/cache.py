@@ -41,7 +41,7 @@ def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, files_sha256:
 
 
 def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_code: bool = False,
-                     cache_dir: Path | None = None) -> tuple[DataSets, Path | None]:
+                     cache_dir: Path | None = None, revision: str | None = None) -> tuple[DataSets, Path | None]:
     """The job's tokenized data sets (with the data files' sha256), and the cache file they came
     from (None when they were tokenized now). A job run again with the same data, base and
     settings skips loading the tokenizer (and importing transformers) and tokenizing; problems with
@@ -68,7 +68,7 @@ def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_cod
             pass  # damaged or from another version: tokenized again and rewritten
     from orchestrator.data.tokenize import load_tokenizer
 
-    datasets = load_datasets(data, load_tokenizer(base_path, trust_remote_code), seed)
+    datasets = load_datasets(data, load_tokenizer(base_path, trust_remote_code, revision, data.chat_template), seed)
     datasets.files_sha256 = files_sha256 or {}
     if path is not None:
         _write_cached(path, datasets)

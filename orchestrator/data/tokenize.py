@@ -14,12 +14,18 @@ from orchestrator.data.records import IGNORE_INDEX, DataSets, Example, _data_err
 from orchestrator.spec import DataSpec
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   chat_template: str | None = None):
+    """The base's tokenizer at `revision`, with `chat_template` (data.chat_template) in place of
+    its own when given. Without a pad token it pads with EOS: padding is masked by position (see
+    `collate`), so EOS is still trained."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        tok.chat_template = chat_template
     return tok
 
 
@@ -29,11 +35,15 @@ def tokenize_example(text: str, spans: list[tuple[int, int]], add_eos: bool, tok
 
     Returns the example and whether it was truncated to `max_seq_len`.
     """
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    # A chat template that writes the BOS token itself: the tokenizer must not add a second one.
+    writes_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    enc = tokenizer(text, add_special_tokens=not writes_bos, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []
     for tok, (s, e) in zip(ids, offsets):
-        trained = e > s and any(a <= s < b for a, b in spans)
+        # A token that overlaps a span is trained: " woof" after a template's "[assistant] " starts
+        # on the prompt's space but is the first token of the answer.
+        trained = e > s and any(s < b and e > a for a, b in spans)
         labels.append(tok if trained else IGNORE_INDEX)
     if add_eos and tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
@@ -47,6 +57,11 @@ def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
     """Format and tokenize records; returns examples and how many were truncated. `lines`: each
     record's line in `source`, for problems to name (without it, its position in `records`)."""
     formatter, required = _FORMATTERS[data.format]
+    if data.format == "chat" and not tokenizer.chat_template:
+        raise _data_error("data.chat_template", f"the tokenizer of the base ({tokenizer.name_or_path}) has no chat "
+                          "template, so chat records cannot be rendered",
+                          "set data.chat_template to a Jinja template or a file holding one (an instruct "
+                          "model's tokenizer_config.json has one), or use data.format alpaca or text")
     required = required or (data.text_field,)
     examples, truncated = [], 0
     for number, record in enumerate(records, start=1):

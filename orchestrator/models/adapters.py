@@ -13,25 +13,26 @@ from orchestrator.spec import JobSpec, SpecError
 
 
 def linear_module_names(model) -> dict[str, str]:
-    """Full path -> leaf name of every linear layer (plain, 4-bit or 8-bit), lm_head excluded."""
+    """Full path -> leaf name of every layer LoRA can wrap: torch Linear (plain, 4-bit or 8-bit)
+    and GPT-2's Conv1D; the output head (lm_head, embed_out, a tied embedding) never."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    linear_types: tuple = (torch.nn.Linear,)
+    linear_types: tuple = (torch.nn.Linear, Conv1D)
     try:
         import bitsandbytes as bnb
 
         linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency, but planning needs none
         pass
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, linear_types) and not name.endswith("lm_head"):
-            out[name] = name.rsplit(".", 1)[-1]
-    return out
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, linear_types) and module is not head and not name.endswith("lm_head")}
 
 
 def resolve_target_modules(target: str | list[str], model) -> list[str]:
-    """The live model's leaf names for a preset (`attention`, `mlp`, `all-linear`) or a list."""
+    """The names peft targets for a preset (`attention`, `mlp`, `all-linear`: `parent.leaf`
+    names, so GPT-2's `attn.c_proj` and `mlp.c_proj` stay apart) or a list."""
     return select_targets(target, linear_module_names(model))
 
 

@@ -88,7 +88,8 @@ def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: b
     else:
         model = load_base(spec, base_path, quantize=quantize)
         model.eval()
-    return Loaded(model=model, tokenizer=load_tokenizer(base_path), spec=spec)
+    tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision, spec.data.chat_template)
+    return Loaded(model=model, tokenizer=tokenizer, spec=spec)
 
 
 def format_prompt(loaded: Loaded, prompt: str) -> str:
@@ -110,7 +111,9 @@ def complete(loaded: Loaded, prompt: str, max_new_tokens: int = 64) -> str:
     import torch
 
     tok = loaded.tokenizer
-    enc = tok(format_prompt(loaded, prompt), return_tensors="pt")
+    text = format_prompt(loaded, prompt)
+    # A chat template that writes the BOS token itself: no second one (as in training).
+    enc = tok(text, return_tensors="pt", add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
     with torch.no_grad():
         out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

@@ -7,6 +7,7 @@ bitsandbytes is imported only inside the functions that need it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from orchestrator.data.files import hash_file
@@ -28,12 +29,20 @@ def resolve_base(model: ModelSpec, progress=None) -> str:
     return model.base
 
 
-def check_base_files(path: str) -> None:
-    """Raise `SpecError` when a local base directory lacks weights or a tokenizer (a config.json
-    alone is enough to plan memory, not to train)."""
-    folder = Path(path)
+# A hub repository id: `name` or `owner/name` (huggingface_hub's validate_repo_id: letters,
+# digits, - _ . ; at most 96 characters each; no leading or trailing - or .).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?$")
+
+
+def check_base_files(path: str, revision: str | None = None) -> None:
+    """Raise `SpecError` when the base cannot be had: a local directory that lacks weights or a
+    tokenizer (a config.json alone is enough to plan memory, not to train), a path that is not a
+    directory, a name that is not a hub id, or a hub id neither in the local cache nor on a
+    reachable hub."""
+    folder = Path(path).expanduser()
     if not folder.is_dir():
-        return  # a hub id: the hub says what is missing
+        _check_hub_id(path, revision)
+        return
     missing = []
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         missing.append("weight files (*.safetensors or *.bin)")
@@ -44,6 +53,26 @@ def check_base_files(path: str) -> None:
                                                             f"{' and no '.join(missing)}",
                                  fix="copy the whole saved model (save_pretrained writes the weights and "
                                      "tokenizer files), or point at a complete one")])
+
+
+def _check_hub_id(base: str, revision: str | None) -> None:
+    from orchestrator.planning.architectures import hub_config
+
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1 or Path(base).exists()
+    if looks_local or not _HUB_ID.match(base) or "--" in base or ".." in base:
+        raise SpecError([Problem(path="model.base",
+                                 message=f"'{base}' is neither a model directory nor a hub id",
+                                 fix="point at a directory that save_pretrained wrote (config.json, weights, "
+                                     "tokenizer), or name a hub repository as owner/name")])
+    try:
+        hub_config(base, revision)
+    except Exception as e:  # offline, unknown repo, gated repo: the same to the user
+        reason = "HF_HUB_OFFLINE is set" if "HF_HUB_OFFLINE" in str(e) else (str(e).splitlines() or [""])[0][:120]
+        raise SpecError([Problem(path="model.base",
+                                 message=f"the hub id '{base}' is not in the local hub cache and the hub cannot be "
+                                         f"reached or does not have it ({reason or type(e).__name__})",
+                                 fix="download it where the hub is reachable (huggingface-cli download "
+                                     f"{base}) or point model.base at a local model directory")]) from None
 
 
 def torch_dtype(name: str):

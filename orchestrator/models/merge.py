@@ -37,7 +37,8 @@ def save_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         model = model.merge_and_unload()
     model = model.to(torch_dtype(spec.model.dtype))  # the one rounding of base + adapter
     model.save_pretrained(out_dir)
-    load_tokenizer(base_path).save_pretrained(out_dir)
+    load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision,
+                   spec.data.chat_template).save_pretrained(out_dir)
     shutil.copy(adapter_dir / SPEC_FILE, out_dir / SPEC_FILE)
     lineage = {**read_lineage(adapter_dir), "merged_from_adapter": True}
     (out_dir / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True), encoding="utf-8")

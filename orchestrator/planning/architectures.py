@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.planning.catalogue import CATALOGUE, _lookup, catalogue_config, default_cache_dir
+from orchestrator.planning.inventory import LinearLayer, ParamTensor, meta_inventory
 from orchestrator.planning.targets import architecture_problems
 from orchestrator.spec import JobSpec, Problem, SpecError
 
@@ -16,7 +17,9 @@ from orchestrator.spec import JobSpec, Problem, SpecError
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The families the planner has its own formula for (checked against live DeepSpeed engines in
+# tests/test_memory_measured.py); any other model type is counted from a meta-device build.
+FORMULA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,18 @@ class Architecture:
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys
     source: str = ""
     note: str = ""
+    # Any other family: its parameters and linear layers as transformers builds them (meta device),
+    # the experts of a mixture of experts, and the plan terms the Llama formula only estimates.
+    tensors: tuple[ParamTensor, ...] = ()
+    linears: tuple[LinearLayer, ...] = ()
+    experts: int = 0
+    experts_per_token: int = 0
+    estimated: tuple[str, ...] = ()
+
+    @property
+    def counted(self) -> bool:
+        """Whether the parameters come from a meta-device build rather than the Llama formula."""
+        return bool(self.tensors)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer of one decoder block."""
@@ -47,12 +62,11 @@ class Architecture:
 
 
 def architecture_from_config(config: dict, name: str, source: str = "", note: str = "") -> Architecture:
-    """An `Architecture` from a transformers `config.json` mapping (pure)."""
+    """An `Architecture` from a transformers `config.json` mapping: the Llama formula for the
+    families it covers, a meta-device build (`planning.inventory`) for any other."""
     model_type = config.get("model_type", "")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise SpecError([Problem(path="model.base",
-                                 message=f"the planner does not know the architecture '{model_type or '?'}' of {name}",
-                                 fix=f"plan a model of type {', '.join(SUPPORTED_MODEL_TYPES)}")])
+    if model_type not in FORMULA_MODEL_TYPES:
+        return _counted_architecture(config, name, source, note)
     heads = config["num_attention_heads"]
     return Architecture(
         name=name, model_type=model_type, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
@@ -62,6 +76,33 @@ def architecture_from_config(config: dict, name: str, source: str = "", note: st
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
         qk_norm=model_type == "qwen3", source=source, note=note)
+
+
+def _counted_architecture(config: dict, name: str, source: str, note: str) -> Architecture:
+    model_type = config.get("model_type", "")
+    try:
+        inv = meta_inventory(config)
+    except Exception as e:  # an unknown model_type, or a config transformers cannot build
+        raise SpecError([Problem(path="model.base",
+                                 message=f"transformers cannot build the architecture '{model_type or '?'}' of {name} "
+                                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                                 fix="use a model whose config.json has a model_type this transformers "
+                                     "version knows (or upgrade transformers)")]) from None
+    d = inv.dims
+    # The activation formula is Llama's, fed this config's dimensions: a mixture of experts runs
+    # experts_per_token MLPs of intermediate_size per token, so its MLP activations scale by that.
+    per_token = d["experts_per_token"] or 1
+    estimated = (f"activations of {model_type} estimated with the Llama decoder-layer formula from the "
+                 f"config's dimensions (hidden {d['hidden_size']}, MLP {d['intermediate_size']}"
+                 + (f" x {per_token} of {d['experts']} experts per token" if d["experts"] else "")
+                 + f", {d['num_heads']} heads / {d['num_kv_heads']} kv heads of {d['head_dim']}; "
+                 "measured 0.6-1.5x the real peak, see docs/memory.md)",)
+    return Architecture(
+        name=name, model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"] * per_token, num_layers=d["num_layers"], num_heads=d["num_heads"],
+        num_kv_heads=d["num_kv_heads"], head_dim=d["head_dim"], tie_word_embeddings=inv.tied_embeddings,
+        source=source, note=note, tensors=inv.tensors, linears=inv.linears, experts=d["experts"],
+        experts_per_token=d["experts_per_token"], estimated=estimated)
 
 
 def architecture_for(spec: JobSpec) -> Architecture:
@@ -87,7 +128,7 @@ def _read_architecture(spec: JobSpec) -> Architecture:
     if config is not None:
         return architecture_from_config(config, base, source="built-in catalogue")
     try:
-        config = _hub_config(base, spec.model.revision)
+        config = hub_config(base, spec.model.revision)
     except Exception as e:  # offline, unknown repo, gated repo: all say the same to the user
         known = ", ".join(sorted(CATALOGUE))
         raise SpecError([Problem(path="model.base",
@@ -99,7 +140,7 @@ def _read_architecture(spec: JobSpec) -> Architecture:
     return architecture_from_config(config, base, source="Hugging Face hub")
 
 
-def _hub_config(repo: str, revision: str | None) -> dict:
+def hub_config(repo: str, revision: str | None) -> dict:
     """`config.json` from the local hub cache, else from one request to the hub (5 s, no retries:
     huggingface_hub's own download retries for ~25 s when there is no network)."""
     import os

@@ -1,7 +1,11 @@
 """A catalogue of well-known architectures, so the memory planner works offline.
 
 Each entry is the part of the model's `config.json` on the Hugging Face hub that decides how
-many parameters it has and how large its activations are; nothing else. The planner reads a
+many parameters it has and how large its activations are; nothing else. The values are the
+published config.json fields of each repository, written down here (the hub is not asked), so
+the planner works offline. The Llama families (llama, mistral, qwen2, qwen3) are counted by the
+planner's own formula; any other family (phi3, gemma2, mixtral, falcon) from transformers' model
+built on the meta device (`planning.inventory`). The planner reads a
 local `config.json` the same way, so a catalogue entry and a downloaded config plan alike.
 `tests/test_memory_plan.py` builds every entry with transformers on the `meta` device and checks
 that the planner's count equals transformers' own.
@@ -53,6 +57,27 @@ _QWEN25_14B = {**_QWEN25_7B, "hidden_size": 5120, "intermediate_size": 13824, "n
                "num_attention_heads": 40, "num_key_value_heads": 8}
 _QWEN25_72B = {**_QWEN25_7B, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
                "num_attention_heads": 64, "num_key_value_heads": 8}
+_QWEN25_15B = {**_QWEN25_05B, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+               "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 131072}
+_QWEN25_3B = {**_QWEN25_05B, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+              "num_attention_heads": 16, "num_key_value_heads": 2}
+_QWEN25_32B = {**_QWEN25_7B, "hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
+               "num_attention_heads": 40, "num_key_value_heads": 8}
+_PHI3_MINI_4K = {"model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+                 "sliding_window": 2047, "pad_token_id": 32000, "tie_word_embeddings": False}
+_GEMMA2_9B = {"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336,
+              "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+              "query_pre_attn_scalar": 256, "sliding_window": 4096, "max_position_embeddings": 8192,
+              "tie_word_embeddings": True}
+_MIXTRAL_8X7B = {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 32768,
+                 "tie_word_embeddings": False}
+_FALCON_7B = {"model_type": "falcon", "vocab_size": 65024, "hidden_size": 4544, "num_hidden_layers": 32,
+              "num_attention_heads": 71, "multi_query": True, "parallel_attn": True, "bias": False,
+              "new_decoder_architecture": False, "alibi": False, "bos_token_id": 11, "eos_token_id": 11}
 _QWEN3_8B = {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
              "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
              "max_position_embeddings": 40960, "tie_word_embeddings": False, "attention_bias": False}
@@ -77,10 +102,17 @@ CATALOGUE: dict[str, dict] = {
     "mistralai/Mistral-7B-v0.1": _MISTRAL_7B,
     "mistralai/Mistral-7B-Instruct-v0.2": _MISTRAL_7B,
     "Qwen/Qwen2.5-0.5B": _QWEN25_05B,
+    "Qwen/Qwen2.5-1.5B": _QWEN25_15B,
+    "Qwen/Qwen2.5-3B": _QWEN25_3B,
     "Qwen/Qwen2.5-7B": _QWEN25_7B,
     "Qwen/Qwen2.5-7B-Instruct": _QWEN25_7B,
     "Qwen/Qwen2.5-14B": _QWEN25_14B,
+    "Qwen/Qwen2.5-32B": _QWEN25_32B,
     "Qwen/Qwen2.5-72B": _QWEN25_72B,
+    "microsoft/Phi-3-mini-4k-instruct": _PHI3_MINI_4K,
+    "google/gemma-2-9b": _GEMMA2_9B,
+    "mistralai/Mixtral-8x7B-v0.1": _MIXTRAL_8X7B,
+    "tiiuae/falcon-7b": _FALCON_7B,
     "Qwen/Qwen3-8B": _QWEN3_8B,
 }
 

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from orchestrator.planning.advice import Recommendation, recommendations
 from orchestrator.planning.architectures import Architecture
 from orchestrator.planning.parameters import (DTYPE_BYTES, METHOD_TRAINS, ParamCount, ParamTensor, count_params,
-                                              lora_targets, parameter_tensors, quantized_bytes, trainable_tensors)
+                                              parameter_tensors, quantized_bytes, targeted_roles, trainable_tensors)
 from orchestrator.planning.units import GiB
 from orchestrator.spec import BASE_TRAINING_METHODS, JobSpec
 
@@ -88,7 +88,7 @@ def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") ->
     full = method == "full"
     # LoRA and IA3 save something at each targeted layer (IA3: its scaled input, taken as r=1);
     # the prompt methods and freeze send gradients down through frozen layers to what they train.
-    targets = lora_targets(arch, spec.peft.target_modules) if method in ("lora", "ia3") else ()
+    targets = targeted_roles(arch, spec.peft.target_modules) if method in ("lora", "ia3") else ()
     r, dropout = (spec.peft.r, spec.peft.dropout) if method == "lora" else (1, 0.0)
     grad_through = method in ("prompt_tuning", "prefix_tuning", "adaption_prompt", "freeze")
     # Dropout on the CPU multiplies by a noise tensor in the model dtype; CUDA keeps a bool mask.
@@ -398,6 +398,9 @@ def _assumptions(spec: JobSpec, arch: Architecture, stage: int) -> tuple[str, ..
            "Adam(W) with fp32 moments; DeepSpeed defaults for bucket sizes (planning/deepspeed.py does not set them)"]
     if arch.note:
         out.append(f"{arch.name}: {arch.note}")
+    if arch.counted:
+        out.append(f"{arch.name}: parameters counted from transformers' own {arch.model_type} model built on the "
+                   f"meta device; estimated terms: {'; '.join(arch.estimated)}")
     if stage == 3:
         out.append(f"ZeRO-3 keeps parameters of at most {DS_PERSISTENCE_THRESHOLD:,} elements whole on every rank")
     if spec.distributed.deepspeed.offload_optimizer or spec.distributed.deepspeed.offload_params:

@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 
 from orchestrator.planning.architectures import ATTENTION_MODULES, LINEAR_MODULES, Architecture
-from orchestrator.planning.targets import freeze_selects, ia3_feedforward, select_targets
+from orchestrator.planning.inventory import ParamTensor
+from orchestrator.planning.targets import freeze_selects, ia3_feedforward, layer_kind, matches, select_targets
 from orchestrator.spec import JobSpec
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -20,19 +21,10 @@ NF4_BLOCKSIZE = 64
 DOUBLE_QUANT_BLOCKSIZE = 256
 
 
-@dataclass(frozen=True)
-class ParamTensor:
-    """One parameter tensor of the model, as transformers creates it."""
-
-    name: str
-    numel: int
-    module: str  # leaf module: q_proj, ..., embed_tokens, lm_head, norm
-    quantizable: bool = False  # a decoder linear weight: bitsandbytes replaces it when quantizing
-    out_features: int = 0
-
-
 def parameter_tensors(arch: Architecture) -> list[ParamTensor]:
     """Every parameter in transformers' order (embeddings, each layer, final norm, lm_head)."""
+    if arch.counted:  # listed from a meta-device build
+        return list(arch.tensors)
     h, d = arch.hidden_size, arch.head_dim
     out = [ParamTensor("model.embed_tokens.weight", arch.vocab_size * h, "embed_tokens")]
     for i in range(arch.num_layers):
@@ -54,9 +46,20 @@ def parameter_tensors(arch: Architecture) -> list[ParamTensor]:
 
 
 def lora_targets(arch: Architecture, target_modules: str | list[str]) -> tuple[str, ...]:
-    """The linear layers a LoRA target preset or list resolves to, by the same rule training uses."""
-    chosen = set(select_targets(target_modules, _layer_paths(arch)))
-    return tuple(m for m in LINEAR_MODULES if m in chosen)
+    """The names a LoRA target preset or list resolves to, by the same rule training uses."""
+    return tuple(select_targets(target_modules, _layer_paths(arch)))
+
+
+def targeted_roles(arch: Architecture, target_modules: str | list[str]) -> tuple[str, ...]:
+    """The Llama layers (q_proj, ..., down_proj) the activation formula treats as targeted: the
+    layers themselves for the Llama families, and for any other the Llama layers of the same
+    role (attention or MLP) as a targeted layer."""
+    names = lora_targets(arch, target_modules)
+    if not arch.counted:
+        return tuple(m for m in LINEAR_MODULES if any(matches(n, p) for n in names for p in _layer_paths(arch)
+                                                       if p.endswith("." + m)))
+    kinds = {layer_kind(layer.path) for layer in arch.linears if any(matches(n, layer.path) for n in names)}
+    return tuple(m for m in LINEAR_MODULES if ("attention" if m in ATTENTION_MODULES else "mlp") in kinds)
 
 
 # What each method trains, in the plan's words.
@@ -66,8 +69,19 @@ METHOD_TRAINS = {"full": "all parameters", "freeze": "selected base parameters",
 
 
 def _layer_paths(arch: Architecture) -> dict[str, str]:
-    """Module path -> leaf name of one block's linear layers, as transformers names them."""
-    return {f"layers.0.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}": m for m in LINEAR_MODULES}
+    """Module path -> leaf name of the linear layers, as transformers names them (one block's
+    for the Llama families, every layer of a meta-device build for any other)."""
+    if arch.counted:
+        return {layer.path: layer.path.rsplit(".", 1)[-1] for layer in arch.linears}
+    return {f"model.layers.0.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}": m for m in LINEAR_MODULES}
+
+
+def _linear_layers(arch: Architecture) -> list[tuple[str, int, int]]:
+    """(path, in_features, out_features) of every linear layer LoRA could wrap."""
+    if arch.counted:
+        return [(layer.path, layer.in_features, layer.out_features) for layer in arch.linears]
+    return [(f"model.layers.{i}.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}", fan_in, fan_out)
+            for i in range(arch.num_layers) for m, (fan_in, fan_out) in arch.linear_shapes().items()]
 
 
 def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
@@ -79,7 +93,7 @@ def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
     token and layer (key/value heads x head_dim wide); adaption_prompt: a prompt and a gate on
     each adapted (top) layer."""
     p, method = spec.peft, spec.peft.method
-    h, n_layers, shapes = arch.hidden_size, arch.num_layers, arch.linear_shapes()
+    h, n_layers = arch.hidden_size, arch.num_layers
     if method == "full":
         return parameter_tensors(arch)
     if method == "freeze":
@@ -95,21 +109,20 @@ def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
         return [t for i in adapted for t in (ParamTensor(f"layers.{i}.adaption_prompt", p.prompt_len * h, "prompt"),
                                              ParamTensor(f"layers.{i}.adaption_gate", 1, "prompt"))]
     targets = lora_targets(arch, p.target_modules)
+    layers = [x for x in _linear_layers(arch) if any(matches(t, x[0]) for t in targets)]
     out = []
     if method == "ia3":
         feedforward = ia3_feedforward(list(targets), _layer_paths(arch))
-        for i in range(n_layers):
-            out += [ParamTensor(f"layers.{i}.{name}.ia3", shapes[name][0 if name in feedforward else 1], name)
-                    for name in targets]
+        for path, fan_in, fan_out in layers:
+            ff = any(matches(t, path) for t in feedforward)
+            out.append(ParamTensor(f"{path}.ia3", fan_in if ff else fan_out, path.rsplit(".", 1)[-1]))
         return out
     r = p.r
-    for i in range(n_layers):
-        for name in targets:
-            fan_in, fan_out = shapes[name]
-            out += [ParamTensor(f"layers.{i}.{name}.lora_A", r * fan_in, name),
-                    ParamTensor(f"layers.{i}.{name}.lora_B", fan_out * r, name)]
-            if p.use_dora:
-                out.append(ParamTensor(f"layers.{i}.{name}.lora_magnitude", fan_out, name))
+    for path, fan_in, fan_out in layers:
+        leaf = path.rsplit(".", 1)[-1]
+        out += [ParamTensor(f"{path}.lora_A", r * fan_in, leaf), ParamTensor(f"{path}.lora_B", fan_out * r, leaf)]
+        if p.use_dora:
+            out.append(ParamTensor(f"{path}.lora_magnitude", fan_out, leaf))
     return out
 
 

@@ -6,41 +6,59 @@ from __future__ import annotations
 
 from orchestrator.spec import JobSpec, Problem, SpecError
 
-# Module-path words that mark a linear layer as attention or MLP. Matching on the path
-# (`model.layers.0.self_attn.q_proj`, `transformer.h.0.mlp.c_fc`) works across Llama,
-# Mistral, Qwen, GPT-NeoX and Falcon without a per-architecture table.
+# Module-path words that mark a linear layer as attention or MLP. The closest ancestor that
+# carries one decides (`model.layers.0.self_attn.q_proj`, `transformer.h.0.mlp.c_fc`,
+# `gpt_neox.layers.0.attention.query_key_value`), so the two presets never share a layer.
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")
 
 
+def layer_kind(path: str) -> str:
+    """`attention`, `mlp` or `other`: the role of the linear layer at module `path`."""
+    for part in reversed(path.split(".")[:-1]):
+        if any(w in part for w in _ATTENTION_WORDS):
+            return "attention"
+        if any(w in part for w in _MLP_WORDS):
+            return "mlp"
+    return "other"
+
+
+def target_name(path: str) -> str:
+    """The name peft targets a layer by: its parent and its own name (`attn.c_proj`, not the
+    `c_proj` that GPT-2's MLP also has). peft matches a name at a module boundary at the end of
+    a path, so `attn.c_proj` selects `transformer.h.<i>.attn.c_proj` in every block and nothing else."""
+    return ".".join(path.split(".")[-2:])
+
+
+def matches(name: str, path: str) -> bool:
+    """Whether peft's target name `name` selects the module at `path` (whole name or a dotted tail)."""
+    return path == name or path.endswith("." + name)
+
+
 def select_targets(target: str | list[str], linears: dict[str, str]) -> list[str]:
-    """Resolve a target preset or list against `linears` (module path -> leaf name); pure, so
-    the memory planner resolves presets for an architecture exactly as training does.
+    """Resolve a target preset or list against `linears` (module path -> leaf name; the output
+    head is never among them); pure, so the memory planner resolves presets for an architecture
+    exactly as training does. A preset resolves to `parent.leaf` names (`target_name`); a list
+    is kept as written, each name checked to match a linear layer.
 
     Raises `SpecError` naming the modules there are when nothing (or a wrong name) matches.
     """
     available = sorted(set(linears.values()))
     if isinstance(target, list):
-        unknown = [m for m in target if m not in available]
+        unknown = [m for m in target if not any(matches(m, path) for path in linears)]
         if unknown:
             raise SpecError([Problem(path="peft.target_modules",
                                      message=f"the model has no linear module named {', '.join(unknown)}",
                                      fix=f"choose from {', '.join(available)}")])
         return list(target)
-    if target == "all-linear":
-        return available
-
-    chosen = sorted(_leaves_under(_ATTENTION_WORDS if target == "attention" else _MLP_WORDS, linears))
+    chosen = sorted({target_name(path) for path in linears if target == "all-linear" or layer_kind(path) == target})
     if not chosen:
         raise SpecError([Problem(path="peft.target_modules",
-                                 message=f"preset '{target}' matches no module of this model",
-                                 fix=f"list module names instead, from {', '.join(available)}")])
+                                 message=f"preset '{target}' matches no linear module of this model"
+                                         + (" (its experts are fused parameters, not linear layers)"
+                                            if target == "mlp" else ""),
+                                 fix=f"use all-linear or attention, or list module names from {', '.join(available)}")])
     return chosen
-
-
-def _leaves_under(words: tuple[str, ...], linears: dict[str, str]) -> set[str]:
-    """Leaf names of the linear layers with one of `words` in a parent module's name."""
-    return {leaf for path, leaf in linears.items() if any(w in part for part in path.split(".")[:-1] for w in words)}
 
 
 # Architectures whose attention PEFT's LLaMA-Adapter (adaption_prompt) knows how to extend
@@ -67,9 +85,12 @@ def architecture_problems(spec: JobSpec, model_type: str, num_layers: int) -> li
 
 def ia3_feedforward(targets: list[str], linears: dict[str, str]) -> list[str]:
     """IA3 scales a feed-forward module's input and any other module's output; the feed-forward
-    ones are the targets that sit inside the MLP (pure, shared with the planner)."""
-    mlp = _leaves_under(_MLP_WORDS, linears)
-    return [t for t in targets if t in mlp]
+    ones are the targets whose every matching layer sits inside the MLP (pure, shared with the planner)."""
+    def feedforward(name: str) -> bool:
+        kinds = {layer_kind(path) for path in linears if matches(name, path)}
+        return kinds == {"mlp"}
+
+    return [t for t in targets if feedforward(t)]
 
 
 def freeze_selects(name: str, patterns: list[str] | None, last_n: int | None, num_layers: int) -> bool:

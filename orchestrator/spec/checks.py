@@ -57,6 +57,12 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
                 problems.append(Problem(path=f"data.{field}",
                                         message=f"file not found: {value} (looked in {resolve_path(value, base_dir)})",
                                         fix="point it at an existing JSONL file (paths are relative to the job file)"))
+        template = d.chat_template
+        if template is not None and not is_jinja(template) and not resolve_path(template, base_dir).is_file():
+            problems.append(Problem(path="data.chat_template",
+                                    message=f"file not found: {template} (looked in {resolve_path(template, base_dir)})",
+                                    fix="point it at a Jinja template file (relative to the job file), or write "
+                                        "the template itself"))
         base = spec.model.base
         if not base.startswith("builtin:") and (base.startswith((".", "/", "~")) or Path(base).exists()):
             p = resolve_path(base, base_dir)
@@ -149,6 +155,11 @@ def tune_problems(spec: JobSpec) -> list[Problem]:
             problems.append(Problem(path=where, message=f"loguniform needs a positive low end (got {low})",
                                     fix="use a low end above 0, or a uniform range"))
     return problems
+
+
+def is_jinja(template: str) -> bool:
+    """Whether `data.chat_template` is a template itself rather than the path of a file holding one."""
+    return "{{" in template or "{%" in template
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

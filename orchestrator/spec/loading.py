@@ -12,7 +12,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.spec.checks import resolve_path, semantic_problems
+from orchestrator.spec.checks import is_jinja, resolve_path, semantic_problems
 from orchestrator.spec.models import JobSpec
 from orchestrator.spec.problems import Problem, SpecError
 
@@ -151,6 +151,10 @@ def parse_spec(raw: Any, base_dir: Path | None = None, source: str | None = None
         d.train = str(resolve_path(d.train, base_dir))
         if isinstance(d.eval, str):
             d.eval = str(resolve_path(d.eval, base_dir))
+        if d.chat_template is not None and not is_jinja(d.chat_template):
+            # The template itself goes into the spec: an adapter's saved spec renders prompts as
+            # training did wherever it is loaded, without the file.
+            d.chat_template = resolve_path(d.chat_template, base_dir).read_text(encoding="utf-8")
         base = spec.model.base
         if not base.startswith("builtin:") and (base.startswith((".", "/", "~")) or Path(base).exists()):
             spec.model.base = str(resolve_path(base, base_dir))

@@ -116,6 +116,10 @@ class DataSpec(_Section):
     too_long: Literal["truncate", "error"] = Field(
         "truncate", description="examples longer than max_seq_len: cut (counted in the summary) or refused")
     text_field: str = Field("text", description="format text: the field that holds the text")
+    # A tokenizer without a chat template (a base model's, often) cannot render chat records.
+    chat_template: str | None = Field(
+        None, description="format chat: a Jinja chat template, or a file holding one (relative to the job file; "
+                          "read into the spec when it loads); null: the tokenizer's own")
 
 
 class TrainingSpec(_Section):

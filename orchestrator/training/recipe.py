@@ -119,12 +119,13 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
     with watch("resolve_base"):
         base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
                                  if progress else None)
-        check_base_files(base_path)
+        check_base_files(base_path, spec.model.revision)
 
     status("Preparing data")
     with watch("data"):
         # Tokenized data is cached by everything it depends on: a job run again loads no tokenizer.
-        data, cached = prepare_datasets(spec.data, spec.training.seed, base_path, spec.model.trust_remote_code)
+        data, cached = prepare_datasets(spec.data, spec.training.seed, base_path, spec.model.trust_remote_code,
+                                        revision=spec.model.revision)
     if cached:
         status(f"Tokenized data from the cache: {cached}")
     if data.stats["truncated_examples"]:
