@@ -21,17 +21,24 @@ FEW = ["--max-examples", "6", "--max-new-tokens", "24"]  # cheap: 6 examples, 24
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory, ray_local, tiny_base):
-    """models:/prod/1 trained 2 steps, models:/prod/2 trained 12 steps (@candidate), one tracking store."""
+    """models:/prod/1 trained 2 steps, models:/prod/2 trained 12 steps (@candidate), one tracking
+    store; each run's `registry.promote` gate (eval_loss on 6 examples) applied as `orchestrator
+    run` applies it: version 1 takes production unopposed, version 2 wins it on evidence."""
+    from orchestrator.evaluation.gate import promote_after_run
     from orchestrator.training.recipe import run_job
 
     tmp = tmp_path_factory.mktemp("production")
-    summaries = []
+    summaries, gates = [], []
     for steps in (2, 12):
-        sets = {"name": NAME, "registry.name": NAME, "tracking.experiment": NAME, "tracking.uri": f"sqlite:///{tmp}/mlflow.db", "storage.path": str(tmp / "runs"),
-                "training.max_steps": steps, "training.eval_every": steps}
-        summaries.append(run_job(load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])))
+        sets = {"name": NAME, "registry.name": NAME, "tracking.experiment": NAME,
+                "tracking.uri": f"sqlite:///{tmp}/mlflow.db", "storage.path": str(tmp / "runs"),
+                "training.max_steps": steps, "training.eval_every": steps, "registry.promote.alias": "production",
+                "registry.promote.max_examples": 6, "registry.promote.max_new_tokens": 0}
+        spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
+        summaries.append(run_job(spec))
+        gates.append(promote_after_run(spec, summaries[-1].registered_model, summaries[-1].tracking_uri))
     assert [s.registered_model["version"] for s in summaries] == ["1", "2"]
-    return {"uri": summaries[0].tracking_uri, "tmp": tmp, "summaries": summaries}
+    return {"uri": summaries[0].tracking_uri, "tmp": tmp, "summaries": summaries, "gates": gates}
 
 
 def cli(*args, code: int = 0) -> str:
@@ -104,25 +111,40 @@ def test_evaluate_loss_is_the_training_eval_loss(versions):
     assert out["models"][f"models:/{NAME}/2"]["eval_loss"] == pytest.approx(summary.metrics["eval_loss"], rel=0.01)
 
 
+def test_a_run_promotes_itself_only_on_evidence(versions):
+    """registry.promote: the first run finds production pointing nowhere and takes it without a
+    comparison; the second is evaluated against it and takes it on the evaluation's evidence."""
+    from mlflow import MlflowClient
+
+    first, second = versions["gates"]
+    assert first.promoted and first.incumbent is None and first.evaluation is None
+    assert second.promoted and second.incumbent == "1" and second.candidate_value < second.incumbent_value
+    move = json.loads(MlflowClient(versions["uri"]).get_model_version(NAME, "2").tags["promoted.production"])
+    assert move["from_version"] == "1" and move["evidence_run_id"] == second.evaluation.run_id
+
+
 def test_promotion_gate_moves_the_alias_only_on_evidence(versions):
-    """production -> 1 by hand; the 12-step version 2 passes the gate and takes production; the
-    2-step version 1 fails it against version 2: exit 1, production stays. Both evaluation runs
-    are in MLflow, and every move names who, when, from which version and the evidence."""
+    """A rollback by hand (production -> 1); the 12-step version 2 passes the gate and takes
+    production back; the 2-step version 1 fails it: exit 1, production stays at 2. Both
+    evaluation runs are in MLflow, and every move names who, when, from which version and the
+    evidence."""
     from mlflow import MlflowClient
 
     uri = versions["uri"]
     client = MlflowClient(uri)
     before = len(evaluation_runs(uri))
     cli("registry", "promote", NAME, "1", "--alias", "production", "--tracking-uri", uri)
-    gate = ["--alias", "production", "--if-better-than", "production", "--data", EVAL, "--tracking-uri", uri, *FEW]
+    gate = ["--alias", "production", "--if-better-than", "production", "--data", EVAL, "--tracking-uri", uri,
+            "--max-examples", "6", "--max-new-tokens", "0"]
     passed = cli_json("registry", "promote", NAME, "2", *gate)
     assert passed["promoted"] and passed["previous"] == "1" and passed["incumbent"] == "1"
     assert passed["candidate_value"] < passed["incumbent_value"]
     assert str(client.get_model_version_by_alias(NAME, "production").version) == "2"
 
-    failed = cli_json("registry", "promote", NAME, "1", *gate, "--metric", "rougeL", code=1)
+    failed = cli_json("registry", "promote", NAME, "1", *gate, code=1)
     assert not failed["promoted"] and failed["incumbent"] == "2"
-    assert failed["candidate_value"] < failed["incumbent_value"]
+    assert failed["candidate_value"] > failed["incumbent_value"]
+    assert failed["comparison"]["eval_loss"]["not_worse"] is False
     assert str(client.get_model_version_by_alias(NAME, "production").version) == "2"
 
     runs = evaluation_runs(uri)
@@ -132,8 +154,9 @@ def test_promotion_gate_moves_the_alias_only_on_evidence(versions):
     assert move["from_version"] == "1" and move["evidence_run_id"] == passed["evaluation_run_id"]
     assert move["by"] and move["at"].endswith("+00:00")
     history = json.loads(client.get_registered_model(NAME).tags["alias_history.production"])
-    assert [(m["version"], m["evidence_run_id"]) for m in history[-2:]] == [("1", None),
-                                                                           ("2", passed["evaluation_run_id"])]
+    assert [(m["version"], m["from_version"], m["evidence_run_id"]) for m in history] == [
+        ("1", None, None), ("2", "1", versions["gates"][1].evaluation.run_id), ("1", "2", None),
+        ("2", "1", passed["evaluation_run_id"])]
 
 
 def test_gate_user_errors_exit_2(versions):
@@ -143,3 +166,4 @@ def test_gate_user_errors_exit_2(versions):
     assert "--metric: 'accuracy' is not a metric" in out and "Fix: use one of eval_loss" in out
     out = cli("evaluate", f"models:/{NAME}/2", "--data", "missing.jsonl", "--tracking-uri", uri, code=2)
     assert "--data: file not found: missing.jsonl" in out
+

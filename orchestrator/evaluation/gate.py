@@ -69,3 +69,14 @@ def promote_if_better(uri: str, name: str, version: str, alias: str, if_better_t
         promote(uri, f"{name}/{version}", alias, evidence_run_id=evaluation.run_id)
         result.promoted = True
     return result
+
+
+def promote_after_run(spec, registered_model: dict, tracking_uri: str) -> GateResult | None:
+    """The job's `registry.promote` gate for the version a run (or a search's best trial) just
+    registered; None when the job sets no gate or registered nothing."""
+    gate = spec.registry.promote
+    if gate is None or not registered_model:
+        return None
+    return promote_if_better(tracking_uri, registered_model["name"], registered_model["version"], gate.alias,
+                             gate.against, gate.metric, data_file=gate.data, max_examples=gate.max_examples,
+                             max_new_tokens=gate.max_new_tokens)

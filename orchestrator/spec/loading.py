@@ -151,6 +151,8 @@ def parse_spec(raw: Any, base_dir: Path | None = None, source: str | None = None
         d.train = str(resolve_path(d.train, base_dir))
         if isinstance(d.eval, str):
             d.eval = str(resolve_path(d.eval, base_dir))
+        if spec.registry.promote is not None and spec.registry.promote.data:
+            spec.registry.promote.data = str(resolve_path(spec.registry.promote.data, base_dir))
         base = spec.model.base
         if not base.startswith("builtin:") and (base.startswith((".", "/", "~")) or Path(base).exists()):
             spec.model.base = str(resolve_path(base, base_dir))
