@@ -167,3 +167,97 @@ def test_gate_user_errors_exit_2(versions):
     out = cli("evaluate", f"models:/{NAME}/2", "--data", "missing.jsonl", "--tracking-uri", uri, code=2)
     assert "--data: file not found: missing.jsonl" in out
 
+
+# --- serving -------------------------------------------------------------------------------------
+
+PROMPT = "Give a description of this animal.\nThere is a brown wolf at the river."
+TOKENS = 16
+
+
+def post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def http_error(url: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+
+    try:
+        post(url, body)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    raise AssertionError("the request succeeded")
+
+
+@pytest.fixture(scope="module")
+def served(versions):
+    """models:/prod/1 and models:/prod@production (version 2) on Ray Serve, one replica; torn down."""
+    import socket
+
+    from orchestrator.serving import deployment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = deployment.start([f"models:/{NAME}/1", f"models:/{NAME}@production"], versions["uri"], port=port)
+    yield url
+    deployment.stop()
+
+
+def generated(uri: str, model: str) -> str:
+    """What `orchestrator generate` answers (stdout only)."""
+    from orchestrator.cli import app
+
+    result = CliRunner().invoke(app, ["generate", model, PROMPT, "--max-new-tokens", str(TOKENS),
+                                      "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
+def test_serve_two_adapters_as_generate_answers(versions, served):
+    """Each adapter of the one deployment answers completions and chats exactly as `generate`
+    answers for its version (train/serve parity); the two answers differ (the adapter is really
+    switched per request); an unknown model is a 404 in OpenAI's error shape."""
+    from mlflow import MlflowClient
+
+    uri = versions["uri"]
+    assert str(MlflowClient(uri).get_model_version_by_alias(NAME, "production").version) == "2"
+    listed = json.loads(__import__("urllib.request").request.urlopen(f"{served}/v1/models", timeout=60).read())
+    assert {m["id"]: m["version"] for m in listed["data"]} == {f"models:/{NAME}/1": f"models:/{NAME}/1",
+                                                               f"models:/{NAME}@production": f"models:/{NAME}/2"}
+    answers = {}
+    for ref, version in ((f"models:/{NAME}/1", "1"), (f"models:/{NAME}@production", "2")):
+        want = generated(uri, f"models:/{NAME}/{version}")
+        text = post(f"{served}/v1/completions", {"model": ref, "prompt": PROMPT, "max_tokens": TOKENS})
+        chat = post(f"{served}/v1/chat/completions", {"model": ref, "max_tokens": TOKENS,
+                                                      "messages": [{"role": "user", "content": PROMPT}]})
+        assert text["choices"][0]["text"] == want and text["object"] == "text_completion"
+        assert chat["choices"][0]["message"] == {"role": "assistant", "content": want}
+        answers[version] = want
+    assert answers["1"] != answers["2"]
+    code, body = http_error(f"{served}/v1/completions", {"model": "models:/nope@x", "prompt": "hi"})
+    assert code == 404 and body["error"]["param"] == "model"
+
+
+def test_serve_follows_alias_moves_on_reload(versions, served):
+    """production rolled back to version 1: after a reload the deployment serves version 1 under
+    models:/prod@production, with no restart; promoted to 2 again, version 2."""
+    from orchestrator.cli import app
+    from orchestrator.serving.deployment import reload
+
+    uri = versions["uri"]
+    ref = f"models:/{NAME}@production"
+    ask = lambda: post(f"{served}/v1/completions", {"model": ref, "prompt": PROMPT, "max_tokens": TOKENS})
+    for version in ("1", "2"):
+        cli("registry", "promote", NAME, version, "--alias", "production", "--tracking-uri", uri)
+        assert reload(served)[ref] == f"models:/{NAME}/{version}"
+        answer = ask()
+        assert answer["system_fingerprint"] == f"models:/{NAME}/{version}"
+        assert answer["choices"][0]["text"] == generated(uri, f"models:/{NAME}/{version}")
+    port = served.rsplit(":", 1)[1]
+    result = CliRunner().invoke(app, ["serve", "--reload", "--port", port])
+    assert result.exit_code == 0 and f"{ref} -> models:/{NAME}/2" in result.output, result.output
