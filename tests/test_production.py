@@ -111,6 +111,21 @@ def test_evaluate_loss_is_the_training_eval_loss(versions):
     assert out["models"][f"models:/{NAME}/2"]["eval_loss"] == pytest.approx(summary.metrics["eval_loss"], rel=0.01)
 
 
+def test_training_logs_generations_at_each_evaluation(versions):
+    """The run's generations table: the same 3 eval prompts completed at each evaluation (the base
+    at step 0, the adapter at step 12), each row with its step, prompt, reference and output."""
+    from orchestrator.data.records import read_jsonl
+    from orchestrator.tracking.evaluations import GENERATIONS_TABLE, read_table
+
+    summary = versions["summaries"][1]
+    rows = read_table(versions["uri"], summary.run_id, GENERATIONS_TABLE)
+    first = [r for _, r in read_jsonl(EVAL)[:3]]
+    assert [(r["step"], r["prompt"], r["reference"]) for r in rows] == [
+        (step, f"{x['instruction']}\n{x['input']}", x["output"]) for step in (0, 12) for x in first]
+    assert all(r["output"] for r in rows)
+    assert [r["output"] for r in rows[:3]] != [r["output"] for r in rows[3:]]  # the adapter changed the answers
+
+
 def test_a_run_promotes_itself_only_on_evidence(versions):
     """registry.promote: the first run finds production pointing nowhere and takes it without a
     comparison; the second is evaluated against it and takes it on the evaluation's evidence."""

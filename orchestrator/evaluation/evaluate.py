@@ -90,24 +90,9 @@ def detect_format(record: dict, data: DataSpec) -> str:
 
 
 def to_prompt(record: dict, fmt: str, tokenizer) -> Prompt:
-    """The prompt and reference of a record: alpaca's instruction (and input) and output, as
-    `orchestrator generate` formats them; a chat's conversation up to its last assistant turn,
-    rendered with the chat template, and that turn; a text record has no reference."""
-    from orchestrator.data.formats import format_alpaca_prompt
+    from orchestrator.data.formats import prompt_and_reference
 
-    if fmt == "alpaca":
-        instruction, input_text = str(record["instruction"]), str(record.get("input") or "")
-        prompt = f"{instruction}\n{input_text}" if input_text else instruction
-        return Prompt(prompt, format_alpaca_prompt(instruction, input_text), str(record["output"]))
-    if fmt == "chat":
-        messages = record["messages"]
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            return Prompt(str(messages[-1].get("content", "")), "", None)
-        text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-        users = [m for m in messages[:last] if m.get("role") == "user"]
-        return Prompt(str(users[-1]["content"]) if users else "", text, str(messages[last]["content"]))
-    return Prompt(str(record.get("text", ""))[:200], "", None)
+    return Prompt(*prompt_and_reference(record, fmt, tokenizer))
 
 
 def held_out_records(spec, data_file: str | None, max_examples: int | None) -> tuple[str, str, list]:

@@ -116,7 +116,8 @@ def complete_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64) -> s
     import torch
 
     tok = loaded.tokenizer
-    enc = tok(text, return_tensors="pt")
+    device = next(loaded.model.parameters()).device
+    enc = {k: v.to(device) for k, v in tok(text, return_tensors="pt").items()}
     with torch.no_grad():
         out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

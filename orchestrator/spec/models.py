@@ -132,6 +132,10 @@ class TrainingSpec(_Section):
     seed: int = Field(42, description="seeds the eval split, the data order and the workers' RNGs")
     eval_every: int = Field(50, ge=1, description="evaluate every N steps (a search reports to Tune then)")
     eval_batches: int | None = Field(None, ge=1, description="cap on eval batches per evaluation")
+    # A few fixed eval prompts completed at each evaluation (rank 0, greedy, 24 new tokens: about
+    # a second on the demo model) and logged as the run's generations table; not under ZeRO-3.
+    generations: int = Field(
+        3, ge=0, le=32, description="eval prompts completed at each evaluation, logged as a table (0: none)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint to storage.path every N steps (null: at the end only)")
 
