@@ -181,6 +181,10 @@ def test_gate_user_errors_exit_2(versions):
     assert "--metric: 'accuracy' is not a metric" in out and "Fix: use one of eval_loss" in out
     out = cli("evaluate", f"models:/{NAME}/2", "--data", "missing.jsonl", "--tracking-uri", uri, code=2)
     assert "--data: file not found: missing.jsonl" in out
+    out = cli("serve", f"models:/{NAME}@nowhere", "--tracking-uri", uri, code=2)
+    assert out.startswith(f"error: models:/{NAME}@nowhere: ") and "Fix: name a registered version" in out
+    out = cli("serve", "--reload", "--port", "1", code=2)
+    assert "error: --port: no server answers on http://127.0.0.1:1" in out
 
 
 # --- serving -------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def serve(models: Optional[List[str]] = typer.Argument(None, help="models:/NAME@
             moved = deployment.reload(f"http://{host}:{port}")
         except (urllib.error.URLError, OSError) as e:
             err.print(f"[bold red]error:[/] --port: no server answers on http://{host}:{port} ({e}). Fix: start one "
-                      "with `orchestrator serve MODEL`, or pass its --host and --port", highlight=False)
+                      "with `orchestrator serve MODEL`, or pass its --host and --port", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2)
         for ref, version in moved.items():
             typer.echo(f"{ref} -> {version}")
@@ -49,6 +49,7 @@ def serve(models: Optional[List[str]] = typer.Argument(None, help="models:/NAME@
 
 
 def _serve(models, address, host, port, replicas, reload_every, tracking_uri) -> None:
+    import signal
     import time
 
     from orchestrator.serving import deployment
@@ -62,12 +63,17 @@ def _serve(models, address, host, port, replicas, reload_every, tracking_uri) ->
         try:
             resolve_version(uri, ref)
         except lookup_errors() as e:
-            err.print(f"[bold red]error:[/] {ref}: {str(getattr(e, 'message', e)).splitlines()[0]}. Fix: see "
-                      "`orchestrator registry list`", highlight=False, markup=False)
+            err.print("[bold red]error:[/] ", end="")
+            err.print(f"{ref}: {str(getattr(e, 'message', e)).splitlines()[0].rstrip('.')}. Fix: name a registered "
+                      "version (`orchestrator registry list`)", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(code=2)
+    # Ctrl-C, `kill` (SIGTERM), and SIGINT to a server started in the background (a shell's `&`
+    # ignores SIGINT in it) all end in the teardown below, which frees Serve's and Ray's processes.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with _stdout_for_results_only():
-        connect(address)
         try:
+            connect(address)
             err.print(f"[dim]•[/] Deploying {', '.join(models)} ({replicas} replica(s))", highlight=False)
             url = deployment.start(models, uri, host=host, port=port, replicas=replicas, reload_every=reload_every)
             err.print(f"[green]ok[/] serving on {url}/v1 (models: {', '.join(models)}); Ctrl-C stops", highlight=False)

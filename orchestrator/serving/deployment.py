@@ -95,9 +95,11 @@ def start(refs: list[str], tracking_uri: str, *, host: str = "127.0.0.1", port: 
 
 def stop() -> None:
     """Delete the application and shut Serve down (its controller and proxies free their CPUs)."""
+    import ray
     from ray import serve
 
-    serve.shutdown()
+    if ray.is_initialized():
+        serve.shutdown()
 
 
 def reload(url: str, timeout_s: float = 300.0) -> dict:
