@@ -135,7 +135,8 @@ class TrainingSpec(_Section):
     # A few fixed eval prompts completed at each evaluation (rank 0, greedy, 24 new tokens: about
     # a second on the demo model) and logged as the run's generations table; not under ZeRO-3.
     generations: int = Field(
-        3, ge=0, le=32, description="eval prompts completed at each evaluation, logged as a table (0: none)")
+        3, ge=0, le=32,
+        description="eval prompts completed at each evaluation, logged as a table (0: none; skipped under ZeRO-3)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint to storage.path every N steps (null: at the end only)")
 
