@@ -256,6 +256,8 @@ def test_serve_two_adapters_as_generate_answers(versions, served):
                                                       "messages": [{"role": "user", "content": PROMPT}]})
         assert text["choices"][0]["text"] == want and text["object"] == "text_completion"
         assert chat["choices"][0]["message"] == {"role": "assistant", "content": want}
+        assert 0 < text["usage"]["completion_tokens"] <= TOKENS < text["usage"]["prompt_tokens"]
+        assert text["usage"]["total_tokens"] == text["usage"]["prompt_tokens"] + text["usage"]["completion_tokens"]
         answers[version] = want
     assert answers["1"] != answers["2"]
     code, body = http_error(f"{served}/v1/completions", {"model": "models:/nope@x", "prompt": "hi"})

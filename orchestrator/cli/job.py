@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.cli.common import (JobArg, SetOption, _fail, _gpu_memory, _load, _progress_bar, _registry_call,
-                                     _stdout_for_results_only, app, err)
+from orchestrator.cli.common import (JobArg, SetOption, _fail, _gpu_memory, _load, _progress_bar,
+                                     _quiet_transformers, _registry_call, _stdout_for_results_only, app, err)
 from orchestrator.spec import JobSpec, SpecError
 
 
@@ -142,6 +142,7 @@ def _promote_after_run(spec: Optional[JobSpec], summary):
     from orchestrator.cli.evaluate import _evaluation_call
     from orchestrator.evaluation.gate import promote_after_run
 
+    _quiet_transformers()
     gate = spec.registry.promote
     err.print(f"[dim]•[/] Promotion gate: {summary.registered_model['name']}/{summary.registered_model['version']} "
               f"against @{gate.against} on {gate.metric}", highlight=False)

@@ -56,8 +56,11 @@ def promote_if_better(uri: str, name: str, version: str, alias: str, if_better_t
     if metric in metrics.GENERATION_METRICS and max_new_tokens < 1:
         raise SpecError([Problem(path="--max-new-tokens", message="generation metrics need generated tokens",
                                  fix="set it to 1 or more")])
+    # A loss gate needs no generations (they take most of an evaluation's time: 64 tokens per
+    # example and model against one forward pass per batch).
+    tokens = max_new_tokens if metric in metrics.GENERATION_METRICS else 0
     evaluation = evaluate_versions(uri, [f"models:/{name}/{version}", f"models:/{name}/{incumbent}"],
-                                   data_file=data_file, max_examples=max_examples, max_new_tokens=max_new_tokens)
+                                   data_file=data_file, max_examples=max_examples, max_new_tokens=tokens)
     result.evaluation = evaluation
     candidate, against = (r.metrics.get(metric) for r in evaluation.results)
     if candidate is None or against is None:

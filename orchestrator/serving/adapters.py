@@ -80,11 +80,12 @@ class ServedAdapters:
         return {ref: f"models:/{name}" for ref, name in self.active.items()}
 
     def complete(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
-                 max_tokens: int = 64) -> str:
-        """Greedy completion with the adapter `ref` is served as: a prompt formatted as
-        `orchestrator generate` formats it, or a chat (for a chat-trained adapter, the whole
-        conversation through the chat template; else its last user message as the prompt)."""
-        from orchestrator.models.inference import Loaded, complete, complete_formatted
+                 max_tokens: int = 64) -> tuple[str, int]:
+        """Greedy completion with the adapter `ref` is served as, and the prompt's length in
+        tokens: a prompt formatted as `orchestrator generate` formats it, or a chat (for a
+        chat-trained adapter, the whole conversation through the chat template; else its last user
+        message as the prompt)."""
+        from orchestrator.models.inference import Loaded, complete_formatted, format_prompt
 
         ref = model_id(ref)
         if ref not in self.active:
@@ -93,10 +94,15 @@ class ServedAdapters:
             name = self.active[ref]
             self.model.set_adapter(name)
             loaded = Loaded(model=self.model, tokenizer=self.tokenizer, spec=self.specs[name])
-            if messages is None:
-                return complete(loaded, prompt or "", max_new_tokens=max_tokens)
-            if loaded.spec.data.format == "chat":
+            if messages is not None and loaded.spec.data.format == "chat":
                 text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                return complete_formatted(loaded, text, max_new_tokens=max_tokens)
-            users = [m for m in messages if m.get("role") == "user"]
-            return complete(loaded, str(users[-1]["content"]) if users else "", max_new_tokens=max_tokens)
+            else:
+                if messages is not None:
+                    users = [m for m in messages if m.get("role") == "user"]
+                    prompt = str(users[-1]["content"]) if users else ""
+                text = format_prompt(loaded, prompt or "")
+            # `complete` is format_prompt + complete_formatted: the same answer as `generate`.
+            return complete_formatted(loaded, text, max_new_tokens=max_tokens), len(self.tokenizer(text)["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -55,12 +55,12 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                 if ref not in served and f"models:/{ref}" not in served:
                     raise openai_api.RequestError(f"model: '{ref}' is not served here; one of {', '.join(served)}",
                                                   "model", status=404)
-                text = self.adapters.complete(ref, **args)
+                text, prompt_tokens = self.adapters.complete(ref, **args)
             except openai_api.RequestError as e:
                 return JSONResponse(e.to_json(), status_code=e.status)
-            tokens = len(self.adapters.tokenizer(text, add_special_tokens=False)["input_ids"])
             served_as = self.adapters.models()[ref if ref in served else f"models:/{ref}"]
-            return openai_api.completion(ref, text, served_as, chat, tokens, args["max_tokens"])
+            return openai_api.completion(ref, text, served_as, chat, prompt_tokens, self.adapters.count_tokens(text),
+                                         args["max_tokens"])
 
         @api.get("/v1/models")
         def models(self):

@@ -44,10 +44,13 @@ def parse(body: dict, chat: bool, served: list[str]) -> dict:
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens}
 
 
-def completion(model: str, text: str, served_as: str, chat: bool, tokens: int, max_tokens: int) -> dict:
-    """A `text_completion` or `chat.completion` object with one choice."""
+def completion(model: str, text: str, served_as: str, chat: bool, prompt_tokens: int, tokens: int,
+               max_tokens: int) -> dict:
+    """A `text_completion` or `chat.completion` object with one choice. `finish_reason` is
+    "length" when the answer used every token it was allowed (re-tokenizing the answer may count
+    one token off at the limit), else "stop"."""
     finish = "length" if tokens >= max_tokens else "stop"
-    usage = {"completion_tokens": tokens}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
     common = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
               "model": model, "system_fingerprint": served_as, "usage": usage}
     if chat:
