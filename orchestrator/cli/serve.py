@@ -69,11 +69,16 @@ def _serve(models, address, host, port, replicas, reload_every, tracking_uri) ->
             raise typer.Exit(code=2)
     # Ctrl-C, `kill` (SIGTERM), and SIGINT to a server started in the background (a shell's `&`
     # ignores SIGINT in it) all end in the teardown below, which frees Serve's and Ray's processes.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Set again once Ray is up: ray.init installs its own SIGTERM handler, which aborts the process.
+    def on_signals():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    on_signals()
     with _stdout_for_results_only():
         try:
             connect(address)
+            on_signals()
             err.print(f"[dim]•[/] Deploying {', '.join(models)} ({replicas} replica(s))", highlight=False)
             url = deployment.start(models, uri, host=host, port=port, replicas=replicas, reload_every=reload_every)
             err.print(f"[green]ok[/] serving on {url}/v1 (models: {', '.join(models)}); Ctrl-C stops", highlight=False)
