@@ -1,5 +1,5 @@
-"""The `orchestrator` command line: validate, run, resume, plan, generate, compare, register,
-registry, and the cluster commands (submit, jobs, k8s). The only package that prints or exits.
+"""The `orchestrator` command line: validate, run, resume, plan, generate, evaluate, serve, compare,
+register, registry, and the cluster commands (submit, jobs, k8s). The only package that prints or exits.
 
 Each command group is a module that registers its commands on `common.app`; they are imported
 here in the order `orchestrator --help` lists them. Heavy libraries are imported inside the commands.
@@ -14,6 +14,8 @@ from orchestrator.cli.common import _stdout_for_results_only, app, err
 # Importing a command module registers its commands: in this order, as `--help` lists them.
 from orchestrator.cli import job  # noqa: E402, F401, I001  (validate, run, resume)
 from orchestrator.cli import generate  # noqa: E402, F401, I001
+from orchestrator.cli import evaluate  # noqa: E402, F401, I001
+from orchestrator.cli import serve  # noqa: E402, F401, I001
 from orchestrator.cli import compare  # noqa: E402, F401, I001
 from orchestrator.cli import registry  # noqa: E402, F401, I001  (registry ..., register)
 from orchestrator.cli.cluster import jobs_app, k8s_app, submit  # noqa: E402

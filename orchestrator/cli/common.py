@@ -118,5 +118,6 @@ def _registry_call(fn, *args):
         return fn(*args)
     except errors as e:
         message = getattr(e, "message", None) or str(e)
-        err.print(f"[bold red]error:[/] {message.splitlines()[0]}", highlight=False, markup=False)
+        err.print("[bold red]error:[/] ", end="")
+        err.print(message.splitlines()[0], highlight=False, markup=False)
         raise typer.Exit(code=2)

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.cli.common import (JobArg, SetOption, _fail, _gpu_memory, _load, _progress_bar, _registry_call,
-                                     _stdout_for_results_only, app, err)
+from orchestrator.cli.common import (JobArg, SetOption, _fail, _gpu_memory, _load, _progress_bar,
+                                     _quiet_transformers, _registry_call, _stdout_for_results_only, app, err)
 from orchestrator.spec import JobSpec, SpecError
 
 
@@ -125,12 +125,36 @@ def _run(call, spec: Optional[JobSpec], *, address, as_json: bool, verbose: bool
             from orchestrator.training.launch import shutdown
 
             shutdown()
+    promotion = _promote_after_run(spec, summary)
     if as_json:
-        typer.echo(json.dumps(summary.to_json(), indent=2))
+        typer.echo(json.dumps({**summary.to_json(), **({"promotion": promotion.to_json()} if promotion else {})},
+                              indent=2))
         return
     if summary.trials is not None:
         Console().print(_trials_table(summary.trials, title="Trials, best first"))
     _print_summary(summary)
+
+
+def _promote_after_run(spec: Optional[JobSpec], summary):
+    """The job's registry.promote gate on the version the run registered, reported on stderr."""
+    if spec is None or spec.registry.promote is None or not summary.registered_model:
+        return None
+    from orchestrator.cli.evaluate import _evaluation_call
+    from orchestrator.evaluation.gate import promote_after_run
+
+    _quiet_transformers()
+    gate = spec.registry.promote
+    err.print(f"[dim]•[/] Promotion gate: {summary.registered_model['name']}/{summary.registered_model['version']} "
+              f"against @{gate.against} on {gate.metric}", highlight=False)
+    result = _evaluation_call(promote_after_run, spec, summary.registered_model, summary.tracking_uri)
+    name = summary.registered_model["name"]
+    if result.promoted:
+        err.print(f"[green]ok[/] models:/{name}@{gate.alias} -> version {result.version}", highlight=False)
+    else:
+        err.print(f"[yellow]not promoted:[/] version {result.version} is worse than @{gate.against} (version "
+                  f"{result.incumbent}) on {gate.metric}: {result.candidate_value:.4g} against "
+                  f"{result.incumbent_value:.4g}; evidence: MLflow run {result.evaluation.run_id}", highlight=False)
+    return result
 
 
 # How the summary groups the run's phases (see training.recipe.PHASES).

@@ -82,14 +82,55 @@ def registry_show(model: str = typer.Argument(..., help="NAME, NAME@ALIAS or NAM
 def registry_promote(name: str = typer.Argument(..., help="Registered model name."),
                      version: str = typer.Argument(..., help="Version number to promote."),
                      alias: str = typer.Option("production", "--alias", help="Alias to point at the version."),
+                     if_better_than: Optional[str] = typer.Option(
+                         None, "--if-better-than", help="Move the alias only if the version is not worse than "
+                                                        "the one this alias names, both evaluated on the same data "
+                                                        "(exit 1 otherwise)."),
+                     metric: str = typer.Option("eval_loss", "--metric", help="The metric the gate compares: "
+                                                "eval_loss, perplexity, exact_match, rougeL, chrf or bleu."),
+                     data: Optional[str] = typer.Option(None, "--data", help="Held-out JSONL file for the gate "
+                                                        "(default: the candidate's own eval data)."),
+                     max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1,
+                                                                help="Evaluate the first N examples only."),
+                     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=0,
+                                                        help="Tokens to generate per example."),
+                     as_json: bool = typer.Option(False, "--json", help="Print the gate's result as JSON on stdout."),
                      tracking_uri: str = TrackingOption):
-    """Point an alias (e.g. production) at a version; models:/NAME@ALIAS then loads it."""
+    """Point an alias (e.g. production) at a version; models:/NAME@ALIAS then loads it. With
+    --if-better-than, only when an evaluation on the same data says it is not worse."""
     from orchestrator.tracking.registry import promote
     from orchestrator.tracking.runs import resolve_tracking_uri
 
-    new, old = _registry_call(promote, resolve_tracking_uri(tracking_uri), f"{name}/{version}", alias)
-    moved = f" (was version {old})" if old and old != new else ""
-    err.print(f"[green]ok[/] models:/{name}@{alias} -> version {new}{moved}", highlight=False)
+    uri = resolve_tracking_uri(tracking_uri)
+    if if_better_than is None:
+        new, old = _registry_call(promote, uri, f"{name}/{version}", alias)
+        moved = f" (was version {old})" if old and old != new else ""
+        err.print(f"[green]ok[/] models:/{name}@{alias} -> version {new}{moved}", highlight=False)
+        return
+    from orchestrator.cli.evaluate import _evaluation_call, metrics_table
+    from orchestrator.evaluation.gate import promote_if_better
+
+    _quiet_transformers()
+    result = _evaluation_call(promote_if_better, uri, name, version, alias, if_better_than, metric,
+                              data_file=data, max_examples=max_examples, max_new_tokens=max_new_tokens)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    elif result.evaluation:
+        Console().print(metrics_table(result.evaluation, f"{name}/{version} against {name}@{if_better_than} "
+                                                         f"(version {result.incumbent})"))
+    if result.incumbent is None:
+        err.print(f"[green]ok[/] models:/{name}@{alias} -> version {version} ({if_better_than} pointed nowhere: "
+                  "nothing to compare against)", highlight=False)
+    elif result.promoted:
+        err.print(f"[green]ok[/] models:/{name}@{alias} -> version {version} (was {result.previous}): {metric} "
+                  f"{result.candidate_value:.4g} against {result.incumbent_value:.4g}; evidence: MLflow run "
+                  f"{result.evaluation.run_id if result.evaluation else '-'}", highlight=False)
+    else:
+        err.print(f"[bold red]not promoted:[/] {name}/{version} is worse than {name}@{if_better_than} (version "
+                  f"{result.incumbent}) on {metric}: {result.candidate_value:.4g} against "
+                  f"{result.incumbent_value:.4g}; models:/{name}@{alias} stays at version {result.previous}. "
+                  f"Evidence: MLflow run {result.evaluation.run_id}", highlight=False)
+        raise typer.Exit(code=1)
 
 
 @registry_app.command("export")

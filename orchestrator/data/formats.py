@@ -59,6 +59,26 @@ def _format_chat(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tup
     return text, spans, False
 
 
+def prompt_and_reference(record: dict, fmt: str, tokenizer) -> tuple[str, str, str | None]:
+    """(prompt as a person wrote it, that prompt formatted as the model was trained, the reference
+    answer) of a record: alpaca's instruction (and input) and output, formatted as `orchestrator
+    generate` formats them; a chat's conversation up to its last assistant turn, rendered with the
+    chat template, and that turn; a text record has no prompt to complete and no reference."""
+    if fmt == "alpaca":
+        instruction, input_text = str(record["instruction"]), str(record.get("input") or "")
+        prompt = f"{instruction}\n{input_text}" if input_text else instruction
+        return prompt, format_alpaca_prompt(instruction, input_text), str(record["output"])
+    if fmt == "chat":
+        messages = record["messages"]
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            return str(messages[-1].get("content", "")), "", None
+        text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        users = [m for m in messages[:last] if m.get("role") == "user"]
+        return str(users[-1]["content"]) if users else "", text, str(messages[last]["content"])
+    return str(record.get("text", ""))[:200], "", None
+
+
 _FORMATTERS = {"alpaca": (_format_alpaca, ("instruction", "output")),
                "text": (_format_text, None),
                "chat": (_format_chat, ("messages",))}

@@ -83,8 +83,9 @@ def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
     return examples, truncated
 
 
-def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
-    """Read, split (when `eval` is a fraction), format and tokenize the job's data."""
+def split_records(data: DataSpec, seed: int) -> tuple[list, list, str, str]:
+    """The job's (line, record) pairs for training and for evaluation (its eval file, or the
+    seeded fraction of `train` held out), with the eval records' source file and field path."""
     train_records = read_jsonl(data.train, "data.train")
     eval_source, eval_field = data.train, "data.train"  # a fraction of the training file
     if isinstance(data.eval, str):
@@ -97,6 +98,12 @@ def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
         eval_records, train_records = shuffled[:n_eval], shuffled[n_eval:]
     else:
         eval_records = []
+    return train_records, eval_records, eval_source, eval_field
+
+
+def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
+    """Read, split (when `eval` is a fraction), format and tokenize the job's data."""
+    train_records, eval_records, eval_source, eval_field = split_records(data, seed)
     train, cut_train = _prepare_numbered(train_records, data, tokenizer, data.train, "data.train")
     evals, cut_eval = _prepare_numbered(eval_records, data, tokenizer, eval_source, eval_field)
     tokens = sum(len(e.input_ids) for e in train)

@@ -108,12 +108,19 @@ def format_prompt(loaded: Loaded, prompt: str) -> str:
 
 def complete(loaded: Loaded, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy completion of `prompt` (formatted as in training); the prompt is not repeated."""
+    return complete_formatted(loaded, format_prompt(loaded, prompt), max_new_tokens)
+
+
+def complete_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64) -> str:
+    """Greedy completion of `text`, already formatted as the model was trained (a rendered chat
+    conversation, an Alpaca prompt); `complete`, `orchestrator evaluate` and `serve` all end here."""
     import torch
 
     tok = loaded.tokenizer
-    text = format_prompt(loaded, prompt)
     # A chat template that writes the BOS token itself: no second one (as in training).
-    enc = tok(text, return_tensors="pt", add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
+    device = next(loaded.model.parameters()).device
+    enc = {k: v.to(device) for k, v in tok(text, return_tensors="pt", add_special_tokens=not (
+        tok.bos_token and text.startswith(tok.bos_token))).items()}
     with torch.no_grad():
         out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

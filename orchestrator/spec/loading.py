@@ -155,6 +155,8 @@ def parse_spec(raw: Any, base_dir: Path | None = None, source: str | None = None
             # The template itself goes into the spec: an adapter's saved spec renders prompts as
             # training did wherever it is loaded, without the file.
             d.chat_template = resolve_path(d.chat_template, base_dir).read_text(encoding="utf-8")
+        if spec.registry.promote is not None and spec.registry.promote.data:
+            spec.registry.promote.data = str(resolve_path(spec.registry.promote.data, base_dir))
         base = spec.model.base
         if not base.startswith("builtin:") and (base.startswith((".", "/", "~")) or Path(base).exists()):
             spec.model.base = str(resolve_path(base, base_dir))

@@ -136,6 +136,11 @@ class TrainingSpec(_Section):
     seed: int = Field(42, description="seeds the eval split, the data order and the workers' RNGs")
     eval_every: int = Field(50, ge=1, description="evaluate every N steps (a search reports to Tune then)")
     eval_batches: int | None = Field(None, ge=1, description="cap on eval batches per evaluation")
+    # A few fixed eval prompts completed at each evaluation (rank 0, greedy, 24 new tokens: about
+    # a second on the demo model) and logged as the run's generations table; not under ZeRO-3.
+    generations: int = Field(
+        3, ge=0, le=32,
+        description="eval prompts completed at each evaluation, logged as a table (0: none; skipped under ZeRO-3)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint to storage.path every N steps (null: at the end only)")
 
@@ -163,6 +168,25 @@ class TrackingSpec(_Section):
     experiment: str | None = Field(None, description="MLflow experiment (null: the job name)")
 
 
+class PromoteSpec(_Section):
+    # The promotion gate after each run (and a search's best trial): the registered version is
+    # evaluated against the one `if_better_than` names, on the same data, and `alias` moves to
+    # it only when it is not worse on `metric` (registry.md, Evaluate and promote on evidence).
+    alias: str = Field("production", description="alias to move to the new version when it passes the gate")
+    if_better_than: str | None = Field(
+        None, description="alias of the version to beat (null: the alias itself); if it points nowhere, no gate")
+    metric: Literal["eval_loss", "perplexity", "exact_match", "rougeL", "chrf", "bleu"] = Field(
+        "eval_loss", description="the metric compared; eval_loss and perplexity lower is better, the others higher")
+    data: str | None = Field(
+        None, description="held-out JSONL file for the gate, relative to the job file (null: the job's eval data)")
+    max_examples: int | None = Field(None, ge=1, description="evaluate the first N examples only (null: all)")
+    max_new_tokens: int = Field(64, ge=0, description="tokens generated per example for the generation metrics")
+
+    @property
+    def against(self) -> str:
+        return self.if_better_than or self.alias
+
+
 class RegistrySpec(_Section):
     name: str | None = Field(None, description="registered model name (null: the job name)")
     # adapter: LoRA weights + a reference to the base (small); merged: base + adapter merged into
@@ -170,6 +194,8 @@ class RegistrySpec(_Section):
     mode: Literal["adapter", "merged", "both"] = Field(
         "adapter", description="what a version holds: the adapter, the merged model, or both (see registry.md)")
     alias: str = Field("candidate", description="alias pointed at each new version")
+    promote: PromoteSpec | None = Field(
+        None, description="after the run, move another alias (production) to the new version only on evidence")
 
 
 class StorageSpec(_Section):

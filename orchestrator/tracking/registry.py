@@ -211,13 +211,40 @@ def describe_version(uri: str, ref: str) -> dict:
     }
 
 
-def promote(uri: str, ref: str, alias: str) -> tuple[str, str | None]:
-    """Point `alias` at the version `ref` names; returns (new version, version it moved from)."""
+ALIAS_HISTORY_KEEP = 20  # moves kept in the model's `alias_history.<alias>` tag (a tag holds 5,000 chars)
+
+
+def promote(uri: str, ref: str, alias: str, evidence_run_id: str | None = None) -> tuple[str, str | None]:
+    """Point `alias` at the version `ref` names, recording the move (who, when, from which version,
+    the evaluation run that justified it) on the version (`promoted.<alias>`) and, with the last
+    moves, on the model (`alias_history.<alias>`); returns (new version, version it moved from)."""
+    import datetime
+    import getpass
+    import json
+
     client = _client(uri)
     v = resolve_version(uri, ref)
-    previous = (client.get_registered_model(v.name).aliases or {}).get(alias)
+    model = client.get_registered_model(v.name)
+    previous = (model.aliases or {}).get(alias)
     client.set_registered_model_alias(v.name, alias, v.version)
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):  # no user name in a container without a passwd entry
+        who = "unknown"
+    move = {"alias": alias, "version": str(v.version), "from_version": str(previous) if previous is not None else None,
+            "by": who, "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "evidence_run_id": evidence_run_id}
+    client.set_model_version_tag(v.name, v.version, f"promoted.{alias}", json.dumps(move))
+    history = json.loads((model.tags or {}).get(f"alias_history.{alias}", "[]"))
+    client.set_registered_model_tag(v.name, f"alias_history.{alias}",
+                                    json.dumps((history + [move])[-ALIAS_HISTORY_KEEP:]))
     return str(v.version), (str(previous) if previous is not None else None)
+
+
+def alias_version(uri: str, name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None when it points nowhere."""
+    aliases = _client(uri).get_registered_model(name).aliases or {}
+    return str(aliases[alias]) if alias in aliases else None
 
 
 def export_model(uri: str, ref: str, out_dir: str | Path, fmt: str) -> Path:

@@ -227,7 +227,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     try:
         job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
                         train=data.train, eval=data.eval, pad_id=data.pad_id, use_gpu=res.use_gpu,
-                        tracking_uri=handle.uri, run_id=handle.run_id, report_evals=report_evals)
+                        tracking_uri=handle.uri, run_id=handle.run_id, report_evals=report_evals,
+                        generation_records=generation_records(spec))
         status(f"Training {total} steps on {res.num_workers} worker(s), "
                f"ZeRO stage {spec.distributed.deepspeed.stage}")
         fit_started_at = time.time()
@@ -270,6 +271,16 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                       planned={"total_params": memory.params.total, "trainable_params": memory.params.trainable,
                                "peak_bytes": memory.total_bytes, "world_size": res.num_workers},
                       measured=measured)
+
+
+def generation_records(spec: JobSpec) -> list[dict]:
+    """The first `training.generations` eval records (the same ones at every evaluation)."""
+    from orchestrator.data.tokenize import split_records
+
+    if not spec.training.generations:
+        return []
+    _, records, _, _ = split_records(spec.data, spec.training.seed)
+    return [r for _, r in records[:spec.training.generations]]
 
 
 def ray_run_name(spec: JobSpec, run_id: str) -> str:

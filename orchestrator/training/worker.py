@@ -17,7 +17,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class WorkerJob:
     # How long rank 0 waits at the end for an unreachable MLflow before it leaves the unsent
     # metrics in the final checkpoint for the driver to send.
     final_flush_timeout_s: float = 120.0
+    # The first `training.generations` eval records: rank 0 completes them at each evaluation.
+    generation_records: list = field(default_factory=list)
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -113,6 +115,53 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
     return engine
 
 
+# How many tokens each logged generation gets: enough to see the answer take shape, cheap (about
+# a second for 3 prompts on the demo model).
+GENERATION_TOKENS = 24
+
+
+def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int):
+    """Rank 0's `log(step)`: complete the fixed eval prompts with the model as it is now and
+    append (step, prompt, reference, output) rows to the run's generations table; None where
+    nothing is logged. Not under ZeRO-3: there each rank holds a slice of every weight, and
+    generating on rank 0 alone would wait forever on the others' gathers. An unreachable MLflow
+    costs the rows, never the run."""
+    if rank != 0 or not job.generation_records or spec.distributed.deepspeed.stage == 3:
+        return None
+    import logging
+
+    from orchestrator.data.formats import prompt_and_reference
+    from orchestrator.models.inference import Loaded, complete_formatted
+    from orchestrator.models.loading import load_tokenizer, resolve_base
+    from orchestrator.tracking.evaluations import log_generations
+
+    tokenizer = load_tokenizer(resolve_base(spec.model))
+    prompts = [prompt_and_reference(r, spec.data.format, tokenizer) for r in job.generation_records]
+    prompts = [p for p in prompts if p[2] is not None]  # text records have nothing to complete
+    loaded = Loaded(model=engine.module, tokenizer=tokenizer, spec=spec)
+
+    failed = []
+
+    def log(step: int) -> None:
+        if failed:
+            return
+        engine.eval()
+        try:
+            rows = [{"step": step, "prompt": prompt, "reference": reference,
+                     "output": complete_formatted(loaded, text, GENERATION_TOKENS)}
+                    for prompt, text, reference in prompts]
+        except Exception as e:  # a method or kernel that cannot generate mid-training: the table is a side show
+            failed.append(e)
+            logging.getLogger(__name__).warning("no generations table: generating at step %d failed: %s", step, e)
+            return
+        try:
+            log_generations(job.tracking_uri, job.run_id, rows)
+        except Exception as e:  # MLflow unreachable: training goes on
+            logging.getLogger(__name__).warning("generations at step %d not logged: %s", step, e)
+
+    return log if prompts else None
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 
@@ -143,12 +192,17 @@ def train_loop_per_worker(config: dict) -> None:
     stream = micro_batches(job.train, t.micro_batch_size, rank, world, t.seed, start=state.step * t.grad_accum)
     eval_size = t.micro_batch_size * 2
 
-    def run_eval() -> float:
+    log_generations = generation_logger(spec, job, engine, rank)
+
+    def run_eval(step: int) -> float:
         with watch("eval"):
-            return evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
+            loss = evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
+            if log_generations:
+                log_generations(step)
+            return loss
 
     if state.base_eval_loss is None:
-        state.base_eval_loss = run_eval()
+        state.base_eval_loss = run_eval(0)
         if logger:
             logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss})
             logger.flush()
@@ -156,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
     elif logger:
         logger.log(state.step, {"resumed_from_step": state.step})
     if state.step >= job.total_steps:  # stopped after its last checkpoint: report that state again
-        report(engine, spec, rank, state, {"eval_loss": run_eval()}, save=True,
+        report(engine, spec, rank, state, {"eval_loss": run_eval(state.step)}, save=True,
                pending=logger.close(job.final_flush_timeout_s) if logger else [], total_steps=job.total_steps)
         return
 
@@ -167,7 +221,7 @@ def train_loop_per_worker(config: dict) -> None:
         tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
         last = step == job.total_steps
         if step % t.eval_every == 0 or last:
-            metrics["eval_loss"] = run_eval()
+            metrics["eval_loss"] = run_eval(step)
         if last:  # rank 0's peak memory, for `orchestrator compare`
             metrics["peak_memory_bytes"] = float(peak_memory_bytes(job.use_gpu))
         save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)

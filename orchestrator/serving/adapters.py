@@ -1,0 +1,111 @@
+"""One base model with every served version's adapter loaded into it (peft multi-adapter): each
+request picks its adapter by the registered reference it was served as (`models:/NAME@ALIAS`).
+`load` re-resolves the references, so a moved alias is served after the next load."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+
+
+def model_id(ref: str) -> str:
+    """The served name of a reference: always with the `models:/` prefix."""
+    return ref if ref.startswith("models:/") else f"models:/{ref}"
+
+
+class ServedAdapters:
+    """Adapters of one base, loaded once each, under the names `NAME/VERSION`."""
+
+    def __init__(self, refs: list[str], tracking_uri: str):
+        self.refs = [model_id(r) for r in refs]
+        self.tracking_uri = tracking_uri
+        self.model = None
+        self.tokenizer = None
+        self.base: tuple | None = None        # (model.base, base sha256) every adapter must share
+        self.specs: dict[str, object] = {}    # adapter name -> the job spec it was trained with
+        self.active: dict[str, str] = {}      # served ref -> adapter name
+        self.lock = threading.Lock()          # set_adapter + generate is one step per request
+        self._dir = tempfile.TemporaryDirectory(prefix="orchestrator-serve-")
+
+    def load(self) -> dict[str, str]:
+        """Resolve every reference (aliases may have moved) and load the versions not loaded yet;
+        adapters no reference names any more are unloaded. Returns ref -> models:/NAME/VERSION."""
+        from orchestrator.tracking.registry import resolve_version
+
+        wanted = {}
+        for ref in self.refs:
+            v = resolve_version(self.tracking_uri, ref)
+            wanted[ref] = f"{v.name}/{v.version}"
+        with self.lock:
+            for name in dict.fromkeys(wanted.values()):
+                if name not in self.specs:
+                    self._add(name)
+            self.active = wanted
+            for name in set(self.specs) - set(wanted.values()):
+                self.model.delete_adapter(name)
+                del self.specs[name]
+        return {ref: f"models:/{name}" for ref, name in wanted.items()}
+
+    def _add(self, name: str) -> None:
+        from orchestrator.models.inference import check_base, is_merged, read_lineage, read_spec
+        from orchestrator.models.loading import load_base, load_tokenizer, resolve_base
+        from orchestrator.tracking.registry import download_model
+
+        local = download_model(f"models:/{name}", Path(self._dir.name) / name.replace("/", "-"), self.tracking_uri)
+        spec = read_spec(local)
+        if is_merged(local) or spec.peft.method in ("full", "freeze"):
+            raise ValueError(f"models:/{name} is not an adapter version ({spec.peft.method}, "
+                             f"{'merged' if is_merged(local) else 'adapter'}): serve adapter versions of one base, "
+                             "or export a merged version and serve it with a plain transformers server")
+        base = (spec.model.base, read_lineage(local).get("base_sha256"))
+        if self.base is not None and base != self.base:
+            raise ValueError(f"models:/{name} was trained on {base[0]}, not on the base the other served "
+                             f"versions share ({self.base[0]}): serve versions of one base together")
+        base_path = resolve_base(spec.model)
+        check_base(local, spec, base_path)
+        if self.model is None:
+            from peft import PeftModel
+
+            # As `generate` loads it (models.inference.load_adapter): the base's revision, the
+            # job's chat template.
+            self.tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision,
+                                            spec.data.chat_template)
+            self.model = PeftModel.from_pretrained(load_base(spec, base_path), str(local), adapter_name=name)
+            self.model.eval()
+            self.base = base
+        else:
+            self.model.load_adapter(str(local), adapter_name=name)
+        self.specs[name] = spec
+
+    def models(self) -> dict[str, str]:
+        """Served ref -> the version it is now served as."""
+        return {ref: f"models:/{name}" for ref, name in self.active.items()}
+
+    def complete(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
+                 max_tokens: int = 64) -> tuple[str, int]:
+        """Greedy completion with the adapter `ref` is served as, and the prompt's length in
+        tokens: a prompt formatted as `orchestrator generate` formats it, or a chat (for a
+        chat-trained adapter, the whole conversation through the chat template; else its last user
+        message as the prompt)."""
+        from orchestrator.models.inference import Loaded, complete_formatted, format_prompt
+
+        ref = model_id(ref)
+        if ref not in self.active:
+            raise KeyError(ref)
+        with self.lock:
+            name = self.active[ref]
+            self.model.set_adapter(name)
+            loaded = Loaded(model=self.model, tokenizer=self.tokenizer, spec=self.specs[name])
+            if messages is not None and loaded.spec.data.format == "chat":
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            else:
+                if messages is not None:
+                    users = [m for m in messages if m.get("role") == "user"]
+                    prompt = str(users[-1]["content"]) if users else ""
+                text = format_prompt(loaded, prompt or "")
+            # `complete` is format_prompt + complete_formatted: the same answer as `generate`.
+            return complete_formatted(loaded, text, max_new_tokens=max_tokens), len(self.tokenizer(text)["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

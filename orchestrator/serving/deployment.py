@@ -1,0 +1,113 @@
+"""The Ray Serve application behind `orchestrator serve`: one deployment (N replicas), each
+replica holding the base once with every served adapter (`ServedAdapters`), behind a FastAPI
+ingress speaking the OpenAI API; `/v1/reload` (and, with `reload_every`, a timer) re-resolves the
+aliases. Ray, Serve and FastAPI are imported inside the functions.
+
+No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`Request`,
+imported inside `build_app`) as objects; as strings it could not resolve them and would take
+`request` for a query parameter (HTTP 422)."""
+
+APP_NAME = "orchestrator"
+
+
+def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_every: float | None = None,
+              cpus_per_replica: float = 1.0):
+    """The bound Serve application (not started)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    from orchestrator.serving import openai_api
+
+    api = FastAPI(title="orchestrator serve")
+
+    @serve.deployment(name="OpenAIServer", num_replicas=replicas,
+                      ray_actor_options={"num_cpus": cpus_per_replica})
+    @serve.ingress(api)
+    class OpenAIServer:
+        def __init__(self, refs: list[str], tracking_uri: str, reload_every: float | None):
+            import threading
+
+            from orchestrator.serving.adapters import ServedAdapters
+
+            self.adapters = ServedAdapters(refs, tracking_uri)
+            self.adapters.load()
+            if reload_every:
+                # Every replica re-resolves on its own timer: a moved alias reaches all of them
+                # within `reload_every` seconds (a /v1/reload request reaches one replica only).
+                def poll():
+                    import time
+
+                    while True:
+                        time.sleep(reload_every)
+                        try:
+                            self.adapters.load()
+                        except Exception:  # the registry unreachable for a while: keep serving
+                            pass
+
+                threading.Thread(target=poll, daemon=True, name="alias-poll").start()
+
+        def _answer(self, body: dict, chat: bool):
+            served = list(self.adapters.models())
+            try:
+                args = openai_api.parse(body, chat, served)
+                ref = args.pop("model")
+                if ref not in served and f"models:/{ref}" not in served:
+                    raise openai_api.RequestError(f"model: '{ref}' is not served here; one of {', '.join(served)}",
+                                                  "model", status=404)
+                text, prompt_tokens = self.adapters.complete(ref, **args)
+            except openai_api.RequestError as e:
+                return JSONResponse(e.to_json(), status_code=e.status)
+            served_as = self.adapters.models()[ref if ref in served else f"models:/{ref}"]
+            return openai_api.completion(ref, text, served_as, chat, prompt_tokens, self.adapters.count_tokens(text),
+                                         args["max_tokens"])
+
+        @api.get("/v1/models")
+        def models(self):
+            return openai_api.model_list(self.adapters.models())
+
+        @api.post("/v1/completions")
+        async def completions(self, request: Request):
+            return self._answer(await request.json(), chat=False)
+
+        @api.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request):
+            return self._answer(await request.json(), chat=True)
+
+        @api.post("/v1/reload")
+        def reload(self):
+            return {"models": self.adapters.load()}
+
+    return OpenAIServer.bind(refs, tracking_uri, reload_every)
+
+
+def start(refs: list[str], tracking_uri: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+          reload_every: float | None = None, cpus_per_replica: float = 1.0) -> str:
+    """Deploy the application on the connected Ray instance and wait until it serves; returns
+    its base URL."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(refs, tracking_uri, replicas, reload_every, cpus_per_replica), name=APP_NAME,
+              route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    """Delete the application and shut Serve down (its controller and proxies free their CPUs)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+
+
+def reload(url: str, timeout_s: float = 300.0) -> dict:
+    """Ask a running server to re-resolve its aliases; returns ref -> the version now served."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{url.rstrip('/')}/v1/reload", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())["models"]
