@@ -245,6 +245,47 @@ def test_k8s_render_cli(tmp_path):
     assert "storage.path: 'runs' is relative" in refused.output
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_rendered_rayservice_is_what_serve_deploys(gpu):
+    """`k8s render --serve`: a RayService the KubeRay schema accepts, whose Serve config Ray Serve's
+    own schema accepts and whose import path builds `orchestrator serve`'s application with the
+    replicas and resources asked for, on a cluster of one pod per replica."""
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    options = kuberay.ServeOptions(models=("models:/quickstart@production", "models:/quickstart/1"),
+                                   tracking_uri="http://mlflow.mlflow.svc.cluster.local:5000", replicas=3,
+                                   cpus_per_replica=4, gpu=gpu)
+    assert kuberay.serve_problems(options) == []
+    doc = kuberay.service_manifest(options, kuberay.K8sOptions(namespace="ml"))
+    validate(doc, "RayService")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    [application] = config.applications
+    assert application.args["models"] == list(options.models)
+    app = import_attr(application.import_path)(application.args)
+    deployment = app._bound_deployment  # what serve.run would deploy (no public accessor)
+    assert deployment.num_replicas == 3
+    assert deployment.ray_actor_options == {"num_cpus": 4.0, **({"num_gpus": 1.0} if gpu else {})}
+    [group] = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["cpu"] == "4" and ("nvidia.com/gpu" in limits) is gpu
+
+
+def test_k8s_render_serve_cli(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "rayservice.yaml"
+    ok = runner.invoke(app, ["k8s", "render", "--serve", "models:/quickstart@production", "-o", str(out),
+                             "--tracking-uri", "http://mlflow.mlflow.svc.cluster.local:5000", "--replicas", "2"])
+    assert ok.exit_code == 0, ok.output
+    [service] = yaml.safe_load_all(out.read_text())
+    validate(service, "RayService")
+    # The registry must be one the cluster's pods reach; a sqlite file on this machine is not.
+    refused = runner.invoke(app, ["k8s", "render", str(QUICKSTART), "--serve", "models:/quickstart@production"])
+    assert refused.exit_code == 2
+    assert "--tracking-uri: 'sqlite:///mlflow.db' is a file on this machine" in refused.output
+
+
 @pytest.mark.parametrize("name, expected", [("quickstart", "quickstart"), ("My_Job.v2", "my-job-v2"),
                                             ("x" * 80, "x" * 40), ("__", "job")])
 def test_k8s_name(name, expected):

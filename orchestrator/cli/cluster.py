@@ -230,22 +230,56 @@ def job_stop(submission_id: str = _ID, address: Optional[str] = _ADDRESS, token_
 
 
 @k8s_app.command("render")
-def k8s_render(job: Path = typer.Argument(..., help="The job file (YAML)."), set_: Optional[List[str]] = _SET,
+def k8s_render(job: Optional[Path] = typer.Argument(None, help="The job file (YAML); with --serve, optional."),
+               set_: Optional[List[str]] = _SET,
                output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (default: stdout)."),
                image: str = typer.Option("orchestrator:0.1.0", help="Image built from infra/docker/Dockerfile."),
                namespace: str = typer.Option("default"),
                storage_claim: str = typer.Option("cluster-storage", help="Shared PVC mounted at /mnt/cluster_storage."),
-               worker_memory: str = typer.Option("32Gi", help="Memory per worker pod."),
-               ttl: int = typer.Option(600, help="Seconds to keep the finished cluster (for its logs).")):
-    """Write a KubeRay RayJob (and a ConfigMap with the job and its data) for `kubectl apply -f`."""
-    from orchestrator.cluster.kuberay import K8sOptions, manifests, render_problems, to_yaml
+               worker_memory: str = typer.Option("32Gi", help="Memory per worker (or replica) pod."),
+               ttl: int = typer.Option(600, help="Seconds to keep the finished cluster (for its logs)."),
+               serve: Optional[List[str]] = typer.Option(None, "--serve", help="Render a RayService serving this "
+                                                         "registered version (models:/NAME@ALIAS; repeatable: "
+                                                         "adapters of one base) instead of a RayJob."),
+               tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="With --serve: the MLflow "
+                                                          "server the replicas read the registry from (default: "
+                                                          "the job's tracking.uri)."),
+               replicas: int = typer.Option(1, "--replicas", min=1, help="With --serve: replicas, one pod each."),
+               cpus_per_replica: int = typer.Option(2, "--cpus-per-replica", min=1, help="With --serve."),
+               gpu: bool = typer.Option(False, "--gpu", help="With --serve: one GPU per replica."),
+               reload_every: float = typer.Option(60.0, "--reload-every", min=1.0, help="With --serve: seconds "
+                                                  "between the replicas' alias re-resolutions.")):
+    """Write a KubeRay RayJob (and a ConfigMap with the job and its data) for `kubectl apply -f`;
+    with --serve, a RayService running `orchestrator serve` for registered versions."""
+    from orchestrator.cluster.kuberay import (K8sOptions, ServeOptions, manifests, render_problems, serve_problems,
+                                              service_manifest, to_yaml)
 
-    spec = _load(job, set_)
-    problems = render_problems(spec)
-    if problems:
-        _fail(SpecError(problems, source=str(job)))
-    text = to_yaml(manifests(spec, K8sOptions(image=image, namespace=namespace, storage_claim=storage_claim,
-                                              worker_memory=worker_memory, ttl_seconds=ttl)))
+    opts = K8sOptions(image=image, namespace=namespace, storage_claim=storage_claim, worker_memory=worker_memory,
+                      ttl_seconds=ttl)
+    if serve:
+        spec = _load(job, set_) if job is not None else None
+        uri = tracking_uri or (spec.tracking.uri if spec else None)
+        if uri is None:
+            _fail(SpecError([Problem(path="--tracking-uri", message="no registry to serve from",
+                                     fix="pass --tracking-uri http://MLFLOW:5000 (or a job file whose tracking.uri "
+                                         "names the server)")]))
+        options = ServeOptions(models=tuple(serve), tracking_uri=uri, replicas=replicas,
+                               cpus_per_replica=cpus_per_replica, gpu=gpu, reload_every=reload_every,
+                               **({"name": f"{spec.name}-serve"} if spec else {}))
+        problems = serve_problems(options)
+        if problems:
+            _fail(SpecError(problems))
+        docs = [service_manifest(options, opts)]
+    else:
+        if job is None:
+            _fail(SpecError([Problem(path="JOB", message="no job file",
+                                     fix="pass a job file (a RayJob), or --serve models:/NAME@ALIAS (a RayService)")]))
+        spec = _load(job, set_)
+        problems = render_problems(spec)
+        if problems:
+            _fail(SpecError(problems, source=str(job)))
+        docs = manifests(spec, opts)
+    text = to_yaml(docs)
     if output is None:
         typer.echo(text, nl=False)
         return

@@ -1,5 +1,6 @@
 """A job as KubeRay manifests: a ConfigMap with the job package and a `RayJob` that starts a
-Ray cluster sized from the spec, runs the job on it and deletes the cluster afterwards.
+Ray cluster sized from the spec, runs the job on it and deletes the cluster afterwards; and the
+`orchestrator serve` deployment as a `RayService` (its Serve config plus the cluster it runs on).
 
 Pure: spec in, manifest dicts out (`orchestrator k8s render` writes them as YAML). The image is
 built from infra/docker/Dockerfile, so it already holds the stack and this project; the
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from orchestrator.spec import JobSpec, Problem
+from orchestrator.spec import JobSpec, Problem, redact_uri
 from orchestrator.cluster.submission import (JOB_FILE, ClusterInfo, entrypoint, local_model_dir, metadata,
-                                             package_files, submission_problems)
+                                             package_files, submission_problems, tracking_location)
 
 RAY_VERSION = "2.60.0"
 JOB_MOUNT = "/home/ray/job"
@@ -96,13 +97,21 @@ def manifests(spec: JobSpec, opts: K8sOptions = K8sOptions()) -> list[dict]:
 
 def _cluster_spec(spec: JobSpec, opts: K8sOptions, config_map: str) -> dict:
     d = spec.distributed
-    gpu = d.use_gpu is not False
+    return _ray_cluster(opts, workers=d.num_workers, cpus_per_worker=d.cpus_per_worker, gpu=d.use_gpu is not False,
+                        head_mounts=[{"name": "job", "mountPath": JOB_MOUNT}],
+                        head_volumes=[{"name": "job", "configMap": {"name": config_map}}])
+
+
+def _ray_cluster(opts: K8sOptions, *, workers: int, cpus_per_worker: int, gpu: bool, head_mounts: list[dict],
+                 head_volumes: list[dict], head_ports: tuple[dict, ...] = ()) -> dict:
+    """A fixed-size Ray cluster: a head that runs no work, and one pod per worker (a training
+    worker, or a Serve replica)."""
     storage = {"name": "cluster-storage", "mountPath": STORAGE_MOUNT}
     storage_volume = {"name": "cluster-storage", "persistentVolumeClaim": {"claimName": opts.storage_claim}}
     head_resources = {"cpu": str(opts.head_cpus), "memory": opts.head_memory}
-    # One pod per training worker: Ray reads the pod's CPU and GPU limits as its resources, so
-    # each pod holds exactly one worker (cpus_per_worker CPUs, 1 GPU).
-    worker_resources = {"cpu": str(d.cpus_per_worker), "memory": opts.worker_memory,
+    # One pod per worker: Ray reads the pod's CPU and GPU limits as its resources, so each pod
+    # holds exactly one worker (cpus_per_worker CPUs, 1 GPU).
+    worker_resources = {"cpu": str(cpus_per_worker), "memory": opts.worker_memory,
                         **({"nvidia.com/gpu": "1"} if gpu else {})}
     worker_pod: dict = {
         "containers": [{"name": "ray-worker", "image": opts.image,
@@ -124,17 +133,84 @@ def _cluster_spec(spec: JobSpec, opts: K8sOptions, config_map: str) -> dict:
                                 "resources": {"requests": head_resources, "limits": head_resources},
                                 "ports": [{"containerPort": 6379, "name": "gcs-server"},
                                           {"containerPort": 8265, "name": "dashboard"},
-                                          {"containerPort": 10001, "name": "client"}],
-                                "volumeMounts": [storage, {"name": "job", "mountPath": JOB_MOUNT}]}],
-                "volumes": [storage_volume, {"name": "job", "configMap": {"name": config_map}}],
+                                          {"containerPort": 10001, "name": "client"}, *head_ports],
+                                "volumeMounts": [storage, *head_mounts]}],
+                "volumes": [storage_volume, *head_volumes],
             }},
         },
         "workerGroupSpecs": [{
             "groupName": "gpu-workers" if gpu else "cpu-workers",
-            "replicas": d.num_workers, "minReplicas": d.num_workers, "maxReplicas": d.num_workers,
+            "replicas": workers, "minReplicas": workers, "maxReplicas": workers,
             "rayStartParams": {},
             "template": {"spec": worker_pod},
         }],
+    }
+
+
+# Ray Serve imports this with the config's `args` to build the application (an application builder).
+SERVE_IMPORT_PATH = "orchestrator.serving.deployment:app_builder"
+SERVE_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`orchestrator serve`'s deployment: registered refs of one base, where the registry is, and
+    its size (one pod per replica, each loading the base once)."""
+
+    models: tuple[str, ...]
+    tracking_uri: str
+    name: str = "orchestrator-serve"
+    replicas: int = 1
+    cpus_per_replica: int = 2
+    gpu: bool = False
+    reload_every: float | None = 60.0
+
+
+def serve_problems(serve: ServeOptions) -> list[Problem]:
+    """What keeps the deployment from running on a cluster: a registry only this machine can read,
+    or nothing to serve."""
+    problems = []
+    if not serve.models:
+        problems.append(Problem(path="--serve", message="no model to serve",
+                                fix="name one or more registered versions: --serve models:/NAME@ALIAS"))
+    where = tracking_location(serve.tracking_uri)
+    if where != "remote":
+        problems.append(Problem(path="--tracking-uri",
+                                message=f"'{redact_uri(serve.tracking_uri)}' is {'a file' if where != 'loopback' else 'a server'}"
+                                        " on this machine: the replicas read the registry from the cluster's pods",
+                                fix="point it at the team's MLflow server, e.g. "
+                                    "--tracking-uri http://mlflow.mlflow.svc.cluster.local:5000"))
+    return problems
+
+
+def serve_config(serve: ServeOptions) -> dict:
+    """The Ray Serve config (`serveConfigV2`) of the deployment `orchestrator serve` runs: one
+    application built by `SERVE_IMPORT_PATH` from these args."""
+    return {"http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+            "applications": [{
+                "name": "orchestrator", "route_prefix": "/", "import_path": SERVE_IMPORT_PATH,
+                "args": {"models": list(serve.models), "tracking_uri": serve.tracking_uri,
+                         "replicas": serve.replicas, "reload_every": serve.reload_every,
+                         "cpus_per_replica": serve.cpus_per_replica, "gpus_per_replica": 1 if serve.gpu else 0},
+            }]}
+
+
+def service_manifest(serve: ServeOptions, opts: K8sOptions = K8sOptions()) -> dict:
+    """A KubeRay `RayService` for the deployment; call `serve_problems` first. KubeRay creates the
+    `NAME-serve-svc` Service on port 8000 in front of it. Credentials for an MLflow server that
+    needs them come from the image's environment (MLFLOW_TRACKING_USERNAME/PASSWORD), never the
+    manifest."""
+    name = k8s_name(serve.name)
+    labels = {"app.kubernetes.io/part-of": "orchestrator", "orchestrator/serve": name}
+    return {
+        "apiVersion": "ray.io/v1", "kind": "RayService",
+        "metadata": {"name": name, "namespace": opts.namespace, "labels": labels},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(serve), sort_keys=False),
+            "rayClusterConfig": _ray_cluster(opts, workers=serve.replicas, cpus_per_worker=serve.cpus_per_replica,
+                                             gpu=serve.gpu, head_mounts=[], head_volumes=[],
+                                             head_ports=({"containerPort": SERVE_PORT, "name": "serve"},)),
+        },
     }
 
 

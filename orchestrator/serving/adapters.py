@@ -71,7 +71,12 @@ class ServedAdapters:
             # job's chat template.
             self.tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision,
                                             spec.data.chat_template)
-            self.model = PeftModel.from_pretrained(load_base(spec, base_path), str(local), adapter_name=name)
+            import torch
+
+            # A replica given a GPU (k8s render --serve --gpu) holds the model there.
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = PeftModel.from_pretrained(load_base(spec, base_path, device=device), str(local),
+                                                   adapter_name=name)
             self.model.eval()
             self.base = base
         else:

@@ -11,7 +11,7 @@ APP_NAME = "orchestrator"
 
 
 def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_every: float | None = None,
-              cpus_per_replica: float = 1.0):
+              cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0):
     """The bound Serve application (not started)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -22,7 +22,8 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
     api = FastAPI(title="orchestrator serve")
 
     @serve.deployment(name="OpenAIServer", num_replicas=replicas,
-                      ray_actor_options={"num_cpus": cpus_per_replica})
+                      ray_actor_options={"num_cpus": cpus_per_replica,
+                                         **({"num_gpus": gpus_per_replica} if gpus_per_replica else {})})
     @serve.ingress(api)
     class OpenAIServer:
         def __init__(self, refs: list[str], tracking_uri: str, reload_every: float | None):
@@ -79,6 +80,16 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
             return {"models": self.adapters.load()}
 
     return OpenAIServer.bind(refs, tracking_uri, reload_every)
+
+
+def app_builder(args: dict):
+    """The application a Serve config names (`import_path: orchestrator.serving.deployment:app_builder`,
+    written by `orchestrator k8s render --serve`), built from the config's `args`: models,
+    tracking_uri, replicas, reload_every, cpus_per_replica, gpus_per_replica."""
+    reload_every = args.get("reload_every")
+    return build_app(list(args["models"]), str(args["tracking_uri"]), int(args.get("replicas", 1)),
+                     float(reload_every) if reload_every else None, float(args.get("cpus_per_replica", 1.0)),
+                     float(args.get("gpus_per_replica", 0.0)))
 
 
 def start(refs: list[str], tracking_uri: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
