@@ -44,6 +44,10 @@ DS_PERSISTENCE_THRESHOLD = 100_000  # elements: ZeRO-3 keeps smaller parameters 
 DS_ALIGNMENT = 2  # ZeRO-1/2 pad their flat buffer to a multiple of 2 x world size elements
 DS_ALLREDUCE_BUCKET_SIZE = 500_000_000  # elements: stage 0 all-reduces gradients in such buckets
 
+# Evaluation scores at most this many positions' logits at a time in fp32 (training.steps.evaluate):
+# never a full-vocabulary fp32 copy of a whole batch's logits. The plan's evaluation term uses it.
+EVAL_LOSS_CHUNK_TOKENS = 1024
+
 # bitsandbytes 4-bit storage (bitsandbytes.functional.quantize_4bit): 2 weights per byte, one
 # absmax per 64 weights; with double quantization that absmax is itself 8-bit, with one fp32
 # absmax per 256 of them, a 256-entry fp32 code book and an fp32 offset. Each tensor also has its
