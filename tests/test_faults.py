@@ -72,11 +72,15 @@ def latest_checkpoint_step(storage: Path) -> int | None:
 def test_micro_batches_resume_exactly_where_they_stopped(start):
     from orchestrator.training.steps import micro_batches
 
-    train = list(range(9))  # 9 examples, 2 ranks: rank 1 holds 4 -> 2 batches of 2 per epoch
+    one_pass = lambda: iter(range(9))  # 9 examples streamed, 2 ranks: rank 1 holds 4 -> 2 batches of 2 per epoch
     for rank in (0, 1):
-        uninterrupted = list(itertools.islice(micro_batches(train, 2, rank, 2, seed=5), start, start + 6))
-        resumed = list(itertools.islice(micro_batches(train, 2, rank, 2, seed=5, start=start), 6))
-        assert resumed == uninterrupted
+        for window in (4, 4096):  # shuffled within windows of 4 rows, or all at once
+            batches = lambda start=0: micro_batches(one_pass, 9, 2, rank, 2, seed=5, start=start, window=window)
+            uninterrupted = list(itertools.islice(batches(), start, start + 6))
+            assert list(itertools.islice(batches(start), 6)) == uninterrupted
+    # Each epoch a fresh order; the ranks' batches are disjoint within an epoch.
+    epoch = [b for rank in (0, 1) for b in itertools.islice(micro_batches(one_pass, 9, 2, rank, 2, seed=5), 2)]
+    assert len({x for b in epoch for x in b}) == 8
 
 
 def test_rng_states_round_trip():
