@@ -123,8 +123,11 @@ def quiet_data_context():
     """Ray Data's context for this project's data sets: rows in a fixed order (the data order is
     seeded, and a resumed run must see the same rows), no progress bars in the workers' logs,
     and the read path whose read tasks can run on no CPU (see `training_datasets`)."""
+    import logging
+
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines would interleave with our output
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
@@ -230,7 +233,7 @@ class TokenizedData:
         import ray.data
 
         quiet_data_context()
-        return {split: ray.data.read_parquet(self.files(split), ray_remote_args={"num_cpus": 0})
+        return {split: ray.data.read_parquet(self.files(split), num_cpus=0)
                 for split in SPLITS}
 
 
