@@ -106,10 +106,12 @@ class PeftSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: str = Field(description="the training data: a JSONL file, relative to the job file")
-    # A path to an eval file, or the fraction of `train` held out for evaluation.
+    train: str = Field(description="the training data: a JSONL or Parquet file, a directory or glob of them "
+                                   "(relative to the job file), or an s3:// / gs:// URI")
+    # An eval source (as `train`), or the fraction of `train` held out for evaluation.
     eval: Union[float, str, None] = Field(
-        0.1, description="an eval JSONL file, or the fraction of `train` held out for evaluation")
+        0.1, description="an eval source (as train), or the fraction of train's records held out for evaluation "
+                         "(each record by a seeded hash of its content)")
     format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="the records' format (see Data formats)")
     max_seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per example")
     # Examples longer than max_seq_len: cut to it (counted in the run summary), or refused.
@@ -135,7 +137,9 @@ class TrainingSpec(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping norm")
     seed: int = Field(42, description="seeds the eval split, the data order and the workers' RNGs")
     eval_every: int = Field(50, ge=1, description="evaluate every N steps (a search reports to Tune then)")
-    eval_batches: int | None = Field(None, ge=1, description="cap on eval batches per evaluation")
+    eval_batches: int | None = Field(
+        None, ge=1, description="cap on eval batches (of micro_batch_size examples) per worker per evaluation; "
+                                "null: 32")
     # A few fixed eval prompts completed at each evaluation (rank 0, greedy, 24 new tokens: about
     # a second on the demo model) and logged as the run's generations table; not under ZeRO-3.
     generations: int = Field(
