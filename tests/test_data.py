@@ -120,6 +120,15 @@ def test_truncation_is_counted(tokenizer):
     assert max(len(e.input_ids) for e in examples) == 16
 
 
+def test_a_long_prompt_is_cut_before_the_response(tokenizer):
+    record = {"instruction": "Describe it. " + "very " * 40 + "long.", "input": "", "output": "a cat"}
+    [ex], cut = prepare_records([record], DataSpec(train="x", format="alpaca", max_seq_len=24), tokenizer, "t",
+                                "data.train")
+    assert cut == 1 and len(ex.input_ids) == 24
+    assert trained_text(tokenizer, ex) == "a cat" + tokenizer.eos_token  # the response survives whole
+    assert prompt_text(tokenizer, ex).endswith("### Response:\n") and "Describe" not in prompt_text(tokenizer, ex)
+
+
 def test_eval_fraction_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": f"record number {i}."}) + "\n" for i in range(50)))

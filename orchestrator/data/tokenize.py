@@ -39,6 +39,12 @@ def _labelled(ids: list[int], offsets, spans: list[tuple[int, int]], add_eos: bo
         ids = ids + [tokenizer.eos_token_id]
         labels = labels + [tokenizer.eos_token_id]
     truncated = len(ids) > max_seq_len
+    if truncated:
+        # The prompt is cut before the response: up to the excess is dropped from the start, never
+        # a trained token; what is still too long is then cut at the end.
+        first_trained = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
+        start = min(len(ids) - max_seq_len, first_trained)
+        ids, labels = ids[start:], labels[start:]
     return Example(input_ids=ids[:max_seq_len], labels=labels[:max_seq_len]), truncated
 
 

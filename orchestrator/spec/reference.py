@@ -65,8 +65,9 @@ ones on the driver (problems are then named by file and line before Ray starts).
 driver nor any worker holds the whole data set: each worker streams the cached rows through its
 Ray Train dataset. `data.eval: 0.1` holds out each record of `train` whose seeded hash of its
 content falls below 0.1 (identical records land on the same side). An example longer than
-`max_seq_len` is cut at its end (or refused with `too_long: error`); one left with no trained
-token (a response truncated away) is skipped and counted as `dropped_examples` in the summary's
+`max_seq_len` (unless refused with `too_long: error`) loses the start of its prompt first, never
+a trained token, and is then cut at its end if still too long; one left with no trained token
+is skipped and counted as `dropped_examples` in the summary's
 data statistics. The training loss of a step is the mean over every trained token of all its
 micro batches on all workers; evaluation uses the same per-token mean, at the micro batch size,
 on at most `training.eval_batches` batches per worker (32 when unset).
