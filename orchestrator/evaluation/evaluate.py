@@ -10,7 +10,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 
-from orchestrator.data.files import file_sha256
+from orchestrator.data.files import source_sha256
 from orchestrator.data.records import read_jsonl
 from orchestrator.evaluation import metrics
 from orchestrator.spec import DataSpec, Problem, SpecError
@@ -101,7 +101,8 @@ def held_out_records(spec, data_file: str | None, max_examples: int | None) -> t
     from orchestrator.data.tokenize import split_records
 
     if data_file:
-        records, source, where = [(f"{data_file}:{n}", r) for n, r in read_jsonl(data_file, "--data")], data_file, "--data"
+        records = [(f"{data_file}:{n}", r) for n, r in read_jsonl(data_file, "--data")]
+        source, where = data_file, "--data"
     else:
         _, records, source, where = split_records(spec.data, spec.training.seed)
         if not records:
@@ -179,6 +180,6 @@ def evaluate_versions(uri: str, refs: list[str], data_file: str | None = None, m
             uri, versions[0].run_id, run_name=f"evaluate {results[0].uri.removeprefix('models:/')}"
             + (f" vs {results[1].uri.removeprefix('models:/')}" if len(results) > 1 else ""),
             models=[(r.name, r.version, r.metrics) for r in results], rows=evaluation.rows(),
-            tags={"eval.data": str(source), "eval.data_sha256": file_sha256(source),
+            tags={"eval.data": str(source), "eval.data_sha256": source_sha256(str(source)),
                   "eval.format": fmt, "eval.examples": str(len(prompts))})
     return evaluation
