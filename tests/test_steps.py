@@ -62,7 +62,8 @@ def test_train_loss_is_the_mean_over_every_trained_token_of_the_step(model):
     for e in (long, short):
         logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
         labels = torch.tensor(e.labels[1:])
-        token_losses.append(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")[labels != IGNORE_INDEX])
+        losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        token_losses.append(losses[labels != IGNORE_INDEX])
     assert [len(t) for t in token_losses] == [40, 3]
     by_token = torch.cat(token_losses).mean()  # the hand-computed value: sum over 43 tokens / 43
     model.zero_grad()

@@ -191,7 +191,8 @@ def tokenized_stats(out_dir: Path) -> dict[str, Any]:
             stats["eval_examples"] += count(pc.and_(kept, held))
             stats["truncated_examples"] += count(batch.column("truncated"))
             stats["dropped_examples"] += count(pc.invert(kept))
-            stats["train_tokens"] += pc.sum(pc.filter(pc.list_value_length(batch.column("input_ids")), train)).as_py() or 0
+            lengths = pc.list_value_length(batch.column("input_ids"))
+            stats["train_tokens"] += pc.sum(pc.filter(lengths, train)).as_py() or 0
     stats["mean_seq_len"] = round(stats["train_tokens"] / max(1, stats["train_examples"]), 1)
     return stats
 

@@ -243,8 +243,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                f"ZeRO stage {spec.distributed.deepspeed.stage}")
         fit_started_at = time.time()
         with watch("fit"):
-            fit = launch.fit(job, datasets=data.training_datasets(), name=ray_run_name(spec, handle.run_id), resources=res,
-                             storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
+            fit = launch.fit(job, datasets=data.training_datasets(), name=ray_run_name(spec, handle.run_id),
+                             resources=res, storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
                              on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
         with watch("sync_tracking"):
             sync_tracking(spec, handle, fit.checkpoint_dir)
