@@ -17,6 +17,8 @@ IGNORE_INDEX = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # A packed row (several examples in one): each example's positions restart at 0.
+    position_ids: list[int] | None = None
 
     @property
     def num_trained_tokens(self) -> int:

@@ -159,17 +159,50 @@ def prepare_located(located: list[tuple[str, dict]], data: DataSpec, tokenizer,
     return [e for e, _ in results if e.num_trained_tokens], sum(cut for _, cut in results)
 
 
+def pack_examples(examples, max_seq_len: int):
+    """Pack a stream of examples greedily, in order, into rows of at most `max_seq_len` tokens.
+    Each example's positions restart at 0 (the model then attends within each example only:
+    transformers builds a block-diagonal causal mask from position ids when no attention mask is
+    given) and its first label is masked (it would be predicted from the previous example)."""
+    row: list[Example] = []
+    for example in examples:
+        if row and sum(len(e.input_ids) for e in row) + len(example.input_ids) > max_seq_len:
+            yield _packed(row)
+            row = []
+        row.append(example)
+    if row:
+        yield _packed(row)
+
+
+def _packed(row: list[Example]) -> Example:
+    ids, labels, positions = [], [], []
+    for e in row:
+        ids += e.input_ids
+        labels += [IGNORE_INDEX] + e.labels[1:]
+        positions += range(len(e.input_ids))
+    return Example(input_ids=ids, labels=labels, position_ids=positions)
+
+
 def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-pad a batch to its longest example; padding is masked from attention and loss."""
+    """Right-pad a batch to its longest example; padding is masked from attention and loss. A
+    batch of packed rows gets position ids instead of an attention mask (padding then counts as
+    one more example of its own, trained on nothing)."""
     import torch
 
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
+        if packed:
+            positions[row, :n] = torch.tensor(e.position_ids)
+            positions[row, n:] = torch.arange(width - n)
+    if packed:
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -41,6 +41,11 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
     if isinstance(tm, list) and not tm:
         problems.append(Problem(path="peft.target_modules", message="empty list",
                                 fix="name at least one module, or use a preset such as all-linear"))
+    if d.packing and spec.peft.method in ("prompt_tuning", "prefix_tuning", "adaption_prompt"):
+        problems.append(Problem(path="data.packing",
+                                message=f"peft.method {spec.peft.method} adds virtual tokens to every row, which "
+                                        "packed examples cannot share",
+                                fix="set data.packing=false, or use lora, ia3, freeze or full"))
     if isinstance(d.eval, float) and not 0.0 < d.eval < 1.0:
         problems.append(Problem(path="data.eval", message=f"eval fraction {d.eval} is not between 0 and 1",
                                 fix="use e.g. 0.1, or a path to an eval file"))

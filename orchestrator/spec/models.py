@@ -118,6 +118,9 @@ class DataSpec(_Section):
     too_long: Literal["truncate", "error"] = Field(
         "truncate", description="examples longer than max_seq_len: cut (counted in the summary) or refused")
     text_field: str = Field("text", description="format text: the field that holds the text")
+    packing: bool = Field(
+        False, description="pack several examples into each max_seq_len row (positions restart and attention "
+                           "stays within each example); micro_batch_size then counts rows")
     # A tokenizer without a chat template (a base model's, often) cannot render chat records.
     chat_template: str | None = Field(
         None, description="format chat: a Jinja chat template, or a file holding one (relative to the job file; "

@@ -261,7 +261,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         wall = time.time() - started
         metrics = {"base_eval_loss": fit.metrics.get("base_eval_loss"), "eval_loss": fit.metrics.get("eval_loss"),
                    "train_loss": fit.metrics.get("train_loss"), "tokens_per_s": mean_tokens_per_s(fit.metrics),
-                   "tokens_trained": fit.metrics.get("tokens_trained"), "wall_s": round(wall, 1)}
+                   "tokens_trained": fit.metrics.get("tokens_trained"),
+                   "real_token_share": fit.metrics.get("real_token_share"), "wall_s": round(wall, 1)}
         measured = {"peak_memory_bytes": fit.metrics.get("peak_memory_bytes"), "artifact_bytes": artifact_bytes,
                     "artifact_dir": fit.adapter_dir}
         runs.log_metrics(handle, {"wall_s": wall, "final_eval_loss": metrics["eval_loss"],

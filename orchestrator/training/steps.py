@@ -10,7 +10,7 @@ import random
 import time
 
 from orchestrator.data.records import IGNORE_INDEX, Example
-from orchestrator.data.tokenize import collate
+from orchestrator.data.tokenize import collate, pack_examples
 
 
 # --- data order ------------------------------------------------------------------------------
@@ -46,6 +46,26 @@ def _shuffled(examples, seed: int, epoch: int, window: int):
             buffer, k = [], k + 1
     random.Random(f"{seed}:{epoch}:{k}").shuffle(buffer)
     yield from buffer
+
+
+def packed_micro_batches(one_pass, micro: int, rank: int, world: int, seed: int, max_seq_len: int,
+                         start: int = 0, window: int = SHUFFLE_WINDOW):
+    """`micro_batches` with each rank's examples packed into rows of `max_seq_len` tokens
+    (`pack_examples`), `micro` rows per batch. How many rows an epoch fills depends on the
+    examples' lengths, so a resumed run reads (and packs, without training) the `start` batches
+    it skips."""
+    epoch = 0
+    while True:
+        mine = itertools.islice(_shuffled(one_pass(), seed, epoch, window), rank, None, world)
+        rows = pack_examples(mine, max_seq_len)
+        while batch := list(itertools.islice(rows, micro)):
+            if len(batch) < micro:
+                break
+            if start:
+                start -= 1
+                continue
+            yield batch
+        epoch += 1
 
 
 def micro_batches(one_pass, num_examples: int, micro: int, rank: int, world: int, seed: int, start: int = 0,
@@ -126,9 +146,11 @@ def train_step(engine, stream, grad_accum: int, pad_id: int, device, world: int 
 
     start = time.perf_counter()
     engine.train()
-    batches = [{k: v.to(device) for k, v in collate(next(stream), pad_id).items()} for _ in range(grad_accum)]
+    examples = [next(stream) for _ in range(grad_accum)]
+    batches = [{k: v.to(device) for k, v in collate(b, pad_id).items()} for b in examples]
     counts = [trained_tokens(b["labels"]) for b in batches]
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    tokens = sum(len(e.input_ids) for b in examples for e in b)  # real tokens, padding left out
+    slots = sum(b["input_ids"].numel() for b in batches)
     [total] = all_reduce_sum([float(sum(counts))], device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch, n in zip(batches, counts):
@@ -140,7 +162,8 @@ def train_step(engine, stream, grad_accum: int, pad_id: int, device, world: int 
     loss_total, tokens_total = all_reduce_sum([loss_sum, float(tokens)], device)
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_total / max(total, 1.0), "learning_rate": engine.get_lr()[0],
-            "tokens_per_s": tokens_total / elapsed, "step_time_s": elapsed}
+            "tokens_per_s": tokens_total / elapsed, "step_time_s": elapsed,
+            "real_token_share": tokens / max(slots, 1)}  # rank 0's: real tokens / (rows x width)
 
 
 def chunked_token_loss_sum(logits, labels, chunk_tokens: int):

@@ -26,7 +26,7 @@ from orchestrator.timing import Stopwatch
 from orchestrator.training.checkpoint import (ADAPTER_DIR, PENDING_METRICS_FILE, TrainState, restore_state,
                                               save_state, save_trained)
 from orchestrator.training.steps import (DEFAULT_EVAL_BATCHES, dataset_examples, eval_batches, evaluate_batches,
-                                         micro_batches, peak_memory_bytes, train_step)
+                                         micro_batches, packed_micro_batches, peak_memory_bytes, train_step)
 
 
 @dataclass
@@ -193,8 +193,12 @@ def train_loop_per_worker(config: dict) -> None:
     # each optimizer step consumes `grad_accum` micro batches per rank.
     train_pass = dataset_examples(ray.train.get_dataset_shard("train"), eval_rows=False)
     eval_pass = dataset_examples(ray.train.get_dataset_shard("eval"), eval_rows=True)
-    stream = micro_batches(train_pass, job.train_examples, t.micro_batch_size, rank, world, t.seed,
-                           start=state.step * t.grad_accum)
+    if spec.data.packing:
+        stream = packed_micro_batches(train_pass, t.micro_batch_size, rank, world, t.seed, spec.data.max_seq_len,
+                                      start=state.step * t.grad_accum)
+    else:
+        stream = micro_batches(train_pass, job.train_examples, t.micro_batch_size, rank, world, t.seed,
+                               start=state.step * t.grad_accum)
 
     log_generations = generation_logger(spec, job, engine, rank)
 
