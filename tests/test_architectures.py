@@ -129,7 +129,7 @@ def test_registered_adapter_reloads_to_the_trained_model_and_generates(trained):
     data = load_datasets(spec.data, loaded.tokenizer, spec.training.seed)
     t = spec.training
     # The workers scored eval_batches each: in one process, the same first batches of the set.
-    reloaded = evaluate(loaded.model, data.eval, t.micro_batch_size * 2, loaded.tokenizer.pad_token_id, 0, 1,
+    reloaded = evaluate(loaded.model, data.eval, t.micro_batch_size, loaded.tokenizer.pad_token_id, 0, 1,
                         torch.device("cpu"), t.eval_batches * spec.distributed.num_workers)
     assert reloaded == pytest.approx(summary.metrics["eval_loss"], rel=1e-3, abs=1e-3), family
     assert isinstance(complete(loaded, "Describe the animal.\nA cat.", max_new_tokens=4), str)

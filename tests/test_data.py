@@ -120,15 +120,27 @@ def test_truncation_is_counted(tokenizer):
     assert max(len(e.input_ids) for e in examples) == 16
 
 
+def test_a_long_prompt_is_cut_before_the_response(tokenizer):
+    record = {"instruction": "Describe it. " + "very " * 40 + "long.", "input": "", "output": "a cat"}
+    [ex], cut = prepare_records([record], DataSpec(train="x", format="alpaca", max_seq_len=24), tokenizer, "t",
+                                "data.train")
+    assert cut == 1 and len(ex.input_ids) == 24
+    assert trained_text(tokenizer, ex) == "a cat" + tokenizer.eos_token  # the response survives whole
+    assert prompt_text(tokenizer, ex).endswith("### Response:\n") and "Describe" not in prompt_text(tokenizer, ex)
+
+
 def test_eval_fraction_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": f"record number {i}."}) + "\n" for i in range(50)))
     spec = DataSpec(train=str(path), eval=0.2, format="text")
     a, b = load_datasets(spec, tokenizer, seed=1), load_datasets(spec, tokenizer, seed=1)
-    assert (len(a.train), len(a.eval)) == (40, 10)
+    # Each record is held out by a seeded hash of its content: about 20%, decided record by record.
+    assert len(a.train) + len(a.eval) == 50 and 4 <= len(a.eval) <= 17
     assert [e.input_ids for e in a.eval] == [e.input_ids for e in b.eval]
     assert not {tuple(e.input_ids) for e in a.eval} & {tuple(e.input_ids) for e in a.train}
-    assert a.stats["train_examples"] == 40 and a.stats["truncated_examples"] == 0
+    assert a.stats["train_examples"] == len(a.train) and a.stats["truncated_examples"] == 0
+    other = load_datasets(spec, tokenizer, seed=2)
+    assert [e.input_ids for e in other.eval] != [e.input_ids for e in a.eval]
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -184,9 +196,10 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, mon
     records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"word {i}"} for i in range(6)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     spec, cache = DataSpec(train=str(path), format="alpaca", eval=0.5), tmp_path / "cache"
+    entries = lambda: [d for d in cache.iterdir() if d.is_dir() and not d.name.startswith(".")]  # noqa: E731
 
     first, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
-    assert hit is None and len(list(cache.glob("*.json"))) == 1
+    assert hit is None and len(entries()) == 1
     real_loader = tokenizing.load_tokenizer
 
     def no_tokenizer(*args, **kwargs):
@@ -201,9 +214,56 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, mon
     for changed_spec, seed in [(spec.model_copy(update={"max_seq_len": 8}), 3), (spec, 4)]:
         other, hit = prepare_datasets(changed_spec, seed, str(tiny_base), cache_dir=cache)
         assert hit is None
-    assert max(len(e.input_ids) for e in other.train) > 8  # the seed-4 split, at the full length
+    assert max(len(e.input_ids) for e in other.examples("train")) > 8  # the seed-4 split, at the full length
     with path.open("a") as f:
         f.write(json.dumps({"instruction": "Repeat 6.", "input": "", "output": "word 6"}) + "\n")
     grown, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
-    assert hit is None and len(grown.train) + len(grown.eval) == 7
-    assert len(list(cache.glob("*.json"))) == 4
+    assert hit is None and grown.stats["train_examples"] + grown.stats["eval_examples"] == 7
+    assert len(entries()) == 4
+
+
+QUICKSTART = {"train": "jobs/data/quickstart/train.jsonl", "eval": "jobs/data/quickstart/eval.jsonl"}
+
+
+def _assert_same_examples(tokenized, reference) -> None:
+    for split in ("train", "eval"):
+        got = [(e.input_ids, e.labels) for e in tokenized.examples(split)]
+        assert got == [(e.input_ids, e.labels) for e in getattr(reference, split)], split
+    assert {k: v for k, v in tokenized.stats.items() if k != "dropped_examples"} == reference.stats
+
+
+def test_ray_data_pipeline_equals_in_memory_tokenization_on_the_quickstart_data(tmp_path, tiny_base, tokenizer,
+                                                                                ray_local):
+    """Ray Data reads, formats and tokenizes (map_batches) into the Parquet cache: the same token
+    ids and labels, in the same order, as `prepare_records` in memory."""
+    from conftest import REPO
+
+    from orchestrator.data.cache import prepare_datasets
+
+    spec = DataSpec(**{k: str(REPO / v) for k, v in QUICKSTART.items()}, format="alpaca", max_seq_len=128)
+    tokenized, _ = prepare_datasets(spec, 42, str(tiny_base), cache_dir=tmp_path, use_ray=True)
+    assert all(f.endswith(".parquet") for f in tokenized.files("train"))
+    _assert_same_examples(tokenized, load_datasets(spec, tokenizer, seed=42))
+
+
+def test_parquet_directories_and_globs_are_sources(tmp_path, tiny_base, tokenizer):
+    """A directory of Parquet files and a glob of JSONL files give the examples of the same records."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.cache import prepare_datasets
+
+    records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"word {i} " * (i % 4 + 1)} for i in range(40)]
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "js").mkdir()
+    for part in range(2):
+        chunk = records[part * 20:(part + 1) * 20]
+        pq.write_table(pa.Table.from_pylist(chunk), tmp_path / "pq" / f"part-{part}.parquet")
+        (tmp_path / "js" / f"part-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chunk))
+    results = []
+    for source in (str(tmp_path / "pq"), str(tmp_path / "js" / "*.jsonl")):
+        spec = DataSpec(train=source, format="alpaca", eval=0.25)
+        tokenized, _ = prepare_datasets(spec, 7, str(tiny_base), cache_dir=tmp_path / "cache")
+        results.append([(e.input_ids, e.labels) for split in ("train", "eval") for e in tokenized.examples(split)])
+        assert tokenized.stats["eval_examples"] > 0 and len(tokenized.files_sha256["train_sha256"]) == 64
+    assert results[0] == results[1] and len(results[0]) == 40

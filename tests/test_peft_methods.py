@@ -115,7 +115,7 @@ def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
 
     data = load_datasets(spec.data, loaded.tokenizer, spec.training.seed)
     t = spec.training
-    reloaded = evaluate(loaded.model, data.eval, t.micro_batch_size * 2, loaded.tokenizer.pad_token_id, 0, 1,
+    reloaded = evaluate(loaded.model, data.eval, t.micro_batch_size, loaded.tokenizer.pad_token_id, 0, 1,
                         torch.device("cpu"), t.eval_batches)
     assert reloaded == pytest.approx(summary.metrics["eval_loss"], rel=1e-3, abs=1e-3)
     assert isinstance(complete(loaded, "Describe the animal.\nA cat.", max_new_tokens=4), str)

@@ -63,8 +63,8 @@ def test_progress_updates_are_throttled_but_evaluations_and_the_last_step_always
     from orchestrator.training.worker import ProgressSender, WorkerJob
 
     actor = _RecordingActor()
-    job = WorkerJob(spec={}, deepspeed_config={}, total_steps=100, train=[], eval=[], pad_id=0, use_gpu=False,
-                    tracking_uri="", run_id="", progress=actor)
+    job = WorkerJob(spec={}, deepspeed_config={}, total_steps=100, train_examples=0, eval_examples=0, pad_id=0,
+                    use_gpu=False, tracking_uri="", run_id="", progress=actor)
     send = ProgressSender(job, rank=0, interval_s=3600)
     for step in range(0, 101):
         send(step, {"eval_loss": 1.0} if step % 50 == 0 else {"train_loss": 1.0})

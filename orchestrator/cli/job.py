@@ -203,8 +203,11 @@ def _print_summary(s) -> None:
     table.add_row("train loss", f"{m['train_loss']:.4f}")
     d = s.data
     table.add_row("data", f"{d.get('train_examples')} train / {d.get('eval_examples')} eval examples, "
-                          f"{d.get('truncated_examples', 0)} truncated to data.max_seq_len")
-    table.add_row("throughput", f"{m['tokens_per_s']:.0f} tokens/s")
+                          f"{d.get('truncated_examples', 0)} truncated to data.max_seq_len"
+                          + (f", {d['dropped_examples']} dropped (nothing to train)" if d.get("dropped_examples") else ""))
+    share = m.get("real_token_share")
+    table.add_row("throughput", f"{m['tokens_per_s']:.0f} tokens/s"
+                  + (f", {share:.0%} of each batch real tokens (the rest padding)" if share else ""))
     table.add_row("wall time", f"{m['wall_s']:.1f} s")
     if s.timings:
         table.add_row("where it went", time_breakdown(s.timings))

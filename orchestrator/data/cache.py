@@ -1,4 +1,4 @@
-"""Tokenized data sets, cached across runs of a job by everything they depend on: a job run again
+"""Tokenized data sets (Parquet), cached across runs of a job by everything they depend on: a job run again
 loads no tokenizer (and imports no transformers) and tokenizes nothing."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 
 from orchestrator.data.files import data_files_sha256, hash_file
-from orchestrator.data.records import DataSets, Example
-from orchestrator.data.tokenize import load_datasets
+from orchestrator.data.pipeline import TokenizedData
 from orchestrator.planning.catalogue import cache_root
 from orchestrator.spec import DataSpec
 
 # What reads, formats and tokenizes records, and this file (the cached format): changing any of
 # them changes every cache key.
-_CODE = tuple(Path(__file__).with_name(name) for name in ("records.py", "formats.py", "tokenize.py", "cache.py"))
+_CODE = tuple(Path(__file__).with_name(name) for name in ("records.py", "formats.py", "tokenize.py", "sources.py",
+                                                          "pipeline.py", "cache.py"))
 # A base's weight files: large, and not the tokenizer's, so left out of the cache key.
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz"}
 CACHE_KEEP = 16  # the most recently used data sets the cache keeps
@@ -41,61 +41,70 @@ def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, files_sha256:
 
 
 def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_code: bool = False,
-                     cache_dir: Path | None = None, revision: str | None = None) -> tuple[DataSets, Path | None]:
-    """The job's tokenized data sets (with the data files' sha256), and the cache file they came
-    from (None when they were tokenized now). A job run again with the same data, base and
-    settings skips loading the tokenizer (and importing transformers) and tokenizing; problems with
-    the data are raised as `load_datasets` raises them (only data that tokenized without one is
-    cached)."""
+                     cache_dir: Path | None = None, revision: str | None = None, use_ray: bool | None = None,
+                     connect=None) -> tuple[TokenizedData, Path | None]:
+    """The job's tokenized data (Parquet files, their counts, the data files' sha256), and the
+    cache entry it came from (None when it was tokenized now). A job run again with the same
+    data, base and settings skips loading the tokenizer (and importing transformers) and
+    tokenizing; problems with the data are raised as `pipeline` raises them (only data that
+    tokenized without one is cached). `use_ray`, `connect`: as `tokenize_to_parquet` takes them."""
     import contextlib
+    import os
+    import shutil
+    import tempfile
+
+    from orchestrator.data.pipeline import tokenize_to_parquet, tokenized_stats
 
     cache_dir = cache_dir or cache_root() / "tokenized"
     try:
         files_sha256 = data_files_sha256(data)
-    except OSError:  # a data file that cannot be read: load_datasets names the problem
+    except OSError:  # a data file that cannot be read: tokenizing names the problem
         files_sha256 = None
     path = None
     if files_sha256 is not None:
         with contextlib.suppress(OSError):  # a base file that cannot be read: no caching
-            path = cache_dir / f"{tokenized_cache_key(data, seed, base_path, files_sha256, trust_remote_code)}.json"
-    if path is not None and path.is_file():
+            path = cache_dir / tokenized_cache_key(data, seed, base_path, files_sha256, trust_remote_code)
+    if path is not None and (path / _META).is_file():
         try:
-            cached = _read_cached(path)
-            path.touch()  # recently used: kept
-            cached.files_sha256 = files_sha256
-            return cached, path
+            meta = json.loads((path / _META).read_text(encoding="utf-8"))
+            os.utime(path)  # recently used: kept
+            return TokenizedData(path=str(path), stats=meta["stats"], pad_id=meta["pad_id"],
+                                 files_sha256=files_sha256), path
         except (OSError, ValueError, KeyError, TypeError):
             pass  # damaged or from another version: tokenized again and rewritten
-    from orchestrator.data.tokenize import load_tokenizer
+    from orchestrator.data.tokenize import check_chat_template, load_tokenizer
 
-    datasets = load_datasets(data, load_tokenizer(base_path, trust_remote_code, revision, data.chat_template), seed)
-    datasets.files_sha256 = files_sha256 or {}
+    tokenizer = load_tokenizer(base_path, trust_remote_code, revision, data.chat_template)
+    check_chat_template(data, tokenizer)  # before any record is read
+    parent = path.parent if path is not None else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=".tokenizing-"))
+    try:
+        tokenize_to_parquet(data, seed, (base_path, trust_remote_code, revision, data.chat_template), work,
+                            use_ray=use_ray, connect=connect)
+        meta = {"stats": tokenized_stats(work), "pad_id": tokenizer.pad_token_id}
+        (work / _META).write_text(json.dumps(meta), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    final = work
     if path is not None:
-        _write_cached(path, datasets)
-    return datasets, None
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path, ignore_errors=True)  # a damaged entry
+            os.replace(work, path)  # atomic: a concurrent run sees the whole entry or none
+            final = path
+            _evict(cache_dir)
+    return TokenizedData(path=str(final), stats=meta["stats"], pad_id=meta["pad_id"],
+                         files_sha256=files_sha256 or {}), None
 
 
-def _read_cached(path: Path) -> DataSets:
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    examples = {split: [Example(input_ids=ids, labels=labels) for ids, labels in raw[split]]
-                for split in ("train", "eval")}
-    return DataSets(train=examples["train"], eval=examples["eval"], stats=raw["stats"], pad_id=raw["pad_id"])
+_META = "meta.json"  # written last: an entry without it is incomplete
 
 
-def _write_cached(path: Path, datasets: DataSets) -> None:
-    """Write atomically (a concurrent run reads the old file or the new one), then keep the
-    `CACHE_KEEP` most recently used files. Best effort: a cache that cannot be written is skipped."""
-    import contextlib
-    import os
-    import tempfile
+def _evict(cache_dir: Path) -> None:
+    """Keep the `CACHE_KEEP` most recently used entries."""
+    import shutil
 
-    raw = {"pad_id": datasets.pad_id, "stats": datasets.stats,
-           **{split: [[e.input_ids, e.labels] for e in getattr(datasets, split)] for split in ("train", "eval")}}
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(raw, fh, separators=(",", ":"))
-        os.replace(tmp, path)
-        for old in sorted(path.parent.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
-            old.unlink(missing_ok=True)
+    entries = [d for d in cache_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    for old in sorted(entries, key=lambda d: d.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from orchestrator.spec import Problem, SpecError
 
@@ -17,6 +17,8 @@ IGNORE_INDEX = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # A packed row (several examples in one): each example's positions restart at 0.
+    position_ids: list[int] | None = None
 
     @property
     def num_trained_tokens(self) -> int:
@@ -36,29 +38,52 @@ def _data_error(path: str, message: str, fix: str) -> SpecError:
     return SpecError([Problem(path=path, message=message, fix=fix)])
 
 
-def read_jsonl(path: str | Path, field_path: str = "data.train") -> list[tuple[int, dict]]:
-    """(line number, record) for each record of a JSONL file: a bad line is reported with its
-    file and line number, and so, later, is a record with a missing field or one too long."""
-    path = Path(path)
-    records = []
+def parse_line(line: str, label: str, number: int, field_path: str) -> dict:
+    """One JSONL line as a record; a line that is not a JSON object is a `SpecError` naming it."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _data_error(field_path, f"{label}:{number}: malformed JSON ({e.msg})",
+                          "make each line one JSON object") from None
+    if not isinstance(record, dict):
+        raise _data_error(field_path, f"{label}:{number}: a line is not a JSON object",
+                          "make each line one JSON object") from None
+    return record
+
+
+def scan_jsonl(path: str | Path, field_path: str = "data.train") -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each record of a local JSONL file, streamed (one line in memory
+    at a time): a bad line is reported with its file and line number, and so, later, is a record
+    with a missing field or one too long. A file without records is a `SpecError` too."""
+    path = Path(path)
+    seen = False
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                if line.strip():
+                    seen = True
+                    yield number, parse_line(line, str(path), number, field_path)
     except FileNotFoundError:
         raise _data_error(field_path, f"file not found: {path}", "point it at an existing JSONL file") from None
     except UnicodeDecodeError:
         raise _data_error(field_path, f"{path} is not UTF-8 text", "re-encode the file as UTF-8") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _data_error(field_path, f"{path}:{number}: malformed JSON ({e.msg})",
-                              "make each line one JSON object") from None
-        if not isinstance(record, dict):
-            raise _data_error(field_path, f"{path}:{number}: a line is not a JSON object",
-                              "make each line one JSON object") from None
-        records.append((number, record))
-    if not records:
+    if not seen:
         raise _data_error(field_path, f"{path} has no records", "add at least one JSON line")
-    return records
+
+
+def read_jsonl(path: str | Path, field_path: str = "data.train") -> list[tuple[int, dict]]:
+    """(line number, record) for each record of a JSONL file (all of them, in memory: for small
+    files such as `orchestrator evaluate --data`); problems as `scan_jsonl` raises them."""
+    return list(scan_jsonl(path, field_path))
+
+
+def in_eval(record: dict, seed: int, fraction: float) -> bool:
+    """Whether `data.eval: <fraction>` holds this record out for evaluation: a seeded hash of the
+    record's content below `fraction`. Decided record by record, so any worker of a streamed,
+    parallel pipeline decides alike, in any order; identical records land on the same side (no
+    copy of an eval record is trained on)."""
+    import hashlib
+
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+    digest = hashlib.sha256(f"{seed}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction

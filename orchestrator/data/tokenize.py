@@ -1,4 +1,4 @@
-"""Data: JSONL records -> formatted text with trained character spans -> token ids and labels.
+"""Data: records -> formatted text with trained character spans -> token ids and labels.
 
 Three formats share one tokenization path. Each formatter returns the full text and the
 character spans whose tokens are trained; every other token (the prompt, the user turns)
@@ -7,10 +7,8 @@ gets the label -100 and so adds nothing to the loss.
 
 from __future__ import annotations
 
-import random
-
 from orchestrator.data.formats import _FORMATTERS
-from orchestrator.data.records import IGNORE_INDEX, DataSets, Example, _data_error, read_jsonl
+from orchestrator.data.records import IGNORE_INDEX, DataSets, Example, _data_error, in_eval
 from orchestrator.spec import DataSpec
 
 
@@ -29,16 +27,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tok
 
 
-def tokenize_example(text: str, spans: list[tuple[int, int]], add_eos: bool, tokenizer,
-                     max_seq_len: int) -> tuple[Example, bool]:
-    """Token ids and labels; tokens whose characters fall in `spans` are trained.
-
-    Returns the example and whether it was truncated to `max_seq_len`.
-    """
-    # A chat template that writes the BOS token itself: the tokenizer must not add a second one.
-    writes_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-    enc = tokenizer(text, add_special_tokens=not writes_bos, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+def _labelled(ids: list[int], offsets, spans: list[tuple[int, int]], add_eos: bool, tokenizer,
+              max_seq_len: int) -> tuple[Example, bool]:
     labels = []
     for tok, (s, e) in zip(ids, offsets):
         # A token that overlaps a span is trained: " woof" after a template's "[assistant] " starts
@@ -49,63 +39,111 @@ def tokenize_example(text: str, spans: list[tuple[int, int]], add_eos: bool, tok
         ids = ids + [tokenizer.eos_token_id]
         labels = labels + [tokenizer.eos_token_id]
     truncated = len(ids) > max_seq_len
+    if truncated:
+        # The prompt is cut before the response: up to the excess is dropped from the start, never
+        # a trained token; what is still too long is then cut at the end.
+        first_trained = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
+        start = min(len(ids) - max_seq_len, first_trained)
+        ids, labels = ids[start:], labels[start:]
     return Example(input_ids=ids[:max_seq_len], labels=labels[:max_seq_len]), truncated
 
 
-def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
-                    field_path: str, lines: list[int] | None = None) -> tuple[list[Example], int]:
-    """Format and tokenize records; returns examples and how many were truncated. `lines`: each
-    record's line in `source`, for problems to name (without it, its position in `records`)."""
-    formatter, required = _FORMATTERS[data.format]
+def tokenize_texts(texts: list[str], spans: list[list[tuple[int, int]]], add_eos: list[bool], tokenizer,
+                   max_seq_len: int) -> list[tuple[Example, bool]]:
+    """Token ids and labels of many texts in one call of the (fast, batched) tokenizer; tokens
+    whose characters fall in a text's `spans` are trained. Each result says whether the example
+    was truncated to `max_seq_len`."""
+    # A chat template that writes the BOS token itself: the tokenizer must not add a second one.
+    bos = tokenizer.bos_token
+    writes_bos = [bool(bos) and t.startswith(bos) for t in texts]
+    out: list = [None] * len(texts)
+    for special in (True, False):
+        rows = [i for i, w in enumerate(writes_bos) if w != special]
+        if not rows:
+            continue
+        enc = tokenizer([texts[i] for i in rows], add_special_tokens=special, return_offsets_mapping=True)
+        for k, i in enumerate(rows):
+            out[i] = _labelled(enc["input_ids"][k], enc["offset_mapping"][k], spans[i], add_eos[i],
+                               tokenizer, max_seq_len)
+    return out
+
+
+def tokenize_example(text: str, spans: list[tuple[int, int]], add_eos: bool, tokenizer,
+                     max_seq_len: int) -> tuple[Example, bool]:
+    """One text's example and whether it was truncated (see `tokenize_texts`)."""
+    return tokenize_texts([text], [spans], [add_eos], tokenizer, max_seq_len)[0]
+
+
+def check_chat_template(data: DataSpec, tokenizer) -> None:
     if data.format == "chat" and not tokenizer.chat_template:
         raise _data_error("data.chat_template", f"the tokenizer of the base ({tokenizer.name_or_path}) has no chat "
                           "template, so chat records cannot be rendered",
                           "set data.chat_template to a Jinja template or a file holding one (an instruct "
                           "model's tokenizer_config.json has one), or use data.format alpaca or text")
+
+
+def tokenize_records(records: list[dict], wheres: list[str], data: DataSpec, tokenizer,
+                     field_path: str) -> list[tuple[Example, bool]]:
+    """Format and tokenize records: (example, truncated) each, in order, examples without a
+    trained token included. `wheres` name each record for problems (`file:line: the record`).
+    Raises a `SpecError` for a record that lacks a field, or is too long under too_long=error."""
+    formatter, required = _FORMATTERS[data.format]
+    check_chat_template(data, tokenizer)
     required = required or (data.text_field,)
-    examples, truncated = [], 0
-    for number, record in enumerate(records, start=1):
-        where = f"{source}:{lines[number - 1]}: the record" if lines else f"{source}: record {number}"
+    formatted = []
+    for where, record in zip(wheres, records):
         missing = [k for k in required if k not in record]
         if missing:
             raise _data_error(field_path, f"{where} lacks {', '.join(missing)} "
                               f"(format '{data.format}' needs {', '.join(required)})",
                               "fix the record or set data.format to the file's format")
-        text, spans, add_eos = formatter(record, tokenizer, data)
-        example, cut = tokenize_example(text, spans, add_eos, tokenizer, data.max_seq_len)
+        formatted.append(formatter(record, tokenizer, data))
+    results = tokenize_texts([f[0] for f in formatted], [f[1] for f in formatted], [f[2] for f in formatted],
+                             tokenizer, data.max_seq_len)
+    for where, (_, cut) in zip(wheres, results):
         if cut and data.too_long == "error":
             raise _data_error(field_path, f"{where} is longer than data.max_seq_len="
                               f"{data.max_seq_len} tokens (data.too_long=error)",
                               "raise data.max_seq_len, shorten the record, or set data.too_long=truncate")
-        truncated += cut
-        if example.num_trained_tokens:
-            examples.append(example)
-    return examples, truncated
+    return results
+
+
+def prepare_records(records: list[dict], data: DataSpec, tokenizer, source: str,
+                    field_path: str, lines: list[int] | None = None) -> tuple[list[Example], int]:
+    """Format and tokenize records in memory; returns the examples with a trained token and how
+    many were truncated. `lines`: each record's line in `source`, for problems to name (without
+    it, its position in `records`)."""
+    wheres = [f"{source}:{n}: the record" for n in lines] if lines else \
+        [f"{source}: record {n}" for n in range(1, len(records) + 1)]
+    results = tokenize_records(records, wheres, data, tokenizer, field_path)
+    return [e for e, _ in results if e.num_trained_tokens], sum(cut for _, cut in results)
 
 
 def split_records(data: DataSpec, seed: int) -> tuple[list, list, str, str]:
-    """The job's (line, record) pairs for training and for evaluation (its eval file, or the
-    seeded fraction of `train` held out), with the eval records' source file and field path."""
-    train_records = read_jsonl(data.train, "data.train")
+    """The job's (where, record) pairs for training and for evaluation (its eval source, or the
+    records of `train` that `in_eval` holds out), with the eval records' source and field path.
+    In memory: for small data sets and tests; training streams (`pipeline`)."""
+    from orchestrator.data.sources import iter_records, resolve_source
+
+    train_records = list(iter_records(resolve_source(data.train, "data.train")))
     eval_source, eval_field = data.train, "data.train"  # a fraction of the training file
     if isinstance(data.eval, str):
         eval_source, eval_field = data.eval, "data.eval"
-        eval_records = read_jsonl(data.eval, "data.eval")
+        eval_records = list(iter_records(resolve_source(data.eval, "data.eval")))
     elif data.eval:
-        shuffled = list(train_records)
-        random.Random(seed).shuffle(shuffled)
-        n_eval = max(1, int(round(len(shuffled) * data.eval)))
-        eval_records, train_records = shuffled[:n_eval], shuffled[n_eval:]
+        held = [in_eval(r, seed, data.eval) for _, r in train_records]
+        eval_records = [wr for wr, h in zip(train_records, held) if h]
+        train_records = [wr for wr, h in zip(train_records, held) if not h]
     else:
         eval_records = []
     return train_records, eval_records, eval_source, eval_field
 
 
 def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
-    """Read, split (when `eval` is a fraction), format and tokenize the job's data."""
-    train_records, eval_records, eval_source, eval_field = split_records(data, seed)
-    train, cut_train = _prepare_numbered(train_records, data, tokenizer, data.train, "data.train")
-    evals, cut_eval = _prepare_numbered(eval_records, data, tokenizer, eval_source, eval_field)
+    """Read, split (when `eval` is a fraction), format and tokenize the job's data, in memory."""
+    train_records, eval_records, _, eval_field = split_records(data, seed)
+    train, cut_train = prepare_located(train_records, data, tokenizer, "data.train")
+    evals, cut_eval = prepare_located(eval_records, data, tokenizer, eval_field)
     tokens = sum(len(e.input_ids) for e in train)
     stats = {"train_examples": len(train), "eval_examples": len(evals), "train_tokens": tokens,
              "truncated_examples": cut_train + cut_eval,
@@ -113,23 +151,58 @@ def load_datasets(data: DataSpec, tokenizer, seed: int) -> DataSets:
     return DataSets(train=train, eval=evals, stats=stats, pad_id=tokenizer.pad_token_id)
 
 
-def _prepare_numbered(numbered: list[tuple[int, dict]], data: DataSpec, tokenizer, source: str,
-                      field_path: str) -> tuple[list[Example], int]:
-    return prepare_records([r for _, r in numbered], data, tokenizer, source, field_path,
-                           lines=[n for n, _ in numbered])
+def prepare_located(located: list[tuple[str, dict]], data: DataSpec, tokenizer,
+                    field_path: str) -> tuple[list[Example], int]:
+    """Examples (with a trained token) of (where, record) pairs, and how many were truncated."""
+    results = tokenize_records([r for _, r in located], [f"{w}: the record" for w, _ in located], data,
+                               tokenizer, field_path)
+    return [e for e, _ in results if e.num_trained_tokens], sum(cut for _, cut in results)
+
+
+def pack_examples(examples, max_seq_len: int):
+    """Pack a stream of examples greedily, in order, into rows of at most `max_seq_len` tokens.
+    Each example's positions restart at 0 (the model then attends within each example only:
+    transformers builds a block-diagonal causal mask from position ids when no attention mask is
+    given) and its first label is masked (it would be predicted from the previous example)."""
+    row: list[Example] = []
+    for example in examples:
+        if row and sum(len(e.input_ids) for e in row) + len(example.input_ids) > max_seq_len:
+            yield _packed(row)
+            row = []
+        row.append(example)
+    if row:
+        yield _packed(row)
+
+
+def _packed(row: list[Example]) -> Example:
+    ids, labels, positions = [], [], []
+    for e in row:
+        ids += e.input_ids
+        labels += [IGNORE_INDEX] + e.labels[1:]
+        positions += range(len(e.input_ids))
+    return Example(input_ids=ids, labels=labels, position_ids=positions)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-pad a batch to its longest example; padding is masked from attention and loss."""
+    """Right-pad a batch to its longest example; padding is masked from attention and loss. A
+    batch of packed rows gets position ids instead of an attention mask (padding then counts as
+    one more example of its own, trained on nothing)."""
     import torch
 
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
+        if packed:
+            positions[row, :n] = torch.tensor(e.position_ids)
+            positions[row, n:] = torch.arange(width - n)
+    if packed:
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

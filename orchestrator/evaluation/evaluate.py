@@ -10,7 +10,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 
-from orchestrator.data.files import file_sha256
+from orchestrator.data.files import source_sha256
 from orchestrator.data.records import read_jsonl
 from orchestrator.evaluation import metrics
 from orchestrator.spec import DataSpec, Problem, SpecError
@@ -96,12 +96,13 @@ def to_prompt(record: dict, fmt: str, tokenizer) -> Prompt:
 
 
 def held_out_records(spec, data_file: str | None, max_examples: int | None) -> tuple[str, str, list]:
-    """(source, field path, (line, record) pairs): `data_file`, or the eval data of the version's
-    own job (its eval file, or the seeded fraction of its training file it held out)."""
+    """(source, field path, (where, record) pairs): `data_file`, or the eval data of the version's
+    own job (its eval source, or the seeded fraction of its training data it held out)."""
     from orchestrator.data.tokenize import split_records
 
     if data_file:
-        records, source, where = read_jsonl(data_file, "--data"), data_file, "--data"
+        records = [(f"{data_file}:{n}", r) for n, r in read_jsonl(data_file, "--data")]
+        source, where = data_file, "--data"
     else:
         _, records, source, where = split_records(spec.data, spec.training.seed)
         if not records:
@@ -114,17 +115,16 @@ def held_out_records(spec, data_file: str | None, max_examples: int | None) -> t
 # --- one model -----------------------------------------------------------------------------------
 
 
-def evaluate_loaded(loaded, records: list[tuple[int, dict]], fmt: str, source: str, where: str,
+def evaluate_loaded(loaded, records: list[tuple[str, dict]], fmt: str, source: str, where: str,
                     max_new_tokens: int) -> tuple[float, list[Prompt], list[str]]:
     """Token-weighted mean loss of the records (prompt tokens masked, as in training) and the
     model's greedy completion of each record's prompt."""
-    from orchestrator.data.tokenize import prepare_records
+    from orchestrator.data.tokenize import prepare_located
     from orchestrator.models.inference import complete_formatted
     from orchestrator.training.steps import evaluate
 
     data = loaded.spec.data.model_copy(update={"format": fmt})
-    examples, _ = prepare_records([r for _, r in records], data, loaded.tokenizer, source, where,
-                                  lines=[n for n, _ in records])
+    examples, _ = prepare_located(records, data, loaded.tokenizer, where)
     device = next(loaded.model.parameters()).device
     loss = evaluate(loaded.model, examples, EVAL_BATCH, loaded.tokenizer.pad_token_id, 0, 1, device)
     prompts = [to_prompt(r, fmt, loaded.tokenizer) for _, r in records]
@@ -180,6 +180,6 @@ def evaluate_versions(uri: str, refs: list[str], data_file: str | None = None, m
             uri, versions[0].run_id, run_name=f"evaluate {results[0].uri.removeprefix('models:/')}"
             + (f" vs {results[1].uri.removeprefix('models:/')}" if len(results) > 1 else ""),
             models=[(r.name, r.version, r.metrics) for r in results], rows=evaluation.rows(),
-            tags={"eval.data": str(source), "eval.data_sha256": file_sha256(source),
+            tags={"eval.data": str(source), "eval.data_sha256": source_sha256(str(source)),
                   "eval.format": fmt, "eval.examples": str(len(prompts))})
     return evaluation

@@ -29,9 +29,7 @@ class TrialContext:
     """What every trial gets from the driver (through Ray's object store)."""
 
     spec: dict  # the search's spec, `tune` included
-    train: list
-    eval: list
-    pad_id: int
+    data: object  # data.pipeline.TokenizedData: where the tokenized rows are, and their counts
     gpus: float
     tracking_uri: str
     parent_run_id: str
@@ -59,7 +57,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
     spec = JobSpec.model_validate(ctx.spec)
     values = space.trial_values(spec.tune, config)
-    tspec, res, total = trial_setup(spec, values, len(ctx.train), ctx.gpus)
+    tspec, res, total = trial_setup(spec, values, ctx.data.train_examples, ctx.gpus)
     ds_config = deepspeed_config(tspec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
     trial_id = launch.trial_id()
     handle = runs.start_run(
@@ -69,9 +67,10 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
               "use_gpu": str(res.use_gpu), **runs.lineage_tags(ctx.lineage)},
         artifacts={"deepspeed_config.json": ds_config})
     job = WorkerJob(spec=tspec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
-                    train=ctx.train, eval=ctx.eval, pad_id=ctx.pad_id, use_gpu=res.use_gpu,
+                    train_examples=ctx.data.train_examples, eval_examples=ctx.data.stats["eval_examples"],
+                    pad_id=ctx.data.pad_id, use_gpu=res.use_gpu,
                     tracking_uri=handle.uri, run_id=handle.run_id, report_evals=True)
-    launch.fit(job, name=trial_id, resources=res, storage_path=ctx.trainers_path,
+    launch.fit(job, datasets=ctx.data.training_datasets(), name=trial_id, resources=res, storage_path=ctx.trainers_path,
                max_failures=tspec.distributed.max_failures, in_tune=True)
     # Trained to its end. Any other ending (an error, stopped by the scheduler or the time
     # budget) is written by the driver, which hears it from Tune: a trial Tune stops can still
@@ -164,7 +163,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
                 status=status, progress=progress)
     tune = spec.tune
     at_once = concurrency(spec, p.resources, launch.cluster_capacity(), fixed_cluster=address is None)
-    n_train = len(p.data.train)
+    n_train = p.data.train_examples
     _, _, base_total = trial_setup(spec, {}, n_train, p.gpus)
     lineage = lineage_of(spec, p.base_path, p.data.files_sha256)
     parent = _parent_run(spec, restart, status, tags={
@@ -176,8 +175,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
     # Trials run in Tune's trial directories: a relative sqlite URI would give each its own store.
     trials_spec = spec.model_copy(deep=True)
     trials_spec.tracking.uri = parent.uri
-    ctx = TrialContext(spec=trials_spec.model_dump(mode="json"), train=p.data.train, eval=p.data.eval,
-                       pad_id=p.data.pad_id, gpus=p.gpus, tracking_uri=parent.uri,
+    ctx = TrialContext(spec=trials_spec.model_dump(mode="json"), data=p.data, gpus=p.gpus, tracking_uri=parent.uri,
                        parent_run_id=parent.run_id, lineage=lineage,
                        trainers_path=f"{launch.search_dir(spec.storage.path, name)}/trainers")
     records: dict[str, space.TrialRecord] = {}

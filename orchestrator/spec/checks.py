@@ -41,6 +41,11 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
     if isinstance(tm, list) and not tm:
         problems.append(Problem(path="peft.target_modules", message="empty list",
                                 fix="name at least one module, or use a preset such as all-linear"))
+    if d.packing and spec.peft.method in ("prompt_tuning", "prefix_tuning", "adaption_prompt"):
+        problems.append(Problem(path="data.packing",
+                                message=f"peft.method {spec.peft.method} adds virtual tokens to every row, which "
+                                        "packed examples cannot share",
+                                fix="set data.packing=false, or use lora, ia3, freeze or full"))
     if isinstance(d.eval, float) and not 0.0 < d.eval < 1.0:
         problems.append(Problem(path="data.eval", message=f"eval fraction {d.eval} is not between 0 and 1",
                                 fix="use e.g. 0.1, or a path to an eval file"))
@@ -53,10 +58,11 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
     if base_dir is not None:
         for field in ("train", "eval"):
             value = getattr(d, field)
-            if isinstance(value, str) and not resolve_path(value, base_dir).is_file():
+            if isinstance(value, str) and not data_source_exists(value, base_dir):
                 problems.append(Problem(path=f"data.{field}",
                                         message=f"file not found: {value} (looked in {resolve_path(value, base_dir)})",
-                                        fix="point it at an existing JSONL file (paths are relative to the job file)"))
+                                        fix="point it at an existing JSONL or Parquet file, a directory or glob of "
+                                            "them, or an s3:// / gs:// URI (paths are relative to the job file)"))
         template = d.chat_template
         if template is not None and not is_jinja(template) and not resolve_path(template, base_dir).is_file():
             problems.append(Problem(path="data.chat_template",
@@ -160,6 +166,17 @@ def tune_problems(spec: JobSpec) -> list[Problem]:
 def is_jinja(template: str) -> bool:
     """Whether `data.chat_template` is a template itself rather than the path of a file holding one."""
     return "{{" in template or "{%" in template
+
+
+def data_source_exists(value: str, base_dir: Path) -> bool:
+    """Whether `data.train` / `data.eval` names something to read: a URI (read where it is, by Ray
+    Data, checked when the data is prepared), a file, a directory, or a glob that matches a file."""
+    import glob
+
+    if "://" in value:
+        return True
+    path = resolve_path(value, base_dir)
+    return path.exists() or (any(c in value for c in "*?[") and bool(glob.glob(str(path), recursive=True)))
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

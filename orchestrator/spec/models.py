@@ -106,16 +106,21 @@ class PeftSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: str = Field(description="the training data: a JSONL file, relative to the job file")
-    # A path to an eval file, or the fraction of `train` held out for evaluation.
+    train: str = Field(description="the training data: a JSONL or Parquet file, a directory or glob of them "
+                                   "(relative to the job file), or an s3:// / gs:// URI")
+    # An eval source (as `train`), or the fraction of `train` held out for evaluation.
     eval: Union[float, str, None] = Field(
-        0.1, description="an eval JSONL file, or the fraction of `train` held out for evaluation")
+        0.1, description="an eval source (as train), or the fraction of train's records held out for evaluation "
+                         "(each record by a seeded hash of its content)")
     format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="the records' format (see Data formats)")
     max_seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per example")
     # Examples longer than max_seq_len: cut to it (counted in the run summary), or refused.
     too_long: Literal["truncate", "error"] = Field(
         "truncate", description="examples longer than max_seq_len: cut (counted in the summary) or refused")
     text_field: str = Field("text", description="format text: the field that holds the text")
+    packing: bool = Field(
+        False, description="pack several examples into each max_seq_len row (positions restart and attention "
+                           "stays within each example); micro_batch_size then counts rows")
     # A tokenizer without a chat template (a base model's, often) cannot render chat records.
     chat_template: str | None = Field(
         None, description="format chat: a Jinja chat template, or a file holding one (relative to the job file; "
@@ -135,7 +140,9 @@ class TrainingSpec(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping norm")
     seed: int = Field(42, description="seeds the eval split, the data order and the workers' RNGs")
     eval_every: int = Field(50, ge=1, description="evaluate every N steps (a search reports to Tune then)")
-    eval_batches: int | None = Field(None, ge=1, description="cap on eval batches per evaluation")
+    eval_batches: int | None = Field(
+        None, ge=1, description="cap on eval batches (of micro_batch_size examples) per worker per evaluation; "
+                                "null: 32")
     # A few fixed eval prompts completed at each evaluation (rank 0, greedy, 24 new tokens: about
     # a second on the demo model) and logged as the run's generations table; not under ZeRO-3.
     generations: int = Field(

@@ -27,3 +27,7 @@ class SpecError(Exception):
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
+
+    def __reduce__(self):
+        # Raised in a Ray worker (a data set tokenized by Ray Data), it travels pickled.
+        return SpecError, (self.problems, self.source)

@@ -46,13 +46,36 @@ orchestrator run jobs/quickstart.yaml --set training.max_steps=50 --set distribu
 
 ## Data formats
 
-One JSON object per line:
+A record is one JSON object per line of a JSONL file, or one row of a Parquet file (its columns
+are the fields). `data.train` and `data.eval` name a file, a directory or glob of files
+(`data/*.jsonl`), or an `s3://` / `gs://` URI (read where it is, with credentials from the
+environment). Three formats:
 
 - `alpaca`: `{"instruction", "input" (optional), "output"}`; the prompt is masked, `output` and
   the end-of-sequence token are trained;
 - `chat`: `{"messages": [{"role", "content"}, ...]}` rendered by the tokenizer's chat template;
   only the assistant turns are trained;
 - `text`: `{"text"}` (or `data.text_field`); everything is trained.
+
+Records are formatted and tokenized in batches with the base's fast tokenizer, once: the token
+ids are cached as Parquet under `~/.cache/orchestrator/tokenized/`, keyed by the data files, the
+`data` section, the seed and the tokenizer, so a job run again tokenizes nothing. Sources over
+16 MiB (and remote ones) are tokenized by Ray Data in parallel over the cluster's CPUs, smaller
+ones on the driver (problems are then named by file and line before Ray starts). Neither the
+driver nor any worker holds the whole data set: each worker streams the cached rows through its
+Ray Train dataset. `data.eval: 0.1` holds out each record of `train` whose seeded hash of its
+content falls below 0.1 (identical records land on the same side). An example longer than
+`max_seq_len` (unless refused with `too_long: error`) loses the start of its prompt first, never
+a trained token, and is then cut at its end if still too long; one left with no trained token
+is skipped and counted as `dropped_examples` in the summary's
+data statistics. `data.packing: true` packs several examples, in order, into each `max_seq_len` row
+(`micro_batch_size` then counts rows): each example's position ids restart at 0, so the model
+attends within the example only (transformers builds a block-diagonal causal mask from them),
+and its first label is masked. The summary and MLflow (`real_token_share`) report the share of
+real tokens in each batch, with or without packing; prefer `max_steps` over `epochs` with
+packing (epochs count unpacked examples). The training loss of a step is the mean over every trained token of all its
+micro batches on all workers; evaluation uses the same per-token mean, at the micro batch size,
+on at most `training.eval_batches` batches per worker (32 when unset).
 
 Which `peft` fields each method reads: [peft-methods.md](peft-methods.md). The `tune` section:
 [search.md](search.md). `tracking.uri` and `storage.path` on a cluster: [cluster.md](cluster.md).

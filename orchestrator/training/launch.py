@@ -137,16 +137,22 @@ def _progress_actor():
     return Progress.remote()
 
 
-def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, max_failures: int,
+def fit(job: WorkerJob, *, datasets: dict, name: str, resources: Resources, storage_path: str, max_failures: int,
         on_progress: Callable[[int, dict], None] | None = None, in_tune: bool = False) -> FitResult:
     """Run the worker loop on `resources.num_workers` Ray Train workers and wait for it.
 
     Ray Train keeps the run's checkpoints under `storage_path/name`: a worker group restarted
     after a failure, or a later `fit` under the same name, continues from the latest one.
     `in_tune`: this is a trial of a search (called inside a Tune function), so rank 0's reports
-    are forwarded to Tune, whose scheduler may stop the trial (and with it these workers)."""
+    are forwarded to Tune, whose scheduler may stop the trial (and with it these workers).
+
+    `datasets` ("train", "eval": Ray Data datasets) reach every worker whole, unsplit, in their
+    stored order: each rank keeps every world-th row itself (`steps.micro_batches`), so which
+    rows a rank trains on follows from the step alone. Ray Data's own split hands blocks to
+    whichever worker asks first, which no resumed run could repeat."""
     import ray
-    from ray.train import FailureConfig, RunConfig
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     progress = _progress_actor()
@@ -155,6 +161,8 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=resources.scaling_config(),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage,

@@ -122,21 +122,30 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
         check_base_files(base_path, spec.model.revision)
 
     status("Preparing data")
+
+    def connect() -> None:  # a large or remote source is tokenized by Ray Data, on the cluster
+        if not launch.is_connected():
+            status("Connecting to Ray" if address else "Starting Ray")
+        launch.connect(address, verbose, dashboard=spec.tune is not None)
+
     with watch("data"):
         # Tokenized data is cached by everything it depends on: a job run again loads no tokenizer.
         data, cached = prepare_datasets(spec.data, spec.training.seed, base_path, spec.model.trust_remote_code,
-                                        revision=spec.model.revision)
+                                        revision=spec.model.revision, connect=connect)
     if cached:
         status(f"Tokenized data from the cache: {cached}")
     if data.stats["truncated_examples"]:
         status(f"{data.stats['truncated_examples']} example(s) longer than data.max_seq_len="
                f"{spec.data.max_seq_len} truncated (data.too_long=error refuses them instead)")
+    if data.stats.get("dropped_examples"):
+        status(f"{data.stats['dropped_examples']} example(s) left out: nothing to train on (a response "
+               f"truncated away, or empty)")
     workers = spec.distributed.num_workers
     needed = examples_per_step(spec, workers) // spec.training.grad_accum
-    if len(data.train) < needed:
+    if data.train_examples < needed:
         raise SpecError([Problem(
             path="training.micro_batch_size",
-            message=f"{len(data.train)} training examples cannot fill one micro batch on each of "
+            message=f"{data.train_examples} training examples cannot fill one micro batch on each of "
                     f"{workers} workers ({needed} needed)",
             fix="add data, or lower training.micro_batch_size or distributed.num_workers")])
     # The plan also resolves peft.target_modules against the model's modules (a SpecError).
@@ -194,7 +203,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     p = prepare(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=gpu_memory_bytes,
                 status=status, progress=progress, watch=watch)
     base_path, data, res, memory = p.base_path, p.data, p.resources, p.memory
-    total = optimizer_steps(spec, len(data.train), res.num_workers)
+    total = optimizer_steps(spec, data.train_examples, res.num_workers)
     ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
 
     with watch("plan"):
@@ -226,15 +235,16 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
     try:
         job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
-                        train=data.train, eval=data.eval, pad_id=data.pad_id, use_gpu=res.use_gpu,
+                        train_examples=data.train_examples, eval_examples=data.stats["eval_examples"],
+                        pad_id=data.pad_id, use_gpu=res.use_gpu,
                         tracking_uri=handle.uri, run_id=handle.run_id, report_evals=report_evals,
                         generation_records=generation_records(spec))
         status(f"Training {total} steps on {res.num_workers} worker(s), "
                f"ZeRO stage {spec.distributed.deepspeed.stage}")
         fit_started_at = time.time()
         with watch("fit"):
-            fit = launch.fit(job, name=ray_run_name(spec, handle.run_id), resources=res,
-                             storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
+            fit = launch.fit(job, datasets=data.training_datasets(), name=ray_run_name(spec, handle.run_id),
+                             resources=res, storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
                              on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
         with watch("sync_tracking"):
             sync_tracking(spec, handle, fit.checkpoint_dir)
@@ -251,7 +261,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         wall = time.time() - started
         metrics = {"base_eval_loss": fit.metrics.get("base_eval_loss"), "eval_loss": fit.metrics.get("eval_loss"),
                    "train_loss": fit.metrics.get("train_loss"), "tokens_per_s": mean_tokens_per_s(fit.metrics),
-                   "tokens_trained": fit.metrics.get("tokens_trained"), "wall_s": round(wall, 1)}
+                   "tokens_trained": fit.metrics.get("tokens_trained"),
+                   "real_token_share": fit.metrics.get("real_token_share"), "wall_s": round(wall, 1)}
         measured = {"peak_memory_bytes": fit.metrics.get("peak_memory_bytes"), "artifact_bytes": artifact_bytes,
                     "artifact_dir": fit.adapter_dir}
         runs.log_metrics(handle, {"wall_s": wall, "final_eval_loss": metrics["eval_loss"],
@@ -275,12 +286,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
 
 def generation_records(spec: JobSpec) -> list[dict]:
     """The first `training.generations` eval records (the same ones at every evaluation)."""
-    from orchestrator.data.tokenize import split_records
+    from orchestrator.data.sources import first_eval_records
 
-    if not spec.training.generations:
-        return []
-    _, records, _, _ = split_records(spec.data, spec.training.seed)
-    return [r for _, r in records[:spec.training.generations]]
+    return first_eval_records(spec.data, spec.training.seed, spec.training.generations)
 
 
 def ray_run_name(spec: JobSpec, run_id: str) -> str:

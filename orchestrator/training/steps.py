@@ -1,99 +1,216 @@
-"""What one worker does with its batches: the data order (`micro_batches`, `eval_batches`), an
-optimizer step, an evaluation, and its peak memory. torch is imported inside the functions."""
+"""What one worker does with its batches: the data order (`micro_batches`, `eval_batches`, streamed
+from its Ray Data shard), an optimizer step (loss weighted by token), an evaluation, and its peak
+memory. torch is imported inside the functions."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
 
 from orchestrator.data.records import IGNORE_INDEX, Example
-from orchestrator.data.tokenize import collate
+from orchestrator.data.tokenize import collate, pack_examples
 
 
 # --- data order ------------------------------------------------------------------------------
 
+# Each epoch's order: the rows in their stored order, shuffled (seeded by the epoch) within
+# windows of this many rows. Every rank reads the same rows in the same order and keeps every
+# world-th one, so a step number locates each rank's place without any iterator state.
+SHUFFLE_WINDOW = 4096
+# Evaluation reads at most this many batches per rank when training.eval_batches is unset: an
+# evaluation costs the same whatever the size of the eval set.
+DEFAULT_EVAL_BATCHES = 32
 
-def micro_batches(train: list[Example], micro: int, rank: int, world: int, seed: int, start: int = 0):
-    """An endless stream of this rank's micro batches: each epoch is a fresh seeded shuffle,
-    dealt round-robin across ranks (as `DistributedSampler` does). `start` skips that many
-    batches, so a resumed run sees exactly the batches an uninterrupted one would."""
-    per_epoch = len(range(rank, len(train), world)) // micro
+
+def dataset_examples(iterator, eval_rows: bool):
+    """A function that streams one pass of the training (or eval) examples of a Ray Train dataset
+    shard (`ray.train.get_dataset_shard`), in its stored order, one batch of rows in memory."""
+    from orchestrator.data.pipeline import rows_to_examples
+
+    def one_pass():
+        for batch in iterator.iter_batches(batch_size=1024, batch_format="numpy"):
+            yield from rows_to_examples(batch, eval_rows)
+
+    return one_pass
+
+
+def _shuffled(examples, seed: int, epoch: int, window: int):
+    buffer, k = [], 0
+    for example in examples:
+        buffer.append(example)
+        if len(buffer) == window:
+            random.Random(f"{seed}:{epoch}:{k}").shuffle(buffer)
+            yield from buffer
+            buffer, k = [], k + 1
+    random.Random(f"{seed}:{epoch}:{k}").shuffle(buffer)
+    yield from buffer
+
+
+def packed_micro_batches(one_pass, micro: int, rank: int, world: int, seed: int, max_seq_len: int,
+                         start: int = 0, window: int = SHUFFLE_WINDOW):
+    """`micro_batches` with each rank's examples packed into rows of `max_seq_len` tokens
+    (`pack_examples`), `micro` rows per batch. How many rows an epoch fills depends on the
+    examples' lengths, so a resumed run reads (and packs, without training) the `start` batches
+    it skips."""
+    epoch = 0
+    while True:
+        mine = itertools.islice(_shuffled(one_pass(), seed, epoch, window), rank, None, world)
+        rows = pack_examples(mine, max_seq_len)
+        while batch := list(itertools.islice(rows, micro)):
+            if len(batch) < micro:
+                break
+            if start:
+                start -= 1
+                continue
+            yield batch
+        epoch += 1
+
+
+def micro_batches(one_pass, num_examples: int, micro: int, rank: int, world: int, seed: int, start: int = 0,
+                  window: int = SHUFFLE_WINDOW):
+    """An endless stream of this rank's micro batches. `one_pass()` streams the training examples
+    in a fixed order (`num_examples` of them); each epoch shuffles them within windows (seeded by
+    the epoch) and deals them round-robin across ranks (as `DistributedSampler` does). `start`
+    skips that many batches, so a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = len(range(rank, num_examples, world)) // micro
     epoch, skip = divmod(start, per_epoch) if per_epoch else (0, 0)
     while True:
-        order = list(range(len(train)))
-        random.Random(seed + epoch).shuffle(order)
-        mine = order[rank::world]
-        for i in range(skip * micro, len(mine) - micro + 1, micro):
-            yield [train[j] for j in mine[i:i + micro]]
+        mine = itertools.islice(_shuffled(one_pass(), seed, epoch, window), rank, None, world)
+        batch = []
+        for i, example in enumerate(itertools.islice(mine, per_epoch * micro)):
+            if i >= skip * micro:
+                batch.append(example)
+                if len(batch) == micro:
+                    yield batch
+                    batch = []
         epoch, skip = epoch + 1, 0
 
 
-def eval_batches(examples: list[Example], size: int, rank: int, world: int, cap: int | None):
-    """This rank's eval batches with a weight each. Every rank gets the same number of batches
-    (ZeRO-3's forward is collective), padding with weight-0 repeats where it has fewer."""
-    batches = [examples[i:i + size] for i in range(0, len(examples), size)]
-    if cap:
-        batches = batches[:cap * world]
-    per_rank = math.ceil(len(batches) / world)
-    mine = batches[rank::world]
-    return [(b, 1.0) for b in mine] + [(batches[0], 0.0)] * (per_rank - len(mine))
+def eval_batches(examples, size: int, rank: int, world: int, cap: int | None):
+    """This rank's eval batches with a weight each, from an iterable of the eval examples in
+    order: batch i goes to rank i % world, at most `cap` batches per rank. Every rank gets the
+    same number of batches (ZeRO-3's forward is collective), padding with weight-0 repeats where
+    it has fewer."""
+    mine, first, total = [], None, 0
+    batch = []
+    for example in examples:
+        batch.append(example)
+        if len(batch) < size:
+            continue
+        first = first or batch
+        if total % world == rank:
+            mine.append((batch, 1.0))
+        total, batch = total + 1, []
+        if cap and total >= cap * world:
+            break
+    if batch and not (cap and total >= cap * world):
+        first = first or batch
+        if total % world == rank:
+            mine.append((batch, 1.0))
+        total += 1
+    if first is None:
+        return []
+    per_rank = math.ceil(total / world)
+    return mine + [(first, 0.0)] * (per_rank - len(mine))
 
 
 # --- steps -----------------------------------------------------------------------------------
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
+def all_reduce_sum(values: list, device) -> list[float]:
+    """Sum over all ranks of a few numbers (floats or 0-d tensors on `device`): one transfer."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
 
 
-def train_step(engine, stream, grad_accum: int, pad_id: int, device) -> dict:
-    """One optimizer step over `grad_accum` micro batches; metrics summed over all ranks."""
+def trained_tokens(labels) -> int:
+    """The positions a causal LM is scored on: labels after the first position that are not masked."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def train_step(engine, stream, grad_accum: int, pad_id: int, device, world: int = 1) -> dict:
+    """One optimizer step over `grad_accum` micro batches. The loss is weighted by token: the
+    step's trained tokens on all ranks (T, one all-reduce up front) weigh equally, as one mean
+    over all of them. DeepSpeed divides each micro batch's loss by grad_accum and averages the
+    gradients over ranks, so micro batch b's mean loss over its n_b tokens is scaled by
+    n_b x grad_accum x world / T: the gradients sum to d(sum of token losses / T). The summed
+    loss stays on the device and reaches the host once per step."""
+    import torch
+
     start = time.perf_counter()
-    loss_sum, tokens = 0.0, 0
     engine.train()
-    for _ in range(grad_accum):
-        batch = {k: v.to(device) for k, v in collate(next(stream), pad_id).items()}
+    examples = [next(stream) for _ in range(grad_accum)]
+    batches = [{k: v.to(device) for k, v in collate(b, pad_id).items()} for b in examples]
+    counts = [trained_tokens(b["labels"]) for b in batches]
+    tokens = sum(len(e.input_ids) for b in examples for e in b)  # real tokens, padding left out
+    slots = sum(b["input_ids"].numel() for b in batches)
+    [total] = all_reduce_sum([float(sum(counts))], device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch, n in zip(batches, counts):
         loss = engine(**batch).loss
-        engine.backward(loss)
+        loss = torch.nan_to_num(loss) if n == 0 else loss  # a micro batch with no trained token adds 0
+        engine.backward(loss * (n * grad_accum * world / max(total, 1.0)))
         engine.step()
-        loss_sum += loss.item()
-        tokens += int(batch["attention_mask"].sum())
-    loss_total, tokens_total, n = all_reduce_sum([loss_sum / grad_accum, tokens, 1.0], device)
+        loss_sum += loss.detach().double() * n
+    loss_total, tokens_total = all_reduce_sum([loss_sum, float(tokens)], device)
     elapsed = time.perf_counter() - start
-    return {"train_loss": loss_total / n, "learning_rate": engine.get_lr()[0],
-            "tokens_per_s": tokens_total / elapsed, "step_time_s": elapsed}
+    return {"train_loss": loss_total / max(total, 1.0), "learning_rate": engine.get_lr()[0],
+            "tokens_per_s": tokens_total / elapsed, "step_time_s": elapsed,
+            "real_token_share": tokens / max(slots, 1)}  # rank 0's: real tokens / (rows x width)
 
 
-def evaluate(engine, examples: list[Example], size: int, pad_id: int, rank: int, world: int,
-             device, cap: int | None = None) -> float:
-    """Mean loss per trained token over the whole eval set (all ranks together)."""
+def chunked_token_loss_sum(logits, labels, chunk_tokens: int):
+    """Sum of the cross-entropy over the trained positions, `chunk_tokens` positions at a time in
+    fp32 (never an fp32 copy of the whole logits), and the number of positions."""
     import torch
     import torch.nn.functional as F
 
-    if not examples:
+    logits = logits[:, :-1].reshape(-1, logits.size(-1))
+    labels = labels[:, 1:].reshape(-1)
+    keep = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for i in range(0, keep.numel(), chunk_tokens):
+        rows = keep[i:i + chunk_tokens]
+        total += F.cross_entropy(logits[rows].float(), labels[rows], reduction="sum").double()
+    return total, keep.numel()
+
+
+def evaluate_batches(engine, batches, pad_id: int, device) -> float:
+    """Mean loss per trained token over (examples, weight) batches, all ranks together: one
+    transfer to the host at the end."""
+    import torch
+
+    from orchestrator.planning.memory import EVAL_LOSS_CHUNK_TOKENS
+
+    if not batches:
         return float("nan")
     engine.eval()
-    loss_sum, count = 0.0, 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0.0
     with torch.no_grad():
-        for batch_examples, weight in eval_batches(examples, size, rank, world, cap):
+        for batch_examples, weight in batches:
             batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # Prompt tuning prepends its virtual tokens' logits; score the real tokens only.
             logits = logits[:, -batch["input_ids"].size(1):]
-            labels = batch["labels"][:, 1:]
-            losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                                     labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-            loss_sum += weight * losses.item()
-            count += weight * int((labels != IGNORE_INDEX).sum())
+            summed, n = chunked_token_loss_sum(logits, batch["labels"], EVAL_LOSS_CHUNK_TOKENS)
+            loss_sum += weight * summed
+            count += weight * n
     total, n = all_reduce_sum([loss_sum, count], device)
     return total / max(n, 1.0)
+
+
+def evaluate(engine, examples: list[Example], size: int, pad_id: int, rank: int, world: int,
+             device, cap: int | None = None) -> float:
+    """Mean loss per trained token over a list of examples (all ranks together)."""
+    return evaluate_batches(engine, eval_batches(examples, size, rank, world, cap), pad_id, device)
 
 
 def peak_memory_bytes(use_gpu: bool) -> int:

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.data.records import Example
 from orchestrator.spec import JobSpec
 from orchestrator.timing import Stopwatch
 from orchestrator.training.checkpoint import (ADAPTER_DIR, PENDING_METRICS_FILE, TrainState, restore_state,
                                               save_state, save_trained)
-from orchestrator.training.steps import evaluate, micro_batches, peak_memory_bytes, train_step
+from orchestrator.training.steps import (DEFAULT_EVAL_BATCHES, dataset_examples, eval_batches, evaluate_batches,
+                                         micro_batches, packed_micro_batches, peak_memory_bytes, train_step)
 
 
 @dataclass
@@ -36,8 +36,9 @@ class WorkerJob:
     spec: dict
     deepspeed_config: dict
     total_steps: int
-    train: list[Example]
-    eval: list[Example]
+    # The rows travel as Ray Train datasets ("train", "eval"), never in this object: their counts.
+    train_examples: int
+    eval_examples: int
     pad_id: int
     use_gpu: bool
     tracking_uri: str
@@ -188,15 +189,24 @@ def train_loop_per_worker(config: dict) -> None:
     # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
     logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     progress = ProgressSender(job, rank)
-    # Each optimizer step consumes `grad_accum` micro batches per rank.
-    stream = micro_batches(job.train, t.micro_batch_size, rank, world, t.seed, start=state.step * t.grad_accum)
-    eval_size = t.micro_batch_size * 2
+    # Every rank streams all rows of its (unsplit) dataset in the stored order and keeps its own:
+    # each optimizer step consumes `grad_accum` micro batches per rank.
+    train_pass = dataset_examples(ray.train.get_dataset_shard("train"), eval_rows=False)
+    eval_pass = dataset_examples(ray.train.get_dataset_shard("eval"), eval_rows=True)
+    if spec.data.packing:
+        stream = packed_micro_batches(train_pass, t.micro_batch_size, rank, world, t.seed, spec.data.max_seq_len,
+                                      start=state.step * t.grad_accum)
+    else:
+        stream = micro_batches(train_pass, job.train_examples, t.micro_batch_size, rank, world, t.seed,
+                               start=state.step * t.grad_accum)
 
     log_generations = generation_logger(spec, job, engine, rank)
 
     def run_eval(step: int) -> float:
         with watch("eval"):
-            loss = evaluate(engine, job.eval, eval_size, job.pad_id, rank, world, device, t.eval_batches)
+            batches = eval_batches(eval_pass(), t.micro_batch_size, rank, world,
+                                   t.eval_batches or DEFAULT_EVAL_BATCHES) if job.eval_examples else []
+            loss = evaluate_batches(engine, batches, job.pad_id, device)
             if log_generations:
                 log_generations(step)
             return loss
@@ -217,7 +227,7 @@ def train_loop_per_worker(config: dict) -> None:
     tokens = 0.0
     for step in range(state.step + 1, job.total_steps + 1):
         with watch("steps"):
-            metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device)
+            metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device, world)
         tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
         last = step == job.total_steps
         if step % t.eval_every == 0 or last:

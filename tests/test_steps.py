@@ -1,0 +1,156 @@
+"""The worker's arithmetic on the tiny base, in one process: the train loss is weighted by token
+across micro batches, and the chunked evaluation loss equals the plain one."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from orchestrator.data.records import IGNORE_INDEX, Example
+
+
+class GradAccumulatingEngine:
+    """What `train_step` uses of a DeepSpeed engine, as DeepSpeed defines it for one rank:
+    `backward` divides the loss by gradient_accumulation_steps before backpropagating, `step`
+    applies the update only at the accumulation boundary (here: never, the test reads the grads)."""
+
+    def __init__(self, model, grad_accum: int):
+        self.module, self.grad_accum = model, grad_accum
+
+    def __call__(self, **batch):
+        return self.module(**batch)
+
+    def train(self):
+        self.module.train()
+
+    def eval(self):
+        self.module.eval()
+
+    def backward(self, loss):
+        (loss / self.grad_accum).backward()
+
+    def step(self):
+        pass
+
+    def get_lr(self):
+        return [0.0]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_base):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+
+
+def _example(prompt: int, answer: int, offset: int) -> Example:
+    ids = [(offset + i) % 900 + 50 for i in range(prompt + answer)]
+    return Example(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:])
+
+
+def test_train_loss_is_the_mean_over_every_trained_token_of_the_step(model):
+    """Two micro batches, one long answer (40 tokens) and one short (3): the step's loss and
+    gradient are those of the mean over all 43 tokens, not the mean of the two micro batches' means."""
+    import torch
+    import torch.nn.functional as F
+
+    from orchestrator.training.steps import train_step
+
+    long, short = _example(6, 40, 0), _example(6, 3, 500)
+    token_losses = []
+    for e in (long, short):
+        logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1]
+        labels = torch.tensor(e.labels[1:])
+        losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        token_losses.append(losses[labels != IGNORE_INDEX])
+    assert [len(t) for t in token_losses] == [40, 3]
+    by_token = torch.cat(token_losses).mean()  # the hand-computed value: sum over 43 tokens / 43
+    model.zero_grad()
+    by_token.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    metrics = train_step(GradAccumulatingEngine(model, 2), iter([[long], [short]]), 2, 0, torch.device("cpu"))
+    assert metrics["train_loss"] == pytest.approx(by_token.item(), rel=1e-5)
+    mean_of_means = (token_losses[0].mean() + token_losses[1].mean()).item() / 2
+    assert abs(metrics["train_loss"] - mean_of_means) > 1e-3  # the two bases differ on this batch
+    for got, want in zip((p.grad for p in model.parameters()), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
+def test_chunked_evaluation_loss_equals_the_full_fp32_one(model):
+    import torch
+    import torch.nn.functional as F
+
+    from orchestrator.data.tokenize import collate
+    from orchestrator.training.steps import chunked_token_loss_sum, evaluate
+
+    examples = [_example(5, 30, 0), _example(3, 7, 300), _example(8, 12, 600)]
+    batch = collate(examples, 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    full = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    for chunk in (1, 7, 4096):
+        total, n = chunked_token_loss_sum(logits, batch["labels"], chunk)
+        assert n == int((labels != IGNORE_INDEX).sum()) and total.item() == pytest.approx(full.item(), rel=1e-6)
+    assert evaluate(model, examples, 2, 0, 0, 1, torch.device("cpu")) == pytest.approx(full.item() / n, rel=1e-5)
+
+
+def _per_example_logits(model, examples, packed: bool):
+    import torch
+
+    from orchestrator.data.tokenize import collate, pack_examples
+
+    with torch.no_grad():
+        if not packed:
+            return [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in examples]
+        [row] = list(pack_examples(examples, sum(len(e.input_ids) for e in examples)))
+        batch = collate([row], 0)
+        assert "attention_mask" not in batch  # the position ids alone confine attention
+        # Without a cache, as in training (the worker turns use_cache off).
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        bounds = list(itertools.accumulate(len(e.input_ids) for e in examples))
+        return [logits[b - len(e.input_ids):b] for e, b in zip(examples, bounds)]
+
+
+def test_packed_examples_score_as_they_do_alone_and_never_see_each_other(model):
+    """Three examples packed into one row: each one's logits (hence its loss) equal those it gets
+    alone; changing the middle example leaves the other two's logits unchanged."""
+    import torch
+
+    examples = [_example(5, 20, 0), _example(3, 7, 300), _example(8, 12, 600)]
+    alone, packed = _per_example_logits(model, examples, False), _per_example_logits(model, examples, True)
+    for a, p in zip(alone, packed):
+        torch.testing.assert_close(p, a, rtol=1e-4, atol=1e-4)
+    changed = _per_example_logits(model, [examples[0], _example(3, 7, 777), examples[2]], True)
+    torch.testing.assert_close(changed[0], packed[0], rtol=0, atol=0)
+    torch.testing.assert_close(changed[2], packed[2], rtol=0, atol=0)
+    assert not torch.equal(changed[1], packed[1])
+
+
+def test_packed_rows_mask_each_examples_first_label_and_fill_rows_in_order():
+    from orchestrator.data.tokenize import pack_examples
+
+    examples = [_example(2, 3, i * 10) for i in range(5)]  # 5 tokens each
+    rows = list(pack_examples(iter(examples), 12))
+    assert [len(r.input_ids) for r in rows] == [10, 10, 5]
+    assert rows[0].position_ids == [0, 1, 2, 3, 4] * 2
+    assert rows[0].labels[5] == IGNORE_INDEX and rows[0].input_ids[5:] == examples[1].input_ids
+
+
+@pytest.mark.parametrize("start", [0, 1, 5, 9])
+def test_packed_micro_batches_resume_exactly_where_they_stopped(start):
+    from orchestrator.training.steps import packed_micro_batches
+
+    examples = [_example(1, i % 5 + 1, i) for i in range(11)]  # 2 to 6 tokens each
+    one_pass = lambda: iter(examples)  # noqa: E731
+    for rank in (0, 1):
+        batches = lambda start=0: packed_micro_batches(one_pass, 2, rank, 2, 3, 8, start=start, window=4)  # noqa: E731
+        uninterrupted = [[r.input_ids for r in b] for b in itertools.islice(batches(), start, start + 5)]
+        assert [[r.input_ids for r in b] for b in itertools.islice(batches(start), 5)] == uninterrupted
