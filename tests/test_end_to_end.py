@@ -28,12 +28,9 @@ def quickstart(tmp, **overrides):
 
 
 @pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory, ray_local, tiny_base):
-    from orchestrator.training.recipe import run_job
-
-    tmp = tmp_path_factory.mktemp("e2e")
-    spec = quickstart(tmp, name="e2e-zero2", **{"training.max_steps": 60, "training.eval_every": 20})
-    return spec, run_job(spec)
+def zero2_run(quickstart_run):
+    """The session's quickstart run (conftest.py; test_registry uses it too): 60 steps, ZeRO-2."""
+    return quickstart_run
 
 
 def client_for(summary):

@@ -1,8 +1,9 @@
-"""Faults a long run must survive: a training worker killed mid-run, the driver stopped mid-run, the
-MLflow server going away and coming back. Real Ray, DeepSpeed, MLflow (a real `mlflow server`);
+"""Faults a long run must survive: a training worker killed mid-run, the driver stopped mid-run (with
+its checkpoints on local disk, and in an S3 bucket), the MLflow server going away and coming back.
+Real Ray, DeepSpeed, MLflow (a real `mlflow server`), a real S3 server (moto's, on 127.0.0.1);
 the faults are real processes killed by pid.
 
-Fake secrets travel with the stopped-and-resumed CLI runs and a short run on S3-style storage: the
+Fake secrets travel with the stopped-and-resumed CLI runs (both attempts of each): the
 password of an MLflow server that requires one (in `tracking.uri`, or in MLFLOW_TRACKING_PASSWORD),
 AWS_SECRET_ACCESS_KEY for a local S3 server (moto), the token of a Ray instance started with token
 authentication, HF_TOKEN. Everything those runs write (the console, MLflow params, tags, metric names,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -145,7 +147,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once
 
 # --- the driver is stopped; running the job again resumes it ----------------------------------------------
 #
-# These runs, and the small run on S3-style storage below, carry fake secrets where they travel: the
+# These runs, and the run on S3 storage below, carry fake secrets where they travel: the
 # MLflow server requires a password (in `tracking.uri` for the driver runs, in MLFLOW_TRACKING_USERNAME /
 # MLFLOW_TRACKING_PASSWORD for the S3 run), the storage needs AWS_SECRET_ACCESS_KEY, the local Ray
 # instance runs with token authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), HF_TOKEN is set.
@@ -248,10 +250,16 @@ def _run_env(ray_tmp: Path, **more: str) -> dict[str, str]:
             "AWS_DEFAULT_REGION": "us-east-1", **more}
 
 
+# The stopped-and-resumed runs (local storage, and S3): a checkpoint every 4 steps; the first
+# attempt is stopped after the first one Ray Train recorded (polled every 0.2 s), well before the
+# last step (12 steps later: some seconds on 2 cores; recording takes up to 0.5 s).
+RESUMED_STEPS = 16
+
+
 def _sets(tmp: Path, uri: str) -> list[str]:
     return [f"{k}={v}" for k, v in {
         "name": "fault-driver", "registry.name": "fault-driver", "tracking.uri": uri,
-        "storage.path": str(tmp / "runs"), "training.max_steps": 40, "training.checkpoint_every": 5,
+        "storage.path": str(tmp / "runs"), "training.max_steps": RESUMED_STEPS, "training.checkpoint_every": 4,
         "training.eval_every": 8, "training.eval_batches": 1}.items()]
 
 
@@ -277,41 +285,57 @@ def _sid(pid: int) -> int | None:
         return None
 
 
-@pytest.fixture(scope="module")
-def driver_stopped_and_resumed(tmp_path_factory, tiny_base, auth_server, ray_tmp):
-    """The job runs against the password-protected MLflow server, the password in `tracking.uri`."""
-    tmp = tmp_path_factory.mktemp("driver")
-    uri = auth_server.uri_with_password
-    cli, env = _cli(_sets(tmp, uri)), _run_env(ray_tmp)
-    first = subprocess.Popen(cli, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def _stopped_and_resumed(cli: list[str], cwd: Path, env: dict[str, str], saved_step) -> dict:
+    """Run `cli` until `saved_step()` finds a checkpoint Ray Train recorded, stop the driver (its
+    whole session, its Ray instance with it), then run the same command again to the end."""
+    first = subprocess.Popen(cli, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while (saved := latest_checkpoint_step(tmp / "runs")) is None:
+        while (saved := saved_step()) is None:
             assert first.poll() is None, first.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
             time.sleep(0.2)
+        assert first.poll() is None, "the first attempt ended before it could be stopped"
         _stop_session(first)
     finally:
         if first.poll() is None:
             _stop_session(first)
     first_out, first_err = first.communicate()
-    second = subprocess.run(cli, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cli, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    return {"tmp": tmp, "uri": uri, "saved": saved, "console": first_out + first_err + second.stdout + second.stderr,
+    return {"saved": saved, "console": first_out + first_err + second.stdout + second.stderr,
             "first_err": first_err, "second_err": second.stderr, "summary": json.loads(second.stdout)}
+
+
+def check_resumed(r: dict, uri: str, total: int) -> None:
+    """The second attempt continued the first one's MLflow run from the checkpoint it names in
+    its console, at or after the one seen before the stop; every step is logged once."""
+    run_id = r["summary"]["run_id"]
+    assert f"MLflow run {run_id}" in r["first_err"]
+    said = re.search(rf"Resuming the stopped MLflow run {run_id} from its checkpoint at step (\d+) of", r["second_err"])
+    assert said, r["second_err"][-3000:]
+    [resumed] = steps(uri, run_id, "resumed_from_step")
+    assert int(said[1]) == resumed >= r["saved"], (said[0], resumed, r["saved"])
+    assert client_for(uri).get_run(run_id).info.status == "FINISHED"
+    assert steps(uri, run_id, "train_loss") == list(range(1, total + 1))
+
+
+@pytest.fixture(scope="module")
+def driver_stopped_and_resumed(tmp_path_factory, tiny_base, auth_server, ray_tmp):
+    """The job runs against the password-protected MLflow server, the password in `tracking.uri`."""
+    tmp = tmp_path_factory.mktemp("driver")
+    uri = auth_server.uri_with_password
+    r = _stopped_and_resumed(_cli(_sets(tmp, uri)), tmp, _run_env(ray_tmp),
+                             saved_step=lambda: latest_checkpoint_step(tmp / "runs"))
+    return {"tmp": tmp, "uri": uri, **r}
 
 
 def test_a_stopped_driver_is_resumed_by_running_the_job_again(driver_stopped_and_resumed):
     r = driver_stopped_and_resumed
     summary, uri = r["summary"], r["uri"]
     # The same MLflow run continues, from the checkpoint the stopped run had saved.
-    assert f"MLflow run {summary['run_id']}" in r["first_err"]
-    assert f"Resuming the stopped MLflow run {summary['run_id']} from its checkpoint at step" in r["second_err"]
-    [resumed] = steps(uri, summary["run_id"], "resumed_from_step")
-    assert resumed >= r["saved"]
-    assert client_for(uri).get_run(summary["run_id"]).info.status == "FINISHED"
-    assert steps(uri, summary["run_id"], "train_loss") == list(range(1, 41))
+    check_resumed(r, uri, RESUMED_STEPS)
     assert len(client_for(uri).search_runs([client_for(uri).get_experiment_by_name("quickstart").experiment_id],
                                            filter_string="attributes.run_name = 'fault-driver'")) == 1
     assert summary["data"]["truncated_examples"] == 0
@@ -331,16 +355,40 @@ def test_only_a_stopped_latest_run_is_resumed(driver_stopped_and_resumed):
     client.set_terminated(run_id, "KILLED")
     try:
         assert resumable_run(spec).run_id == run_id
-        spec.training.max_steps = 41
+        spec.training.max_steps = RESUMED_STEPS + 1
         assert resumable_run(spec) is None
     finally:
         client.set_terminated(run_id, "FINISHED")
 
 
+def _bucket_objects(bucket) -> dict[str, bytes]:
+    objects = {}
+    for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for o in page.get("Contents", []):
+            objects[o["Key"]] = bucket.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+    return objects
+
+
+def _s3_saved_step(bucket) -> int | None:
+    """The step of the latest checkpoint Ray Train recorded in the bucket, read with boto3 (not
+    with the product's `latest_checkpoint`, which the resumed run is checked with)."""
+    keys = [o["Key"] for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for o in page.get("Contents", [])]
+    for key in keys:
+        if key.endswith("/checkpoint_manager_snapshot.json"):
+            snapshot = json.loads(bucket.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+            state = f"{key.rsplit('/', 1)[0]}/{latest}/train_state.json"
+            if latest and state in keys:
+                return json.loads(bucket.get_object(Bucket=BUCKET, Key=state)["Body"].read())["step"]
+    return None
+
+
 @pytest.fixture(scope="module")
 def s3_run(tmp_path_factory, tiny_base, auth_server, ray_tmp):
-    """A short run whose `storage.path` is s3://BUCKET/... on a local S3 server (moto), the MLflow
-    credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (and a token beside them)."""
+    """A run whose `storage.path` is s3://BUCKET/... on a local S3 server (moto), the MLflow
+    credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (and a token beside them):
+    stopped once its first checkpoint is in the bucket, then run again, resuming from it."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -359,18 +407,17 @@ def s3_run(tmp_path_factory, tiny_base, auth_server, ray_tmp):
         bucket.create_bucket(Bucket=BUCKET)
         sets = [f"{k}={v}" for k, v in {
             "name": "fault-secrets", "registry.name": "fault-secrets", "tracking.uri": auth_server.uri,
-            "storage.path": f"s3://{BUCKET}/runs", "training.max_steps": 4, "training.checkpoint_every": 2,
-            "training.eval_every": 2, "training.eval_batches": 1}.items()]
-        done = subprocess.run(_cli(sets), cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        objects = {}
-        for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-            for o in page.get("Contents", []):
-                objects[o["Key"]] = bucket.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
-        return {"tmp": tmp, "console": done.stdout + done.stderr, "summary": json.loads(done.stdout),
-                "objects": objects}
+            "storage.path": f"s3://{BUCKET}/runs", "training.max_steps": RESUMED_STEPS, "training.checkpoint_every": 4,
+            "training.eval_every": 8, "training.eval_batches": 1}.items()]
+        r = _stopped_and_resumed(_cli(sets), tmp, env, saved_step=lambda: _s3_saved_step(bucket))
+        return {"tmp": tmp, "objects": _bucket_objects(bucket), **r}
     finally:
         s3.stop()
+
+
+def test_a_run_on_s3_resumes_from_its_checkpoint_in_the_bucket(s3_run, auth_server):
+    check_resumed(s3_run, auth_server.uri_with_password, RESUMED_STEPS)
+    assert s3_run["summary"]["registered_model"]["version"] == "1"
 
 
 def _all_text_under(root: Path) -> str:
@@ -395,7 +442,7 @@ def test_no_secret_appears_in_anything_a_run_writes(driver_stopped_and_resumed, 
                                                     tmp_path):
     d, s = driver_stopped_and_resumed, s3_run
     uri = auth_server.uri_with_password
-    written = {"driver runs' console": d["console"], "S3 run's console": s["console"],
+    written = {"driver runs' console": d["console"], "S3 runs' console": s["console"],
                **{f"driver run's {k}": v for k, v in _run_record(uri, d["summary"]["run_id"], tmp_path / "d").items()},
                **{f"S3 run's {k}": v for k, v in _run_record(uri, s["summary"]["run_id"], tmp_path / "s").items()},
                "driver runs' storage": _all_text_under(d["tmp"] / "runs"),
@@ -411,7 +458,7 @@ def test_no_secret_appears_in_anything_a_run_writes(driver_stopped_and_resumed, 
     assert sum(map(len, s["objects"].values())) > 0, sorted(s["objects"])
     assert "deepspeed" in written["driver runs' storage"]
     assert any(k.endswith("checkpoint_manager_snapshot.json") for k in s["objects"]), sorted(s["objects"])
-    assert len(list(ray_tmp.rglob("session_*/logs/raylet.out"))) >= 3  # the three runs' Ray instances
+    assert len(list(ray_tmp.rglob("session_*/logs/raylet.out"))) >= 4  # the four attempts' Ray instances
     assert s["summary"]["run_id"] in written["MLflow server (log, store, artifacts)"]
     leaks = []
     for name, secret in SECRETS.items():

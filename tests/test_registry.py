@@ -1,5 +1,6 @@
-"""Registry workflows on one real run (4-bit base, ZeRO-2, registry.mode=both): merged vs adapter
-versions, sizes, base hash check, aliases, export, and pyfunc loading in a fresh process."""
+"""Registry workflows on the session's quickstart run (conftest.py: 4-bit base, ZeRO-2,
+registry.mode=both): merged vs adapter versions, sizes, base hash check, aliases, export, and
+pyfunc loading in a fresh process."""
 
 from __future__ import annotations
 
@@ -13,29 +14,24 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from orchestrator.spec import load_spec
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import QUICKSTART_RUN, REPO
 
 PROMPT = "Fill in the fact card for the animal.\nA brown owl at the river."
-NAME = "reg"
+NAME = QUICKSTART_RUN
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory, ray_local, tiny_base):
-    """One short QLoRA run registered as both NAME (adapter) and NAME-merged, both downloaded."""
+def registered(tmp_path_factory, quickstart_run):
+    """The session's QLoRA run (conftest.py), registered as both NAME (adapter) and NAME-merged,
+    both versions downloaded."""
     from orchestrator.tracking.registry import download_model
-    from orchestrator.training.recipe import run_job
 
+    _, summary = quickstart_run
     tmp = tmp_path_factory.mktemp("registry")
-    sets = {"name": NAME, "registry.name": NAME, "registry.mode": "both", "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
-            "storage.path": str(tmp / "runs"), "training.max_steps": 12, "training.eval_every": 12}
-    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
-    summary = run_job(spec)
     uri = summary.tracking_uri
-    adapter = download_model(f"models:/{NAME}@candidate", tmp / "adapter", uri)
-    merged = download_model(f"models:/{NAME}-merged@candidate", tmp / "merged", uri)
-    return {"summary": summary, "uri": uri, "tmp": tmp, "adapter": adapter, "merged": merged}
+    adapter = download_model(f"models:/{NAME}/1", tmp / "adapter", uri)
+    merged = download_model(f"models:/{NAME}-merged/1", tmp / "merged", uri)
+    return {"summary": summary, "uri": uri, "adapter": adapter, "merged": merged}
 
 
 def cli(*args):
@@ -52,7 +48,7 @@ def test_both_mode_registers_linked_versions(registered):
     shown = json.loads(cli("registry", "show", f"{NAME}-merged@candidate", "--tracking-uri", registered["uri"],
                            "--json"))
     assert shown["mode"] == "merged" and shown["tags"]["adapter_version"] == f"models:/{NAME}/1"
-    assert shown["run_id"] == registered["summary"].run_id and shown["job_spec"].startswith("name: reg")
+    assert shown["run_id"] == registered["summary"].run_id and shown["job_spec"].startswith(f"name: {NAME}")
 
 
 # bf16 keeps 8 significant bits: rounding to the nearest bf16 value moves x by at most this much of
@@ -194,14 +190,18 @@ def test_aliases_move_and_resolve(registered):
     from mlflow import MlflowClient
 
     uri, run_id = registered["uri"], registered["summary"].run_id
-    cli("register", run_id, "--mode", "adapter", "--tracking-uri", uri)  # version 2, no retraining
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    assert str(client.get_model_version_by_alias(NAME, "candidate").version) == "2"
-    for version in ("1", "2"):
-        cli("registry", "promote", NAME, version, "--alias", "production", "--tracking-uri", uri)
-        assert str(client.get_model_version_by_alias(NAME, "production").version) == version
-    listed = json.loads(cli("registry", "list", "--tracking-uri", uri, "--json"))
-    assert {m["name"]: m["aliases"] for m in listed}[NAME] == {"candidate": "2", "production": "2"}
+    try:
+        cli("register", run_id, "--mode", "adapter", "--tracking-uri", uri)  # version 2, no retraining
+        assert str(client.get_model_version_by_alias(NAME, "candidate").version) == "2"
+        for version in ("1", "2"):
+            cli("registry", "promote", NAME, version, "--alias", "production", "--tracking-uri", uri)
+            assert str(client.get_model_version_by_alias(NAME, "production").version) == version
+        listed = json.loads(cli("registry", "list", "--tracking-uri", uri, "--json"))
+        assert {m["name"]: m["aliases"] for m in listed}[NAME] == {"candidate": "2", "production": "2"}
+    finally:  # the run is the session's: its aliases as the run left them, for the tests after this one
+        client.set_registered_model_alias(NAME, "candidate", "1")
+        client.delete_registered_model_alias(NAME, "production")
 
 
 def test_export_hf_and_adapter(registered, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,17 +44,40 @@ def _storage(storage_path: str) -> str:
 
 def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     """(step, directory) of the latest checkpoint Ray Train recorded for the run `name` (the one
-    a `fit` under that name resumes from); None when there is none, or the storage is remote."""
+    a `fit` under that name resumes from); None when there is none. In remote storage
+    (s3://bucket/prefix) the directory is a URI, readable with `read_json`."""
+    run_dir = storage_location(_storage(storage_path), name)
+    snapshot = read_json(storage_location(run_dir, "checkpoint_manager_snapshot.json")) or {}
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    if not latest.get("checkpoint_dir_name"):
+        return None
+    directory = storage_location(run_dir, latest["checkpoint_dir_name"])
+    state = read_json(storage_location(directory, TRAIN_STATE_FILE))
+    return (state["step"], directory) if state else None
+
+
+def storage_location(location: str, *parts: str) -> str:
+    """`location` (a local path or a URI such as s3://bucket/prefix?endpoint_override=...) with
+    `parts` appended to its path."""
+    if "://" not in location:
+        return os.path.join(location, *parts)
+    url = urllib.parse.urlsplit(location)
+    return urllib.parse.urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *parts])))
+
+
+def read_json(location: str):
+    """The JSON file at `location` (a local path or a URI), or None when there is none. A URI is
+    resolved as Ray Train resolves its `storage_path` (pyarrow's filesystem for the scheme, its
+    credentials and endpoint from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)."""
     import json
 
-    run_dir = Path(_storage(storage_path)) / name
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if "://" in storage_path or not snapshot.is_file():
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(location if "://" in location else str(Path(location).resolve()))
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
-    latest = json.loads(snapshot.read_text(encoding="utf-8")).get("latest_checkpoint_result") or {}
-    directory = run_dir / str(latest.get("checkpoint_dir_name"))
-    state = directory / TRAIN_STATE_FILE
-    return (json.loads(state.read_text(encoding="utf-8"))["step"], str(directory)) if state.is_file() else None
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode("utf-8"))
 
 
 def connect(address: str | None = None, verbose: bool = False, dashboard: bool = False) -> float:

@@ -305,17 +305,15 @@ def sync_tracking(spec: JobSpec, handle, checkpoint_dir: str, timeout_s: float =
     """Wait (up to `timeout_s`) for a tracking server that went away during training, then send
     the metrics rank 0 could not (they travel in the checkpoint). Raises `SpecError` when the
     server stays unreachable."""
-    import json
-    from pathlib import Path
-
     from orchestrator.tracking import runs
     from orchestrator.tracking.metrics import MetricLogger
+    from orchestrator.training import launch
     from orchestrator.training.checkpoint import PENDING_METRICS_FILE
 
-    path = Path(checkpoint_dir) / PENDING_METRICS_FILE
     logger = MetricLogger(handle.uri, handle.run_id, fail_fast=False)
-    if checkpoint_dir and path.is_file():
-        logger.extend(json.loads(path.read_text(encoding="utf-8")))
+    # A resumed run's checkpoint may be in remote storage (s3://...): read where it is.
+    if checkpoint_dir:
+        logger.extend(launch.read_json(launch.storage_location(checkpoint_dir, PENDING_METRICS_FILE)) or [])
     if not runs.wait_for_server(handle.uri, timeout_s) or logger.close(timeout_s):
         raise SpecError([Problem(
             path="tracking.uri", message=f"the MLflow server at {redact_uri(handle.uri)} did not answer for "
