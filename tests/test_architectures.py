@@ -2,7 +2,7 @@
 built from its config in this session (random weights, the built-in base's tokenizer), planned,
 trained with QLoRA through the real path (Ray Train + DeepSpeed + MLflow), registered, reloaded
 from the registry and asked to generate. Every family runs ZeRO-2, a few steps; three (a mixture
-of experts among them) run ZeRO-3 as well, two steps, checked for what ZeRO-3 changes: that
+of experts among them) run ZeRO-3 as well, three steps, checked for what ZeRO-3 changes: that
 every targeted layer trained and the registered adapter holds it whole.
 
 bitsandbytes' CPU 4-bit kernel cuts weights into 64-wide blocks along their input: every linear
@@ -162,11 +162,11 @@ def test_registered_adapter_reloads_to_the_trained_model_and_generates(trained):
 
 @pytest.fixture(scope="module", params=ZERO3_FAMILIES)
 def trained_zero3(request, tmp_path_factory, ray_local, family_base):
-    """Two ZeRO-3 QLoRA steps per family (the first is the warm-up's, at learning rate 0),
-    registered, and the registered version downloaded."""
+    """Three ZeRO-3 QLoRA steps per family (DeepSpeed's one-step warm-up gives the first two
+    learning rate 0), registered, and the registered version downloaded."""
     family = request.param
     tmp = tmp_path_factory.mktemp(f"{family}-zero3")
-    spec = family_spec(tmp, family, family_base(family), stage=3, steps=2)
+    spec = family_spec(tmp, family, family_base(family), stage=3, steps=3)
     return (family, spec, *train_and_download(tmp, spec))
 
 

@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field, replace
 from orchestrator.planning.advice import Recommendation, recommendations
 from orchestrator.planning.architectures import Architecture
 from orchestrator.planning.parameters import (DTYPE_BYTES, METHOD_TRAINS, ParamCount, ParamTensor, count_params,
-                                              parameter_tensors, quantized_bytes, targeted_expert_elements, targeted_roles,
-                                              trainable_tensors)
+                                              parameter_tensors, quantized_bytes, targeted_expert_elements,
+                                              targeted_roles, trainable_tensors)
 from orchestrator.planning.units import GiB
 from orchestrator.spec import BASE_TRAINING_METHODS, JobSpec
 

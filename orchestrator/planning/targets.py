@@ -74,13 +74,14 @@ def fused_expert_problems(spec: JobSpec, target_parameters: list[str]) -> list[P
     if not target_parameters:
         return []
     what = f"LoRA on the fused expert weights ({', '.join(target_parameters)})"
+    attention_only = "target attention only (peft.target_modules: attention)"
     problems = []
     if spec.peft.dropout:
         problems.append(Problem(path="peft.dropout", message=f"{spec.peft.dropout} is not 0, and {what} takes no dropout",
-                                fix="set peft.dropout: 0, or target attention only (peft.target_modules: attention)"))
+                                fix=f"set peft.dropout: 0, or {attention_only}"))
     if spec.peft.use_dora:
         problems.append(Problem(path="peft.use_dora", message=f"{what} cannot be DoRA",
-                                fix="set peft.use_dora: false, or target attention only (peft.target_modules: attention)"))
+                                fix=f"set peft.use_dora: false, or {attention_only}"))
     return problems
 
 
