@@ -108,13 +108,40 @@ ACTIVATION_CASES = [
 
 @pytest.mark.parametrize("method,bits,gc,dropout,targets,micro,seq", ACTIVATION_CASES)
 def test_activations_within_25_percent(tiny_model_dir, method, bits, gc, dropout, targets, micro, seq):
+    spec = parse_spec(job(tiny_model_dir, method, bits, gc=gc, dropout=dropout, targets=targets,
+                          micro=micro, seq=seq))
+    assert_activations_as_planned(spec, TINY["vocab_size"])
+
+
+# A mixture of experts whose fused expert weights LoRA targets (peft's target_parameters): the
+# weight plus its update is materialized in every forward and kept for backward.
+TINY_MOE = dict(model_type="mixtral", vocab_size=1001, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                max_position_embeddings=256)
+
+
+def test_fused_expert_lora_activations_within_25_percent(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.planning.inventory import build_config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(build_config(TINY_MOE)).to(torch.bfloat16).save_pretrained(tmp_path)
+    spec = parse_spec(job(str(tmp_path)))
+    assert spec.peft.target_modules == "all-linear"  # the experts included
+    assert_activations_as_planned(spec, TINY_MOE["vocab_size"])
+
+
+def assert_activations_as_planned(spec, vocab_size: int) -> None:
+    """One forward + backward of the job's model on a padded random batch: the plan's peak (and,
+    without checkpointing, its saved bytes) within 25% of what the tensors hold."""
     import torch
 
     from orchestrator.models.adapters import prepare_for_training
     from orchestrator.models.loading import load_base
 
-    spec = parse_spec(job(tiny_model_dir, method, bits, gc=gc, dropout=dropout, targets=targets,
-                          micro=micro, seq=seq))
+    micro, seq, gc = spec.training.micro_batch_size, spec.data.max_seq_len, spec.model.gradient_checkpointing
     torch.manual_seed(0)
     model = load_base(spec, spec.model.base)
     model.config.use_cache = False
@@ -123,7 +150,7 @@ def test_activations_within_25_percent(tiny_model_dir, method, bits, gc, dropout
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
     model.train()
-    ids = torch.randint(0, TINY["vocab_size"], (micro, seq))
+    ids = torch.randint(0, vocab_size, (micro, seq))
     mask = torch.ones_like(ids)
     mask[-1, seq - seq // 4:] = 0  # padding, as real batches have: attention gets a 4D mask
     saved, peak = measure_activations(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})

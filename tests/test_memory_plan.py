@@ -79,24 +79,29 @@ def test_count_equals_transformers_on_meta(hub_id):
     assert count_params(architecture_from_config(CATALOGUE[hub_id], hub_id)).total == expected
 
 
-@pytest.mark.parametrize("targets", ["all-linear", "attention", "mlp", ["q_proj", "v_proj"]])
-def test_lora_count_and_targets_equal_peft(targets):
-    """r x (in + out) per targeted linear layer: what PEFT really creates, on the meta device."""
+@pytest.mark.parametrize("hub_id,targets", [
+    *(("mistralai/Mistral-7B-v0.1", t) for t in ("all-linear", "attention", "mlp", ["q_proj", "v_proj"])),
+    # fused expert weights (8 x 14336 x 4096 each), which peft reaches through target_parameters
+    *(("mistralai/Mixtral-8x7B-v0.1", t) for t in ("all-linear", "mlp", ["q_proj", "down_proj"])),
+])
+def test_lora_count_and_targets_equal_peft(hub_id, targets):
+    """r x (in + out) per targeted linear layer (r x experts x (in + out) per fused expert
+    weight): what PEFT really creates, on the meta device."""
     import torch
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from orchestrator.models.adapters import lora_config, resolve_target_modules
 
-    hub_id = "mistralai/Mistral-7B-v0.1"  # grouped KV heads: k/v projections are narrower
-    spec = parse_spec(job(hub_id, peft={"r": 16, "target_modules": targets}))
+    # Mistral: grouped KV heads, so k/v projections are narrower
+    spec = parse_spec(job(hub_id, peft={"r": 16, "target_modules": targets, "dropout": 0.0}))
     config = dict(CATALOGUE[hub_id])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
     resolved = resolve_target_modules(targets, model)
     arch = architecture_for(spec)
     assert set(lora_targets(arch, targets)) == set(resolved)
-    peft_model = get_peft_model(model, lora_config(spec, resolved))
+    peft_model = get_peft_model(model, lora_config(spec, resolved, model))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert count_params(arch, spec).trainable == trainable
 
@@ -433,7 +438,10 @@ def test_cli_explain_shows_the_rule_of_thumb(job_file):
     (["--gpu-memory", "lots"], "--gpu-memory: not a memory size"),
     (["--set", "model.base=someone/unknown-7b"], "model.base: cannot read the architecture"),
     (["--set", "peft.target_modules=[q_proj, c_fc]"], "peft.target_modules: the model has no linear module named c_fc"),
-    (["--set", "model.base=mistralai/Mixtral-8x7B-v0.1", "--set", "peft.target_modules=mlp"],
+    (["--set", "model.base=mistralai/Mixtral-8x7B-v0.1", "--set", "peft.target_modules=mlp", "--set", "peft.dropout=0.1"],
+     "peft.dropout: 0.1 is not 0, and LoRA on the fused expert weights (experts.down_proj, experts.gate_up_proj) "
+     "takes no dropout"),
+    (["--set", "model.base=mistralai/Mixtral-8x7B-v0.1", "--set", "peft.method=ia3", "--set", "peft.target_modules=mlp"],
      "peft.target_modules: preset 'mlp' matches no linear module of this model (its experts are fused parameters"),
 ])
 def test_cli_user_errors_exit_2(job_file, monkeypatch, args, message):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +13,7 @@ from orchestrator.search.compare import preset_overrides
 from orchestrator.spec import load_spec
 
 from conftest import REPO
+from held_weights import assert_same_logits_as_deepspeed_held
 
 # method -> (compare preset, extra overrides): the presets are what `orchestrator compare` runs.
 METHODS = {
@@ -120,27 +120,10 @@ def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
     assert reloaded == pytest.approx(summary.metrics["eval_loss"], rel=1e-3, abs=1e-3)
     assert isinstance(complete(loaded, "Describe the animal.\nA cat.", max_new_tokens=4), str)
 
-    # The same logits as the trained model: the weights DeepSpeed held at the last step (its own
-    # checkpoint, a path independent of the adapter save -> MLflow -> download -> load chain),
-    # put into a freshly built model, against the registered version, on real eval batches.
-    from orchestrator.data.tokenize import collate
-    from orchestrator.training.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG
-
-    checkpoint = Path(summary.measured["artifact_dir"]).parent
-    [states] = (checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG).glob("mp_rank_00_model_states.pt")
-    held = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    assert trainable <= set(held), sorted(trainable - set(held))[:3]
-    reference.load_state_dict({n: held[n] for n in trainable}, strict=False)
-    reference.eval()
-    loaded.model.eval()
-    with torch.no_grad():
-        for start in range(0, 4 * t.micro_batch_size, t.micro_batch_size):
-            batch = collate(data.eval[start:start + t.micro_batch_size], loaded.tokenizer.pad_token_id)
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            expected, got = reference(**inputs).logits.float(), loaded.model(**inputs).logits.float()
-            assert got.shape == expected.shape
-            # bf16 weights and activations: equal up to bf16 rounding of the last layers' sums
-            assert torch.allclose(got, expected, rtol=1e-2, atol=1e-2), (method, (got - expected).abs().max())
+    # The same logits as the trained model: the weights DeepSpeed held at the last step, put into
+    # the freshly built model, against the registered version, on real eval batches.
+    assert_same_logits_as_deepspeed_held(reference, loaded, summary, data.eval, t.micro_batch_size, batches=4,
+                                         what=method)
 
 
 def test_generate_cli_loads_the_registered_version(trained):

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.models.loading import load_base
-from orchestrator.planning.targets import architecture_problems, freeze_selects, ia3_feedforward, select_targets
+from orchestrator.planning.targets import (architecture_problems, freeze_selects, fused_expert_problems,
+                                           ia3_feedforward, select_targets, split_targets)
 from orchestrator.spec import JobSpec, SpecError
 
 
@@ -30,18 +31,35 @@ def linear_module_names(model) -> dict[str, str]:
             if isinstance(module, linear_types) and module is not head and not name.endswith("lm_head")}
 
 
+def fused_expert_names(model) -> dict[str, str]:
+    """Parameter path -> name of a mixture of experts' fused expert weights (Mixtral's
+    `model.layers.0.mlp.experts.gate_up_proj`): LoRA reaches them through peft's `target_parameters`."""
+    from orchestrator.planning.inventory import fused_expert_weights
+
+    return {layer.path: layer.path.rsplit(".", 1)[-1] for layer in fused_expert_weights(model)}
+
+
 def resolve_target_modules(target: str | list[str], model) -> list[str]:
-    """The names peft targets for a preset (`attention`, `mlp`, `all-linear`: `parent.leaf`
-    names, so GPT-2's `attn.c_proj` and `mlp.c_proj` stay apart) or a list."""
-    return select_targets(target, linear_module_names(model))
+    """The names LoRA targets for a preset (`attention`, `mlp`, `all-linear`: `parent.leaf`
+    names, so GPT-2's `attn.c_proj` and `mlp.c_proj` stay apart, and Mixtral's `mlp` and
+    `all-linear` include its fused expert weights `experts.gate_up_proj`, `experts.down_proj`,
+    never its router) or a list."""
+    return select_targets(target, {**linear_module_names(model), **fused_expert_names(model)})
 
 
-def lora_config(spec: JobSpec, target_modules: list[str]):
+def lora_config(spec: JobSpec, targets: list[str], model=None):
+    """peft's `LoraConfig` for `targets`; with `model`, the names that select its fused expert
+    weights become `target_parameters`. Raises `SpecError` for what those cannot take."""
     from peft import LoraConfig
 
     p = spec.peft
+    modules, parameters = split_targets(targets, fused_expert_names(model) if model is not None else [])
+    problems = fused_expert_problems(spec, parameters)
+    if problems:
+        raise SpecError(problems)
     return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.use_dora,
-                      use_rslora=p.use_rslora, target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+                      use_rslora=p.use_rslora, target_modules=modules, target_parameters=parameters or None,
+                      bias="none", task_type="CAUSAL_LM")
 
 
 def peft_config(spec: JobSpec, model, base_path: str):
@@ -50,7 +68,7 @@ def peft_config(spec: JobSpec, model, base_path: str):
 
     p = spec.peft
     if p.method == "lora":
-        return lora_config(spec, resolve_target_modules(p.target_modules, model))
+        return lora_config(spec, resolve_target_modules(p.target_modules, model), model)
     if p.method == "ia3":
         linears = linear_module_names(model)
         targets = select_targets(p.target_modules, linears)

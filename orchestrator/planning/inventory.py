@@ -24,11 +24,15 @@ class ParamTensor:
 
 @dataclass(frozen=True)
 class LinearLayer:
-    """A layer peft's LoRA can wrap (torch Linear or GPT-2's Conv1D), the output head excluded."""
+    """A layer peft's LoRA can wrap, the output head excluded: a torch Linear or GPT-2's Conv1D
+    (a module), or a mixture of experts' fused expert weight, one 3-D parameter holding every
+    expert's matrix (Mixtral's `mlp.experts.gate_up_proj`), which LoRA reaches through peft's
+    `target_parameters`."""
 
-    path: str  # model.layers.0.self_attn.q_proj, transformer.h.0.attn.c_attn
+    path: str  # model.layers.0.self_attn.q_proj, transformer.h.0.attn.c_attn, model.layers.0.mlp.experts.down_proj
     in_features: int
     out_features: int
+    experts: int = 0  # a fused expert weight: the experts it holds (each in_features -> out_features)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ def meta_inventory(config: dict) -> Inventory:
         fan_in, fan_out = ((module.weight.shape[0], module.weight.shape[1]) if isinstance(module, Conv1D)
                            else (module.in_features, module.out_features))
         linears.append(LinearLayer(path, int(fan_in), int(fan_out)))
+    linears += fused_expert_weights(model)
     tensors = []
     for name, param in model.named_parameters():
         path, module = owner.get(name, (name.rsplit(".", 1)[0], None))
@@ -94,6 +99,21 @@ def meta_inventory(config: dict) -> Inventory:
                                    quantizable, out))
     return Inventory(tensors=tuple(tensors), linears=tuple(linears),
                      tied_embeddings=bool(getattr(model, "all_tied_weights_keys", None)), dims=_dims(cfg))
+
+
+def fused_expert_weights(model) -> list[LinearLayer]:
+    """The 3-D parameters of `model` (experts x out x in, or experts x in x out where the module
+    says `is_transposed`, as peft's `ParamWrapper` reads them): the fused experts of a mixture of
+    experts in transformers 5. A router is a 2-D weight, so it is never among them."""
+    out = []
+    for path, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            shape = tuple(getattr(param, "ds_shape", None) or param.shape)
+            if len(shape) == 3:
+                experts, a, b = shape
+                fan_in, fan_out = (a, b) if getattr(module, "is_transposed", False) else (b, a)
+                out.append(LinearLayer(f"{path}.{name}", int(fan_in), int(fan_out), int(experts)))
+    return out
 
 
 def _dims(cfg) -> dict:

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field, replace
 from orchestrator.planning.advice import Recommendation, recommendations
 from orchestrator.planning.architectures import Architecture
 from orchestrator.planning.parameters import (DTYPE_BYTES, METHOD_TRAINS, ParamCount, ParamTensor, count_params,
-                                              parameter_tensors, quantized_bytes, targeted_roles, trainable_tensors)
+                                              parameter_tensors, quantized_bytes, targeted_expert_elements,
+                                              targeted_roles, trainable_tensors)
 from orchestrator.planning.units import GiB
 from orchestrator.spec import BASE_TRAINING_METHODS, JobSpec
 
@@ -92,12 +93,17 @@ def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") ->
     full = method == "full"
     # LoRA and IA3 save something at each targeted layer (IA3: its scaled input, taken as r=1);
     # the prompt methods and freeze send gradients down through frozen layers to what they train.
-    targets = targeted_roles(arch, spec.peft.target_modules) if method in ("lora", "ia3") else ()
+    targets = targeted_roles(arch, spec.peft.target_modules, method == "lora") if method in ("lora", "ia3") else ()
     r, dropout = (spec.peft.r, spec.peft.dropout) if method == "lora" else (1, 0.0)
     grad_through = method in ("prompt_tuning", "prefix_tuning", "adaption_prompt", "freeze")
     # Dropout on the CPU multiplies by a noise tensor in the model dtype; CUDA keeps a bool mask.
     mask_bytes = 1 if device == "cuda" else e
     shapes = arch.linear_shapes()
+    # LoRA on a fused expert weight (peft's target_parameters) adds B A to the whole weight in
+    # every forward, and the experts' matmuls keep that sum (experts x in x out, model dtype) for
+    # backward: per layer, as many bytes as its targeted expert weights (Mixtral at hidden 256,
+    # MLP 512, 8 experts: 8 x (1024 x 256 + 256 x 512) x 2 B = 6.3 MB; measured, docs/memory.md).
+    fused = e * targeted_expert_elements(arch, spec.peft.target_modules) // arch.num_layers if method == "lora" else 0
 
     def norm(input_grad: bool) -> int:
         # x.float() and rsqrt(mean(x^2)) are saved when the input needs a gradient; the
@@ -119,7 +125,7 @@ def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") ->
         return n
 
     def layer(input_grad: bool) -> int:
-        n = norm(input_grad)
+        n = norm(input_grad) + fused
         x1_grad = input_grad or full
         n += linears(("q_proj", "k_proj", "v_proj"), x1_grad)
         attn_grad = x1_grad or any(m in targets for m in ("q_proj", "k_proj", "v_proj"))

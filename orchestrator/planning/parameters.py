@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from orchestrator.planning.architectures import ATTENTION_MODULES, LINEAR_MODULES, Architecture
 from orchestrator.planning.inventory import ParamTensor
-from orchestrator.planning.targets import freeze_selects, ia3_feedforward, layer_kind, matches, select_targets
-from orchestrator.spec import JobSpec
+from orchestrator.planning.targets import (freeze_selects, fused_expert_problems, ia3_feedforward, layer_kind, matches,
+                                           select_targets, split_targets)
+from orchestrator.spec import JobSpec, SpecError
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -45,21 +46,30 @@ def parameter_tensors(arch: Architecture) -> list[ParamTensor]:
     return out
 
 
-def lora_targets(arch: Architecture, target_modules: str | list[str]) -> tuple[str, ...]:
-    """The names a LoRA target preset or list resolves to, by the same rule training uses."""
-    return tuple(select_targets(target_modules, _layer_paths(arch)))
+def lora_targets(arch: Architecture, target_modules: str | list[str], experts: bool = True) -> tuple[str, ...]:
+    """The names a LoRA target preset or list resolves to, by the same rule training uses (with
+    a mixture of experts' fused expert weights, which LoRA reaches and IA3 does not, unless
+    `experts` is false)."""
+    return tuple(select_targets(target_modules, _layer_paths(arch, experts)))
 
 
-def targeted_roles(arch: Architecture, target_modules: str | list[str]) -> tuple[str, ...]:
+def targeted_roles(arch: Architecture, target_modules: str | list[str], experts: bool = True) -> tuple[str, ...]:
     """The Llama layers (q_proj, ..., down_proj) the activation formula treats as targeted: the
     layers themselves for the Llama families, and for any other the Llama layers of the same
     role (attention or MLP) as a targeted layer."""
-    names = lora_targets(arch, target_modules)
+    names = lora_targets(arch, target_modules, experts)
     if not arch.counted:
         return tuple(m for m in LINEAR_MODULES if any(matches(n, p) for n in names for p in _layer_paths(arch)
                                                        if p.endswith("." + m)))
     kinds = {layer_kind(layer.path) for layer in arch.linears if any(matches(n, layer.path) for n in names)}
     return tuple(m for m in LINEAR_MODULES if ("attention" if m in ATTENTION_MODULES else "mlp") in kinds)
+
+
+def targeted_expert_elements(arch: Architecture, target_modules: str | list[str]) -> int:
+    """Elements of the fused expert weights LoRA targets, every layer's together (0 for none)."""
+    names = lora_targets(arch, target_modules)
+    return sum(layer.experts * layer.in_features * layer.out_features for layer in arch.linears
+               if layer.experts and any(matches(n, layer.path) for n in names))
 
 
 # What each method trains, in the plan's words.
@@ -68,26 +78,29 @@ METHOD_TRAINS = {"full": "all parameters", "freeze": "selected base parameters",
                  "prefix_tuning": "prefix keys and values", "adaption_prompt": "adaption prompts and gates"}
 
 
-def _layer_paths(arch: Architecture) -> dict[str, str]:
+def _layer_paths(arch: Architecture, experts: bool = True) -> dict[str, str]:
     """Module path -> leaf name of the linear layers, as transformers names them (one block's
-    for the Llama families, every layer of a meta-device build for any other)."""
+    for the Llama families, every layer of a meta-device build for any other, with the fused
+    expert weights of a mixture of experts unless `experts` is false)."""
     if arch.counted:
-        return {layer.path: layer.path.rsplit(".", 1)[-1] for layer in arch.linears}
+        return {layer.path: layer.path.rsplit(".", 1)[-1] for layer in arch.linears if experts or not layer.experts}
     return {f"model.layers.0.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}": m for m in LINEAR_MODULES}
 
 
-def _linear_layers(arch: Architecture) -> list[tuple[str, int, int]]:
-    """(path, in_features, out_features) of every linear layer LoRA could wrap."""
+def _linear_layers(arch: Architecture) -> list[tuple[str, int, int, int]]:
+    """(path, in_features, out_features, experts) of every linear layer LoRA could wrap (experts:
+    0 for a layer, E for a fused expert weight of E matrices)."""
     if arch.counted:
-        return [(layer.path, layer.in_features, layer.out_features) for layer in arch.linears]
-    return [(f"model.layers.{i}.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}", fan_in, fan_out)
+        return [(layer.path, layer.in_features, layer.out_features, layer.experts) for layer in arch.linears]
+    return [(f"model.layers.{i}.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}", fan_in, fan_out, 0)
             for i in range(arch.num_layers) for m, (fan_in, fan_out) in arch.linear_shapes().items()]
 
 
 def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
     """What the optimizer trains, tensor by tensor, exactly as peft builds it:
     full: every parameter; freeze: the parameters it selects; lora: A (r x in) and B (out x r)
-    on each targeted linear layer of each block (+ DoRA's magnitude, one per output);
+    on each targeted linear layer of each block (+ DoRA's magnitude, one per output); on a fused
+    expert weight of E experts, peft's `ParamWrapper` holds A (r*E x in) and B (out x r*E);
     ia3: one vector per targeted layer (its input width for feed-forward layers, else its output);
     prompt_tuning: the virtual tokens' embeddings; prefix_tuning: a key and a value per virtual
     token and layer (key/value heads x head_dim wide); adaption_prompt: a prompt and a gate on
@@ -108,19 +121,22 @@ def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
         adapted = range(n_layers - (p.adapter_layers or n_layers), n_layers)
         return [t for i in adapted for t in (ParamTensor(f"layers.{i}.adaption_prompt", p.prompt_len * h, "prompt"),
                                              ParamTensor(f"layers.{i}.adaption_gate", 1, "prompt"))]
-    targets = lora_targets(arch, p.target_modules)
+    targets = lora_targets(arch, p.target_modules, experts=method == "lora")
     layers = [x for x in _linear_layers(arch) if any(matches(t, x[0]) for t in targets)]
     out = []
     if method == "ia3":
-        feedforward = ia3_feedforward(list(targets), _layer_paths(arch))
-        for path, fan_in, fan_out in layers:
+        feedforward = ia3_feedforward(list(targets), _layer_paths(arch, experts=False))
+        for path, fan_in, fan_out, _ in layers:
             ff = any(matches(t, path) for t in feedforward)
             out.append(ParamTensor(f"{path}.ia3", fan_in if ff else fan_out, path.rsplit(".", 1)[-1]))
         return out
+    problems = fused_expert_problems(spec, split_targets(list(targets), [x[0] for x in layers if x[3]])[1])
+    if problems:
+        raise SpecError(problems)
     r = p.r
-    for path, fan_in, fan_out in layers:
-        leaf = path.rsplit(".", 1)[-1]
-        out += [ParamTensor(f"{path}.lora_A", r * fan_in, leaf), ParamTensor(f"{path}.lora_B", fan_out * r, leaf)]
+    for path, fan_in, fan_out, experts in layers:
+        leaf, rank = path.rsplit(".", 1)[-1], r * max(experts, 1)
+        out += [ParamTensor(f"{path}.lora_A", rank * fan_in, leaf), ParamTensor(f"{path}.lora_B", fan_out * rank, leaf)]
         if p.use_dora:
             out.append(ParamTensor(f"{path}.lora_magnitude", fan_out, leaf))
     return out

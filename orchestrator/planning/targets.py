@@ -55,10 +55,34 @@ def select_targets(target: str | list[str], linears: dict[str, str]) -> list[str
     if not chosen:
         raise SpecError([Problem(path="peft.target_modules",
                                  message=f"preset '{target}' matches no linear module of this model"
-                                         + (" (its experts are fused parameters, not linear layers)"
-                                            if target == "mlp" else ""),
+                                         + (" (its experts are fused parameters, not linear layers, and only "
+                                            "LoRA reaches them)" if target == "mlp" else ""),
                                  fix=f"use all-linear or attention, or list module names from {', '.join(available)}")])
     return chosen
+
+
+def split_targets(names: list[str], experts: dict[str, str] | list[str]) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) for peft: the names that select a fused expert weight
+    (a parameter path among `experts`) go to peft's `target_parameters`, the rest name modules."""
+    parameters = [n for n in names if any(matches(n, path) for path in experts)]
+    return [n for n in names if n not in parameters], parameters
+
+
+def fused_expert_problems(spec: JobSpec, target_parameters: list[str]) -> list[Problem]:
+    """What LoRA on fused expert weights cannot take (peft's `ParamWrapper` refuses dropout and
+    DoRA: the update is added to the weight, so there is no input of its own to drop or normalize)."""
+    if not target_parameters:
+        return []
+    what = f"LoRA on the fused expert weights ({', '.join(target_parameters)})"
+    attention_only = "target attention only (peft.target_modules: attention)"
+    problems = []
+    if spec.peft.dropout:
+        problems.append(Problem(path="peft.dropout", message=f"{spec.peft.dropout} is not 0, and {what} takes no dropout",
+                                fix=f"set peft.dropout: 0, or {attention_only}"))
+    if spec.peft.use_dora:
+        problems.append(Problem(path="peft.use_dora", message=f"{what} cannot be DoRA",
+                                fix=f"set peft.use_dora: false, or {attention_only}"))
+    return problems
 
 
 # Architectures whose attention PEFT's LLaMA-Adapter (adaption_prompt) knows how to extend
