@@ -204,7 +204,10 @@ def train_loop_per_worker(config: dict) -> None:
     if state.base_eval_loss is None:
         state.base_eval_loss = run_eval(0)
         if logger:
-            logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss})
+            # The worker's niceness beside it: Ray starts its workers at 15, and a training
+            # worker at 15 yields the CPU to everything else on the node (launch.TRAINING_WORKER_ENV).
+            logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss,
+                           "worker_niceness": float(os.nice(0))})
             logger.flush()
         progress(0, {"eval_loss": state.base_eval_loss})
     elif logger:
