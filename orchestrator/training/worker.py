@@ -112,6 +112,10 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
             release_stale_op_lock("cpu_adam")  # DeepSpeedCPUAdam's op, built on first use
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=job.deepspeed_config)
+    if spec.distributed.deepspeed.stage == 0 and engine.world_size == 1:
+        # One worker, ZeRO-0: nothing to average, yet after every backward DeepSpeed would flatten
+        # each gradient, all-reduce the buffer with itself and copy it back (docs/benchmarks.md).
+        engine.enable_backward_allreduce = False
     return engine
 
 
