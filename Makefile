@@ -32,7 +32,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# The benchmarks against a plain script (about 15 minutes on 2 cores); rewrites docs/benchmarks.md.
+# The benchmarks against HF Trainer and a plain script (2 cores: 15 minutes before the HF Trainer pairs were added; not timed since); rewrites docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 

@@ -73,33 +73,20 @@ def evaluate(model, examples, size: int, pad_id: int, cap: int | None) -> float:
     return loss_sum / max(count, 1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help="override training.max_steps")
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
+def load_model(spec):
+    """The job's base as a user loads it (4-bit NF4 when the job quantizes), with LoRA on every
+    linear layer: (tokenizer, model)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, get_cosine_schedule_with_warmup
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from orchestrator.data.tokenize import load_datasets
     from orchestrator.models.builtin import resolve_builtin
-    from orchestrator.spec import load_spec
 
-    times = {"import": time.perf_counter() - STARTED}
-    spec = load_spec(args.job, args.overrides)
-    t, workers = spec.training, spec.distributed.num_workers
-    steps = args.steps or t.max_steps
-
-    start = time.perf_counter()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[spec.model.dtype]
     base = resolve_builtin(spec.model.base) if spec.model.base.startswith("builtin:") else spec.model.base
     tokenizer = AutoTokenizer.from_pretrained(base)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16) if spec.quantization.bits == 4 else None
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=quant,
+                               bnb_4bit_compute_dtype=dtype) if spec.quantization.bits == 4 else None
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quant,
                                                  device_map={"": "cpu"})
     if quant is not None:
         # bitsandbytes 0.50's inference-only CPU kernel stops gradients (see models/loading.py):
@@ -112,6 +99,40 @@ def main() -> None:
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=spec.peft.r, lora_alpha=spec.peft.alpha, lora_dropout=spec.peft.dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    return tokenizer, model
+
+
+def load_job(job, overrides: list[str]):
+    """(spec, tokenizer, model, tokenized data) of a job file with `--set` overrides."""
+    from orchestrator.data.tokenize import load_datasets
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(job, overrides)
+    tokenizer, model = load_model(spec)
+    return spec, tokenizer, model, load_datasets(spec.data, tokenizer, spec.training.seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="override training.max_steps")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    from orchestrator.data.tokenize import load_datasets
+    from orchestrator.spec import load_spec
+
+    times = {"import": time.perf_counter() - STARTED}
+    spec = load_spec(args.job, args.overrides)
+    t, workers = spec.training, spec.distributed.num_workers
+    steps = args.steps or t.max_steps
+
+    start = time.perf_counter()
+    tokenizer, model = load_model(spec)
     times["load"] = time.perf_counter() - start
 
     start = time.perf_counter()

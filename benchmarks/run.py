@@ -4,9 +4,10 @@
     python benchmarks/run.py steady fixed         # some of them
     python benchmarks/run.py --smoke --out DIR    # a quick run of each (what the test suite runs)
 
-- steady:  tokens/s of one Ray Train worker running the orchestrator's training step against the
-           plain transformers + peft loop (benchmarks/plain_loop.py) on the same model, data,
-           batch, precision and thread count; interleaved A B B A ..., one ratio per pair.
+- steady:  tokens/s of the orchestrator's training loop against HF Trainer + peft
+           (benchmarks/hf_trainer.py) on two jobs (the QLoRA quickstart, an fp32 LoRA job with 1
+           worker), same model, data, batch, precision, workers and threads; interleaved
+           A B B A ..., one ratio per pair.
 - fixed:   the quickstart end to end (`orchestrator run`) split into phases, against the same job
            as the plain script; each in a fresh process, as a user runs them; and Ray Train's own
            floor (benchmarks/ray_floor.py: a TorchTrainer whose workers do nothing).
@@ -99,7 +100,21 @@ def _timed_json(cmd: list[str]) -> tuple[float, dict]:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return wall, json.loads(done.stdout[done.stdout.index("{"):])
+    return wall, last_json(done.stdout)
+
+
+def last_json(text: str) -> dict:
+    """The JSON object that ends the output (HF Trainer prints a Python dict of its own before it;
+    `orchestrator run --json` prints one over several lines)."""
+    decoder = json.JSONDecoder()
+    for start in reversed([i for i, c in enumerate(text) if c == "{" and (i == 0 or text[i - 1] == "\n")]):
+        try:
+            obj, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            continue
+        if not text[end:].strip():
+            return obj
+    raise ValueError(f"no JSON object at the end of the output: {text[-500:]}")
 
 
 def steady_tokens_per_s(summary: dict) -> float:
@@ -130,32 +145,77 @@ def steady_job(steps: int) -> list[str]:
             "distributed.num_workers=1", f"distributed.cpus_per_worker={CPUS}", "distributed.deepspeed.stage=0"]
 
 
+# The steady benchmark's two jobs, as `--set` overrides of jobs/quickstart.yaml: the quickstart
+# itself (QLoRA, bf16, 2 workers with ZeRO-2 and 1 thread each), and the job issue 19 measured
+# against LLaMA-Factory: LoRA r16 on every linear layer, fp32, batch 16, sequence 64, 1 worker
+# with every core.
+STEADY_JOBS = {
+    "qlora-quickstart": [],
+    "lora-fp32": ["quantization.bits=null", "model.dtype=float32", "peft.r=16", "peft.alpha=32",
+                  "data.max_seq_len=64", "training.micro_batch_size=16", "distributed.num_workers=1",
+                  f"distributed.cpus_per_worker={CPUS}", "distributed.deepspeed.stage=0"],
+}
+
+
+def hf_trainer(job: Path, overrides: list[str]) -> dict:
+    """benchmarks/hf_trainer.py in fresh processes, one per worker of the job (DDP over gloo under
+    torch.distributed.run when there are several), each with the job's threads per worker."""
+    from orchestrator.spec import load_spec
+
+    d = load_spec(job, overrides).distributed
+    script = [str(REPO / "benchmarks" / "hf_trainer.py"), str(job), "--threads", str(d.cpus_per_worker)]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(d.num_workers),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if d.num_workers > 1 else []
+    cmd = [sys.executable, *launcher, *script]
+    for o in overrides:
+        cmd += ["--set", o]
+    return _timed_json(cmd)[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def bench_steady(scratch: Path, smoke: bool) -> dict:
-    """Two figures per pair: the whole training loop's tokens/s (what the target is about), and
-    the ratio of the median step's tokens/s, which a few slow seconds of a shared machine move
-    far less (both sides train the same batches in the same order)."""
+    """The orchestrator against HF Trainer + peft on each of STEADY_JOBS, interleaved A B B A ...
+    Two figures per pair: the whole training loop's tokens/s (what the target is about; the
+    first step's start to the last step's end, evaluation excluded), and the ratio of the median
+    step's tokens/s, which a few slow seconds of a shared machine move far less."""
     steps, reps = (3, 1) if smoke else (60, 4)
-    common = steady_job(steps)
-    pairs = []
-    for rep in range(reps):
-        order = ("orchestrator", "plain") if rep % 2 == 0 else ("plain", "orchestrator")
-        result = {}
-        for side in order:
-            if side == "plain":
-                _, figures = plain(QUICKSTART, common, threads=CPUS, smoke=smoke)
-                result["plain"] = figures["tokens_per_s"]
-                result["plain_step_median"] = statistics.median(figures["step_tokens_per_s"])
-            else:
-                summary = orchestrator_in_process(QUICKSTART, common + store_overrides(scratch), smoke=smoke)
-                result["orchestrator"] = steady_tokens_per_s(summary)
-                result["orchestrator_step_median"] = statistics.median(step_tokens_per_s(summary))
-        result["ratio"] = result["orchestrator"] / result["plain"]
-        result["step_ratio"] = result["orchestrator_step_median"] / result["plain_step_median"]
-        pairs.append(result)
-    return {"steps": steps, "threads": CPUS, "pairs": pairs,
-            "ratio_median": statistics.median(p["ratio"] for p in pairs),
-            "ratio_spread": spread([p["ratio"] for p in pairs]),
-            "step_ratio_spread": spread([p["step_ratio"] for p in pairs])}
+    jobs = {"lora-fp32": STEADY_JOBS["lora-fp32"]} if smoke else STEADY_JOBS  # the cheaper job checks the code
+    results = {}
+    for job, overrides in jobs.items():
+        common = overrides + [f"training.max_steps={steps}"]
+        pairs = []
+        for rep in range(reps):
+            order = ("orchestrator", "hf") if rep % 2 == 0 else ("hf", "orchestrator")
+            result = {}
+            for side in order:
+                if side == "hf":
+                    figures = hf_trainer(QUICKSTART, common)
+                    result["hf"] = figures["tokens_per_s"]
+                    result["hf_step_median"] = statistics.median(figures["step_tokens_per_s"])
+                else:
+                    summary = orchestrator_in_process(QUICKSTART, common + [
+                        f"training.eval_every={steps}", "training.eval_batches=1"] + store_overrides(scratch))
+                    result["orchestrator"] = steady_tokens_per_s(summary)
+                    result["orchestrator_step_median"] = statistics.median(step_tokens_per_s(summary))
+            result["ratio"] = result["orchestrator"] / result["hf"]
+            result["step_ratio"] = result["orchestrator_step_median"] / result["hf_step_median"]
+            pairs.append(result)
+        results[job] = {"overrides": overrides, "pairs": pairs,
+                        "ratio_median": statistics.median(p["ratio"] for p in pairs),
+                        "ratio_spread": spread([p["ratio"] for p in pairs]),
+                        "step_ratio_spread": spread([p["step_ratio"] for p in pairs])}
+    return {"steps": steps, "jobs": results, "load_after": load_average()}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def bench_fixed(scratch: Path, smoke: bool) -> dict:
@@ -248,16 +308,22 @@ def render(results: dict, smoke: bool) -> str:
              f"Load average before the run: {results.get('load_before', '?')}.", ""]
     if "steady" in results:
         r = results["steady"]
-        lines += ["### Steady-state throughput", "",
-                  f"{r['steps']} steps, 1 worker with {r['threads']} threads vs the plain loop with {r['threads']} "
-                  "threads; tokens/s of the training loop (evaluation excluded on both sides).", "",
-                  "| pair | orchestrator tokens/s | plain tokens/s | ratio | median step: orchestrator | plain | ratio |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {i + 1} | {p['orchestrator']:.0f} | {p['plain']:.0f} | {p['ratio']:.3f} | "
-                  f"{p['orchestrator_step_median']:.0f} | {p['plain_step_median']:.0f} | {p['step_ratio']:.3f} |"
-                  for i, p in enumerate(r["pairs"])]
-        lines += ["", f"**Ratio orchestrator / plain: {r['ratio_spread']}.** "
-                      f"Median step's tokens/s, orchestrator / plain: {r['step_ratio_spread']}.", ""]
+        lines += ["### Steady-state throughput against HF Trainer + peft", "",
+                  f"{r['steps']} steps per run; each pair runs the orchestrator (`run_job`, Ray Train + DeepSpeed) "
+                  "and `benchmarks/hf_trainer.py` (transformers' Trainer, DDP over gloo under "
+                  "`torch.distributed.run` when the job has several workers) on the same model, data, batch, "
+                  "precision, workers and threads, interleaved A B B A. Tokens/s: real tokens of the training "
+                  "loop over its seconds (evaluation excluded on both sides). Load average after the runs: "
+                  f"{r.get('load_after', '?')}.", ""]
+        for job, j in r["jobs"].items():
+            lines += [f"**{job}** (jobs/quickstart.yaml{' with ' + ', '.join(j['overrides']) if j['overrides'] else ''})",
+                      "", "| pair | orchestrator tokens/s | HF Trainer tokens/s | ratio | median step: orchestrator "
+                      "| HF Trainer | ratio |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {i + 1} | {p['orchestrator']:.0f} | {p['hf']:.0f} | {p['ratio']:.3f} | "
+                      f"{p['orchestrator_step_median']:.0f} | {p['hf_step_median']:.0f} | {p['step_ratio']:.3f} |"
+                      for i, p in enumerate(j["pairs"])]
+            lines += ["", f"Ratio orchestrator / HF Trainer: **{j['ratio_spread']}**; "
+                          f"median step's tokens/s: {j['step_ratio_spread']}.", ""]
     if "fixed" in results:
         r = results["fixed"]
         runs = r["runs"]
@@ -337,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
     from orchestrator.training import launch
 
     ours = not ray.is_initialized()  # stop Ray at the end only if these benchmarks started it
-    results = {"load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    results = {"load_before": load_average()}
     with tempfile.TemporaryDirectory() as scratch:
         try:
             for name in names:

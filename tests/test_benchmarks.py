@@ -24,9 +24,11 @@ def test_benchmarks_smoke_run_writes_every_figure(tmp_path, ray_local, tiny_base
 
     for name in ("steady", "fixed", "scaling"):
         assert json.loads((tmp_path / f"{name}.json").read_text()) == json.loads(json.dumps(results[name]))
-    steady = results["steady"]["pairs"][0]
-    assert steady["orchestrator"] > 0 and steady["plain"] > 0
-    assert math.isclose(steady["ratio"], steady["orchestrator"] / steady["plain"])
+    # A smoke run measures the cheaper of the two jobs: one pair, the orchestrator against HF Trainer.
+    assert list(results["steady"]["jobs"]) == ["lora-fp32"]
+    steady = results["steady"]["jobs"]["lora-fp32"]["pairs"][0]
+    assert steady["orchestrator"] > 0 and steady["hf"] > 0
+    assert math.isclose(steady["ratio"], steady["orchestrator"] / steady["hf"])
 
     fixed = results["fixed"]["runs"][0]
     phases = fixed["orchestrator"]
@@ -38,7 +40,7 @@ def test_benchmarks_smoke_run_writes_every_figure(tmp_path, ray_local, tiny_base
     # Ray Train's floor: its phases are real and fit inside the process's wall time.
     floor = fixed["ray_floor"]
     assert floor["ray_init_s"] > 0 and floor["worker_start_s"] > 0 and floor["wall_s"] < fixed["ray_floor_wall_s"]
-    assert steady["step_ratio"] > 0 and len(results["steady"]["pairs"]) == 1
+    assert steady["step_ratio"] > 0 and len(results["steady"]["jobs"]["lora-fp32"]["pairs"]) == 1
 
     intervals = results["scaling"]["intervals"][0]
     # Eval every step, checkpoint every 2 over 4 steps: checkpoints and logging took time, and evaluations
@@ -46,7 +48,7 @@ def test_benchmarks_smoke_run_writes_every_figure(tmp_path, ray_local, tiny_base
     assert intervals["checkpoint_s"] > 0 and intervals["log_s"] > 0 and intervals["report_s"] == 0
 
     report = (tmp_path / "report.md").read_text()
-    assert "SMOKE RUN" in report and "Steady-state throughput" in report and "| register |" in report and "Ray Train's own floor" in report
+    assert "SMOKE RUN" in report and "Steady-state throughput against HF Trainer" in report and "| register |" in report and "Ray Train's own floor" in report
     # Without --out the report goes into docs/benchmarks.md; a smoke run never touches it.
     assert "SMOKE RUN" not in (REPO / "docs" / "benchmarks.md").read_text()
 

@@ -55,6 +55,8 @@ def test_run_is_tracked_with_metrics_params_artifacts_and_tags(zero2_run):
     for key in ("learning_rate", "tokens_per_s", "step_time_s"):
         assert len(steps(key)) == 60
     assert sorted(steps("eval_loss")) == [0, 20, 40, 60]
+    # The training workers ran at niceness 0, not Ray's 15 for its worker processes.
+    assert [m.value for m in client.get_metric_history(summary.run_id, "worker_niceness")] == [0.0]
 
     artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
     assert {"job.yaml", "deepspeed_config.json", "data_stats.json"} <= artifacts

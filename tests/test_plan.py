@@ -51,6 +51,8 @@ def test_deepspeed_config_per_stage(stage, use_gpu, monkeypatch):
     assert ds.optimizer_name == "adamw" and ds.optimizer_params["lr"] == spec.training.learning_rate
     # torch's AdamW: nothing to JIT-compile on the node (FusedAdam would need a compiler).
     assert ds.optimizer_params["torch_adam"] is True
+    # torch's fused AdamW, as HF Trainer steps (one kernel for all the adapter's tensors).
+    assert ds.optimizer_params["fused"] is True
     assert ds.gradient_clipping == spec.training.max_grad_norm
     # Overlapping the gradient reduction with backward needs CUDA streams: on the GPU only.
     assert zero.overlap_comm is (use_gpu and stage >= 1)

@@ -113,6 +113,10 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
             release_stale_op_lock("cpu_adam")  # DeepSpeedCPUAdam's op, built on first use
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=job.deepspeed_config)
+    if spec.distributed.deepspeed.stage == 0 and engine.world_size == 1:
+        # One worker, ZeRO-0: nothing to average, yet after every backward DeepSpeed would flatten
+        # each gradient, all-reduce the buffer with itself and copy it back (docs/benchmarks.md).
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -214,7 +218,10 @@ def train_loop_per_worker(config: dict) -> None:
     if state.base_eval_loss is None:
         state.base_eval_loss = run_eval(0)
         if logger:
-            logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss})
+            # The worker's niceness beside it: Ray starts its workers at 15, and a training
+            # worker at 15 yields the CPU to everything else on the node (launch.TRAINING_WORKER_ENV).
+            logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss,
+                           "worker_niceness": float(os.nice(0))})
             logger.flush()
         progress(0, {"eval_loss": state.base_eval_loss})
     elif logger:
