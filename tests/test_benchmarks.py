@@ -25,8 +25,8 @@ def test_benchmarks_smoke_run_writes_every_figure(tmp_path, ray_local, tiny_base
     for name in ("steady", "fixed", "scaling"):
         assert json.loads((tmp_path / f"{name}.json").read_text()) == json.loads(json.dumps(results[name]))
     # A smoke run measures the cheaper of the two jobs: one pair, the orchestrator against HF Trainer.
-    assert list(results["steady"]["jobs"]) == ["lora-fp32"]
-    steady = results["steady"]["jobs"]["lora-fp32"]["pairs"][0]
+    assert list(results["steady"]["jobs"]) == ["quickstart-1-worker"]
+    steady = results["steady"]["jobs"]["quickstart-1-worker"]["pairs"][0]
     assert steady["orchestrator"] > 0 and steady["hf"] > 0
     assert math.isclose(steady["ratio"], steady["orchestrator"] / steady["hf"])
 
@@ -40,7 +40,7 @@ def test_benchmarks_smoke_run_writes_every_figure(tmp_path, ray_local, tiny_base
     # Ray Train's floor: its phases are real and fit inside the process's wall time.
     floor = fixed["ray_floor"]
     assert floor["ray_init_s"] > 0 and floor["worker_start_s"] > 0 and floor["wall_s"] < fixed["ray_floor_wall_s"]
-    assert steady["step_ratio"] > 0 and len(results["steady"]["jobs"]["lora-fp32"]["pairs"]) == 1
+    assert steady["step_ratio"] > 0 and len(results["steady"]["jobs"]["quickstart-1-worker"]["pairs"]) == 1
 
     intervals = results["scaling"]["intervals"][0]
     # Eval every step, checkpoint every 2 over 4 steps: checkpoints and logging took time, and evaluations
