@@ -5,6 +5,22 @@ from __future__ import annotations
 from orchestrator.planning.steps import warmup_steps
 from orchestrator.spec import JobSpec
 
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py) are sized for training every weight of a
+# large model: a 5e8-element gradient bucket is 1 GB in bf16, and ZeRO-1/2 keep two of them when
+# overlap_comm is on. An adapter of 20M parameters fills 4% of one.
+DS_DEFAULT_BUCKET = 500_000_000
+# ZeRO-3's prefetch gathers *frozen* base weights ahead of their layer too, so it is sized for the
+# base, not the adapter: DeepSpeed's own 5e7 elements (about two 4096 x 11008 MLP matrices).
+DS_PREFETCH_BUCKET = 50_000_000
+
+
+def bucket_elements(trainable_params: int) -> int:
+    """Elements per gradient bucket (reduce and all-gather): the whole trainable set in one bucket,
+    so an adapter is reduced once per step and its buckets are no bigger than its gradients,
+    capped at DeepSpeed's 5e8 default (full fine-tuning of a large model)."""
+    return max(1, min(int(trainable_params), DS_DEFAULT_BUCKET))
+
+
 # A large `steps_per_print` keeps DeepSpeed's own per-step log lines out of the console;
 # the orchestrator logs metrics itself (rank 0 -> MLflow).
 _DS_STEPS_PER_PRINT = 1_000_000
@@ -27,8 +43,10 @@ def _scheduler(spec: JobSpec, total_steps: int) -> dict:
         "warmup_min_lr": 0.0, "warmup_max_lr": t.learning_rate}}
 
 
-def deepspeed_config(spec: JobSpec, *, world_size: int, use_gpu: bool, total_steps: int) -> dict:
-    """The DeepSpeed config for this job: concrete values only, never "auto"."""
+def deepspeed_config(spec: JobSpec, *, world_size: int, use_gpu: bool, total_steps: int,
+                     trainable_params: int) -> dict:
+    """The DeepSpeed config for this job: concrete values only, never "auto". Bucket sizes follow
+    `trainable_params` (the planner's count, `MemoryPlan.params.trainable`)."""
     t, ds = spec.training, spec.distributed.deepspeed
     micro, accum = t.micro_batch_size, t.grad_accum
     offload_opt = ds.offload_optimizer and ds.stage > 0
@@ -44,9 +62,11 @@ def deepspeed_config(spec: JobSpec, *, world_size: int, use_gpu: bool, total_ste
             "lr": t.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
             "weight_decay": t.weight_decay,
             # DeepSpeed's FusedAdam is JIT-compiled on first use (it needs a CUDA compiler on the
-            # node, or builds a CPU op); torch's AdamW is the same update with nothing to build.
-            # Optimizer offload runs DeepSpeedCPUAdam, which DeepSpeed picks itself.
-            **({"torch_adam": True} if not offload_opt else {}),
+            # node, or builds a CPU op); torch's AdamW is the same update with nothing to build,
+            # and on GPUs its fused kernel (one launch for every tensor) is as fast. DeepSpeed passes
+            # the other keys to torch.optim.AdamW. Optimizer offload runs DeepSpeedCPUAdam, which
+            # DeepSpeed picks itself.
+            **({"torch_adam": True, **({"fused": True} if use_gpu else {})} if not offload_opt else {}),
         }},
         "scheduler": _scheduler(spec, total_steps),
         "zero_optimization": {"stage": ds.stage},
@@ -56,14 +76,22 @@ def deepspeed_config(spec: JobSpec, *, world_size: int, use_gpu: bool, total_ste
     elif spec.model.dtype == "float16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     zero = config["zero_optimization"]
+    bucket = bucket_elements(trainable_params)
     if ds.stage >= 1:
-        zero.update({"overlap_comm": use_gpu, "contiguous_gradients": True})
+        # Overlapping the reduction with backward needs CUDA streams (and doubles ZeRO-1/2's bucket).
+        zero.update({"overlap_comm": use_gpu, "contiguous_gradients": True,
+                     "reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
     if ds.stage >= 2:
         zero.update({"reduce_scatter": True, "allgather_partitions": True})
     if ds.stage == 3:
         # Gather the full 16-bit weights when saving so the adapter (or model) on disk is whole.
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True})
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True,
+                     "stage3_prefetch_bucket_size": DS_PREFETCH_BUCKET})
+    # Stage 0 all-reduces the gradients in buckets of at most 5e8 elements (engine.allreduce_gradients;
+    # not a config key): each bucket is a flat copy of gradients that exist, never more than the
+    # trainable count, so it is already sized for an adapter.
     if offload_opt:
+        # Pinned host memory speeds up copies to and from a GPU; without one it only locks RAM.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params and ds.stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
