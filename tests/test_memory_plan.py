@@ -219,6 +219,14 @@ def test_bucket_terms_follow_the_generated_deepspeed_config(method, stage, devic
         assert zero["reduce_bucket_size"] == p.params.trainable < 100_000_000
 
 
+@pytest.mark.parametrize("cpus,offload,flagged", [(1, True, True), (8, True, False), (1, False, False)])
+def test_optimizer_offload_on_one_cpu_is_flagged(cpus, offload, flagged):
+    from orchestrator.planning.memory import OFFLOAD_ONE_CPU
+
+    raw = job(stage=2, distributed={"cpus_per_worker": cpus, "deepspeed": {"stage": 2, "offload_optimizer": offload}})
+    assert (OFFLOAD_ONE_CPU in plan(raw).assumptions) is flagged
+
+
 @pytest.mark.parametrize("offload,on_host", [
     ({"offload_optimizer": True}, {"master", "adam", "grad16", "grad32"}),
     ({"offload_optimizer": True, "offload_params": True}, {"master", "adam", "grad16", "grad32"}),

@@ -432,6 +432,12 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
     return plan
 
 
+# DeepSpeed's CPU Adam (optimizer offload) runs its update on the worker's torch threads, which the
+# worker sets to distributed.cpus_per_worker: with one CPU the whole optimizer step is one thread.
+OFFLOAD_ONE_CPU = ("warning: distributed.deepspeed.offload_optimizer with distributed.cpus_per_worker=1: DeepSpeed's "
+                   "CPU Adam runs the optimizer step on one thread; give each worker more CPUs (e.g. 8)")
+
+
 def _assumptions(spec: JobSpec, arch: Architecture, stage: int) -> tuple[str, ...]:
     out = [f"sequences padded to data.max_seq_len={spec.data.max_seq_len} (the worst batch)",
            "Adam(W) with fp32 moments; gradient buckets as planning/deepspeed.py sizes them (the trainable count, "
@@ -445,4 +451,6 @@ def _assumptions(spec: JobSpec, arch: Architecture, stage: int) -> tuple[str, ..
         out.append(f"ZeRO-3 keeps parameters of at most {DS_PERSISTENCE_THRESHOLD:,} elements whole on every rank")
     if spec.distributed.deepspeed.offload_optimizer or spec.distributed.deepspeed.offload_params:
         out.append("host memory counts DeepSpeed's offloaded state only, not the model load itself")
+    if spec.distributed.deepspeed.offload_optimizer and stage > 0 and spec.distributed.cpus_per_worker == 1:
+        out.append(OFFLOAD_ONE_CPU)
     return tuple(out)
