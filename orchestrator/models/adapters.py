@@ -94,7 +94,16 @@ def trainable_model(spec: JobSpec, base_path: str, device: str, deepspeed_config
     ZeRO stage (`loading.load_base_for_training`), made trainable as the spec says."""
     model = load_base_for_training(spec, base_path, device, deepspeed_config)
     model.config.use_cache = False
-    return prepare_for_training(spec, model, base_path)
+    model = prepare_for_training(spec, model, base_path)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        # Built under zero.Init: DeepSpeed then leaves the module's dtype alone, so the adapter peft
+        # added (fp32) is cast to the model dtype here, as DeepSpeed casts the whole module otherwise.
+        from orchestrator.models.loading import torch_dtype
+
+        for param in model.parameters():
+            if param.requires_grad and not hasattr(param, "ds_id"):
+                param.data = param.data.to(torch_dtype(spec.model.dtype))
+    return model
 
 
 # A freeze job saves only the tensors it trained, under this name, beside the job spec.
