@@ -4,8 +4,8 @@
     python benchmarks/memory_gpu.py                    # on a GPU: run every case, write docs/memory.md
     python benchmarks/memory_gpu.py --only 1b-qlora    # cases whose name starts with this
 
-Each case runs in a fresh process, built the way the worker loop builds a job (`load_base`,
-`prepare_for_training`, `deepspeed_config`, one GPU), and reports `torch.cuda.max_memory_allocated()`
+Each case runs in a fresh process, built the way the worker loop builds a job (`trainable_model`,
+`deepspeed_config`, one GPU), and reports `torch.cuda.max_memory_allocated()`
 over the training steps beside the plan's allocated bytes (its total less the CUDA context and
 allocator slack, which that counter does not see). The models are Llama-3.2-1B and -3B shaped,
 with random weights saved once to a scratch directory.
@@ -108,9 +108,10 @@ def run_case(case: Case, model_dir: Path, steps: int) -> dict:
     import deepspeed
     import torch
 
-    from orchestrator.models.adapters import prepare_for_training
-    from orchestrator.models.loading import load_base
+    from orchestrator.models.adapters import trainable_model
+    from orchestrator.planning.architectures import architecture_for
     from orchestrator.planning.deepspeed import deepspeed_config
+    from orchestrator.planning.parameters import count_params
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,13 +119,10 @@ def run_case(case: Case, model_dir: Path, steps: int) -> dict:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend="nccl")
     spec = case.spec(str(model_dir))
-    model = load_base(spec, str(model_dir), device="cuda")
-    model.config.use_cache = False
-    model = prepare_for_training(spec, model)
+    config = deepspeed_config(spec, world_size=1, use_gpu=True, total_steps=steps + 1,
+                              trainable_params=count_params(architecture_for(spec), spec).trainable)
+    model = trainable_model(spec, str(model_dir), "cuda", config)  # as the worker builds it
     trainable = [p for p in model.parameters() if p.requires_grad]
-    config = deepspeed_config(spec, world_size=1, use_gpu=True, total_steps=steps + 1)
-    # torch's fused AdamW: the same state as DeepSpeed's FusedAdam, without a CUDA JIT build.
-    config["optimizer"]["params"].update(torch_adam=True, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     torch.cuda.synchronize()
     after_init = torch.cuda.memory_allocated()

@@ -91,6 +91,37 @@ def measure_activations(model, batch: dict) -> tuple[int, int]:
     return sum(saved.values()), tracker.peak
 
 
+def chunked_eval_loss(model, batch: dict, chunk_tokens: int):
+    """(summed loss, counted tokens) of one batch as the evaluation computes it: the logits in the
+    model dtype from `model(...).logits`, then cross-entropy in fp32 over `chunk_tokens` positions
+    at a time. The labels are shifted (not the logits, which would copy them all)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = torch.full_like(batch["labels"], -100)
+    labels[:, :-1] = batch["labels"][:, 1:]
+    flat, targets = logits.view(-1, logits.shape[-1]), labels.view(-1)
+    total = torch.zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        total += F.cross_entropy(flat[start:start + chunk_tokens].float(), targets[start:start + chunk_tokens],
+                                 ignore_index=-100, reduction="sum")
+    return total, int((targets != -100).sum())
+
+
+def measure_eval_peak(model, batch: dict, chunk_tokens: int) -> int:
+    """Peak live bytes of evaluating one batch without gradients (`chunked_eval_loss`)."""
+    import torch
+
+    existing = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    model.eval()
+    tracker = _peak_tracker_class()(ignore=existing)
+    with torch.no_grad(), tracker:
+        loss, _ = chunked_eval_loss(model, batch, chunk_tokens)
+        del loss
+    return tracker.peak
+
+
 # --- DeepSpeed -------------------------------------------------------------------------------------
 
 
@@ -203,19 +234,19 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
     import deepspeed
     import torch
 
-    from orchestrator.models.adapters import prepare_for_training
-    from orchestrator.models.loading import load_base
+    from orchestrator.models.adapters import trainable_model
+    from orchestrator.planning.architectures import architecture_for
     from orchestrator.planning.deepspeed import deepspeed_config
+    from orchestrator.planning.parameters import count_params
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate(case["spec"])
     stage = spec.distributed.deepspeed.stage
     torch.manual_seed(0)
-    model = load_base(spec, spec.model.base)
-    model.config.use_cache = False
-    model = prepare_for_training(spec, model)
+    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=10,
+                              trainable_params=count_params(architecture_for(spec), spec).trainable)
+    model = trainable_model(spec, spec.model.base, "cpu", config)  # as the worker builds it
     trainable = [p for p in model.parameters() if p.requires_grad]
-    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=10)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
 
     masters, inner = optimizer_view(engine, stage)
@@ -274,3 +305,68 @@ def run_deepspeed_cases(cases: list[dict], world: int, out_dir: str) -> list[dic
         port = sock.getsockname()[1]
     mp.spawn(_worker, args=(world, port, cases, out_dir), nprocs=world, join=True)
     return [r for rank in range(world) for r in json.loads(Path(out_dir, f"rank{rank}.json").read_text())]
+
+
+# --- peak process memory of loading + one step ----------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import deepspeed
+    import peft  # noqa: F401  imported before the baseline: code is not model state
+    import torch
+    import transformers  # noqa: F401
+
+    from orchestrator.models.adapters import trainable_model
+    from orchestrator.planning.architectures import architecture_for
+    from orchestrator.planning.deepspeed import deepspeed_config
+    from orchestrator.planning.parameters import count_params
+    from orchestrator.spec import JobSpec
+    from orchestrator.training.worker import skip_shared_memory_comm_op
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    skip_shared_memory_comm_op(deepspeed)
+    spec = JobSpec.model_validate(spec_dump)
+    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2,
+                              trainable_params=count_params(architecture_for(spec), spec).trainable)
+    torch.distributed.barrier()
+    baseline = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+    phases = {}
+    model = trainable_model(spec, spec.model.base, "cpu", config)  # as setup_engine builds it
+    phases["load"] = (_status_kib("VmHWM") - baseline) * 1024
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    phases["initialize"] = (_status_kib("VmHWM") - baseline) * 1024
+    engine.train()
+    ids = torch.randint(0, model.config.vocab_size, (spec.training.micro_batch_size, spec.data.max_seq_len))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    phases["step"] = (_status_kib("VmHWM") - baseline) * 1024
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_bytes": phases["step"],
+                                                             "phases": phases}))
+
+
+def peak_process_memory(spec_dump: dict, world: int, out_dir: str) -> list[dict]:
+    """Each rank's {"peak_bytes", "phases": {load, initialize, step}}: its peak resident memory (VmHWM, from the process) over building the model the
+    way the worker does, wrapping it in DeepSpeed and one step, above what the process held before
+    (Python, torch, DeepSpeed and the process group). One fresh process per rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_peak_worker, args=(world, port, spec_dump, out_dir), nprocs=world, join=True)
+    return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world)]

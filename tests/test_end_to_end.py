@@ -118,3 +118,13 @@ def test_zero3_run_with_4bit_base_registers(tmp_path, ray_local, tiny_base):
     # checkpoint_every=2 of 4 steps: Ray Train persisted two adapter checkpoints to storage.path.
     saved = sorted((tmp_path / "runs").glob("**/adapter/adapter_model.safetensors"))
     assert len(saved) == 2, saved
+    # The adapter gathered from the ZeRO-3 shards is whole and trained: every LoRA B matrix (zero at
+    # initialisation) moved away from zero.
+    from safetensors.torch import load_file
+
+    for path in saved:
+        tensors = load_file(str(path))
+        lora_b = {k: t for k, t in tensors.items() if "lora_B" in k}
+        assert lora_b and all(t.numel() > 0 for t in lora_b.values()), sorted(tensors)
+        # (It once was all zeros at step 2: the first two steps trained at learning rate 0.)
+        assert all(t.abs().sum() > 0 for t in lora_b.values()), f"{path}: a LoRA B matrix is all zero"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from memory_probe import measure_activations, run_deepspeed_cases
+from memory_probe import measure_activations, measure_eval_peak, peak_process_memory as run_peak, run_deepspeed_cases
 from orchestrator.planning.architectures import architecture_for
-from orchestrator.planning.memory import DS_REDUCE_BUCKET_SIZE, memory_plan
+from orchestrator.planning.memory import EVAL_LOSS_CHUNK_TOKENS, memory_plan
 from orchestrator.spec import parse_spec
 
 pytestmark = pytest.mark.integration
@@ -24,15 +24,20 @@ TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=1664, num_hidden
             tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
+def saved_llama(tmp_path_factory, name: str, config: dict) -> str:
+    """A Llama of `config` in bf16, built and saved in the test session."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(LlamaConfig(**TINY)).to(torch.bfloat16).save_pretrained(path)
+    path = tmp_path_factory.mktemp(name)
+    LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return saved_llama(tmp_path_factory, "tiny-llama", TINY)
 
 
 def job(base: str, method="lora", bits=None, stage=0, world=1, gc=False, dropout=0.0, targets="all-linear",
@@ -85,10 +90,11 @@ def test_model_states_match_live_tensors(name, deepspeed_results, tiny_model_dir
         assert planned == measured, f"{name} rank {rank}: planned {planned} != live {measured}"
 
         # Nothing else is held: every storage the engine reaches after a step is one of the above
-        # (ZeRO-3 also keeps its 16-bit gradient buffer and its 5e8-element bucket between steps),
+        # (ZeRO-3 also keeps its 16-bit gradient buffer and its gradient bucket between steps, the
+        # size planning/deepspeed.py gave it: the plan's ipg_buckets term),
         # give or take scalars such as Adam's step counts.
         between_steps = (live["weights"] - live["constants"] + live["trainable"] + live["master"]
-                         + live["moments"] + (live["grad16"] + DS_REDUCE_BUCKET_SIZE * 2 if stage == 3 else 0))
+                         + live["moments"] + (live["grad16"] + plan.term("ipg_buckets") if stage == 3 else 0))
         assert 0 <= live["reachable_after_step"] - between_steps <= 1024, (name, live, between_steps)
 
 
@@ -160,3 +166,94 @@ def assert_activations_as_planned(spec, vocab_size: int) -> None:
     assert planned.peak == pytest.approx(peak, rel=0.25), f"peak: planned {planned.peak}, measured {peak}"
     if not gc:  # with checkpointing, the layer inputs are held by checkpoint frames, not saved tensors
         assert planned.saved == pytest.approx(saved, rel=0.25), f"saved: planned {planned.saved}, measured {saved}"
+
+
+# The evaluation's peak is the logits plus one fp32 loss chunk when the vocabulary is wide, a
+# decoder layer's MLP when it is narrow: both kinds of case, and micro batches of fewer and of more
+# tokens than one chunk (EVAL_LOSS_CHUNK_TOKENS).
+WIDE_VOCAB = dict(TINY, vocab_size=16384, hidden_size=128, intermediate_size=384)
+
+EVAL_CASES = [
+    # config, method, LoRA targets, micro batch, sequence length
+    ("tiny", "lora", "all-linear", 2, 64),
+    ("tiny", "lora", "attention", 8, 256),
+    ("wide", "lora", "all-linear", 2, 64),
+    ("wide", "lora", "all-linear", 8, 256),
+    ("wide", "full", "all-linear", 4, 128),
+]
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_dir(tmp_path_factory):
+    return saved_llama(tmp_path_factory, "wide-vocab-llama", WIDE_VOCAB)
+
+
+@pytest.mark.parametrize("config,method,targets,micro,seq", EVAL_CASES)
+def test_evaluation_peak_within_25_percent(tiny_model_dir, wide_vocab_dir, config, method, targets, micro, seq):
+    """The plan's evaluation term against one evaluation batch measured on the CPU: the model's
+    logits, then the chunked fp32 cross-entropy (memory_probe.chunked_eval_loss)."""
+    import torch
+
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.loading import load_base
+
+    base = tiny_model_dir if config == "tiny" else wide_vocab_dir
+    spec = parse_spec(job(base, method, targets=targets, micro=micro, seq=seq))
+    torch.manual_seed(0)
+    model = prepare_for_training(spec, load_base(spec, base))
+    for p in model.parameters():  # DeepSpeed casts the (fp32) LoRA weights to the model dtype
+        p.data = p.data.to(torch.bfloat16)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (micro, seq))
+    mask = torch.ones_like(ids)
+    mask[-1, seq - seq // 4:] = 0
+    measured = measure_eval_peak(model, {"input_ids": ids, "attention_mask": mask, "labels": ids},
+                                 EVAL_LOSS_CHUNK_TOKENS)
+    plan = memory_plan(spec, architecture_for(spec), world_size=1, gpu_memory_bytes=2**40, device="cpu")
+    assert plan.activations.eval_peak == pytest.approx(measured, rel=0.25), \
+        f"planned {plan.activations.eval_peak:,} B, measured {measured:,} B"
+    # The plan reserves the larger of training's and evaluation's peaks.
+    assert plan.gpu("activations") == max(plan.activations.peak, plan.activations.eval_peak)
+
+
+# --- ZeRO-3 never holds the whole model on one worker ---------------------------------------------
+
+# ~154M parameters: 11 layers of hidden 1024 / MLP 2816 and a small vocabulary, so no single tensor
+# (the largest, an MLP matrix, is 2.9M elements) weighs much next to the model (308 MB in bf16).
+MID = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=11,
+           num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def mid_model_dir(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mid-llama")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**MID, dtype="bfloat16"))
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():  # weights need only be real bytes, not a good initialisation
+        p.data.normal_(0, 0.02)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.xfail(reason="measured 2026-12-01: ZeRO-3 peaks at 0.64-0.65x a ZeRO-2 worker (613 MB vs 956 MB "
+                          "per rank for a 308 MB model), both at load: what the load holds beyond the weights is "
+                          "not found yet (issue 19)", strict=False)
+def test_zero3_worker_holds_well_under_a_zero2_worker(mid_model_dir, tmp_path):
+    """Under ZeRO-3 the base loads already partitioned (zero.Init, weights streamed in one tensor
+    at a time), so each of 2 workers peaks at about half a ZeRO-2 worker, which holds the whole
+    model: measured as the processes' peak resident memory over load + engine + one step."""
+    peaks = {}
+    for stage in (2, 3):
+        raw = job(mid_model_dir, stage=stage, world=2, targets=["q_proj", "v_proj"], micro=1, seq=16)
+        out = tmp_path / f"zero{stage}"
+        out.mkdir()
+        peaks[stage] = run_peak(parse_spec(raw).model_dump(), 2, str(out))
+    for rank in range(2):
+        z3, z2 = peaks[3][rank], peaks[2][rank]
+        ratio = z3["peak_bytes"] / z2["peak_bytes"]
+        assert ratio <= 0.6, f"rank {rank}: ZeRO-3 {z3['phases']} B vs ZeRO-2 {z2['phases']} B ({ratio:.2f})"

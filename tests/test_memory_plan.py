@@ -198,6 +198,40 @@ def test_each_stage_shards_its_part(stage, sharded):
         assert ratio == pytest.approx(1 / 8 if key in sharded else 1.0, rel=0.01), key
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_bucket_terms_follow_the_generated_deepspeed_config(method, stage, device):
+    """The planned gradient buckets are the ones planning/deepspeed.py writes for the same job:
+    ZeRO-1/2 keep two buckets with overlap_comm (on GPUs), ZeRO-3 one, stage 0 all-reduces in
+    buckets of at most 5e8 elements; a LoRA adapter's buckets are its size, not DeepSpeed's 5e8."""
+    from orchestrator.planning.deepspeed import deepspeed_config
+
+    raw = job("meta-llama/Llama-2-7b-hf", method, stage=stage, world=2)
+    p = plan(raw, world=2, device=device)
+    cfg = deepspeed_config(parse_spec(raw), world_size=2, use_gpu=device == "cuda", total_steps=10,
+                           trainable_params=p.params.trainable)
+    zero, e = cfg["zero_optimization"], 2  # bf16
+    if stage in (1, 2):
+        buffers = 2 if zero["overlap_comm"] else 1
+        assert p.term("ipg_buckets") == buffers * zero["reduce_bucket_size"] * e
+    elif stage == 3:
+        assert p.term("ipg_buckets") == zero["reduce_bucket_size"] * e
+        assert p.term("zero3_prefetch") == (zero["stage3_prefetch_bucket_size"] * e if device == "cuda" else 0)
+    else:
+        assert p.term("allreduce_bucket") == min(p.params.trainable, 500_000_000) * e
+    if method == "lora" and stage:
+        assert zero["reduce_bucket_size"] == p.params.trainable < 100_000_000
+
+
+@pytest.mark.parametrize("cpus,offload,flagged", [(1, True, True), (8, True, False), (1, False, False)])
+def test_optimizer_offload_on_one_cpu_is_flagged(cpus, offload, flagged):
+    from orchestrator.planning.memory import OFFLOAD_ONE_CPU
+
+    raw = job(stage=2, distributed={"cpus_per_worker": cpus, "deepspeed": {"stage": 2, "offload_optimizer": offload}})
+    assert (OFFLOAD_ONE_CPU in plan(raw).assumptions) is flagged
+
+
 @pytest.mark.parametrize("offload,on_host", [
     ({"offload_optimizer": True}, {"master", "adam", "grad16", "grad32"}),
     ({"offload_optimizer": True, "offload_params": True}, {"master", "adam", "grad16", "grad32"}),

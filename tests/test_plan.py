@@ -2,10 +2,13 @@
 
 import pytest
 
-from orchestrator.planning.deepspeed import deepspeed_config
+from orchestrator.planning.deepspeed import DS_DEFAULT_BUCKET, deepspeed_config
 from orchestrator.planning.resources import resources
 from orchestrator.planning.steps import optimizer_steps, warmup_steps
 from orchestrator.spec import parse_spec
+
+
+ADAPTER = 20_000_000  # trainable parameters: a LoRA adapter of a 7B model
 
 
 def spec_with(stage=2, **training):
@@ -41,7 +44,7 @@ def parsed(cfg: dict, world_size: int, monkeypatch):
 @pytest.mark.parametrize("use_gpu", [False, True])
 def test_deepspeed_config_per_stage(stage, use_gpu, monkeypatch):
     spec = spec_with(stage, micro_batch_size=8, grad_accum=4)
-    cfg = deepspeed_config(spec, world_size=2, use_gpu=use_gpu, total_steps=100)
+    cfg = deepspeed_config(spec, world_size=2, use_gpu=use_gpu, total_steps=100, trainable_params=ADAPTER)
     assert "auto" not in list(walk(cfg)), "DeepSpeed config must hold concrete values only"
     ds = parsed(cfg, 2, monkeypatch)
     zero = ds.zero_config
@@ -49,10 +52,16 @@ def test_deepspeed_config_per_stage(stage, use_gpu, monkeypatch):
     assert (ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (64, 8, 4)
     assert ds.bfloat16_config.enabled and not ds.float16_config.enabled
     assert ds.optimizer_name == "adamw" and ds.optimizer_params["lr"] == spec.training.learning_rate
-    # torch's AdamW: nothing to JIT-compile on the node (FusedAdam would need a compiler).
+    # torch's AdamW: nothing to JIT-compile on the node (FusedAdam would need a compiler)
+    # (DeepSpeed passes its other keys on to torch.optim.AdamW).
     assert ds.optimizer_params["torch_adam"] is True
     # torch's fused AdamW, as HF Trainer steps (one kernel for all the adapter's tensors).
     assert ds.optimizer_params["fused"] is True
+    # Buckets sized for the adapter, not DeepSpeed's 5e8 elements (1 GB each in bf16).
+    if stage >= 1:
+        assert zero.reduce_bucket_size == zero.allgather_bucket_size == ADAPTER
+    if stage == 3:
+        assert zero.prefetch_bucket_size == 50_000_000  # gathers the frozen base ahead: sized for it
     assert ds.gradient_clipping == spec.training.max_grad_norm
     # Overlapping the gradient reduction with backward needs CUDA streams: on the GPU only.
     assert zero.overlap_comm is (use_gpu and stage >= 1)
@@ -65,7 +74,7 @@ def test_offload_settings(use_gpu, monkeypatch):
     raw = {"name": "t", "data": {"train": "x"}, "training": {"max_steps": 10},
            "distributed": {"num_workers": 4, "deepspeed": {"stage": 3, "offload_optimizer": True,
                                                            "offload_params": True}}}
-    cfg = deepspeed_config(parse_spec(raw), world_size=4, use_gpu=use_gpu, total_steps=10)
+    cfg = deepspeed_config(parse_spec(raw), world_size=4, use_gpu=use_gpu, total_steps=10, trainable_params=ADAPTER)
     zero = parsed(cfg, 4, monkeypatch).zero_config
     assert zero.offload_optimizer.device == "cpu" and zero.offload_param.device == "cpu"
     # Pinned host memory speeds up copies to and from a GPU; without one it only locks RAM.
@@ -74,11 +83,35 @@ def test_offload_settings(use_gpu, monkeypatch):
     assert "torch_adam" not in cfg["optimizer"]["params"]
 
 
+@pytest.mark.parametrize("trainable,bucket", [(0, 1), (4_096, 4_096), (ADAPTER, ADAPTER),
+                                              (7_000_000_000, DS_DEFAULT_BUCKET)])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_buckets_follow_the_trainable_count(trainable, bucket, stage, monkeypatch):
+    """Every bucket size DeepSpeed's parser accepts, capped at its default for full fine-tuning."""
+    cfg = deepspeed_config(spec_with(stage), world_size=2, use_gpu=True, total_steps=10, trainable_params=trainable)
+    zero = parsed(cfg, 2, monkeypatch).zero_config
+    assert zero.reduce_bucket_size == zero.allgather_bucket_size == bucket
+
+
+@pytest.mark.parametrize("stage,offload", [(2, True), (3, False), (3, True)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_every_variant_passes_deepspeeds_parser(stage, offload, dtype, monkeypatch):
+    raw = {"name": "t", "model": {"dtype": dtype}, "quantization": {"bits": None}, "data": {"train": "x"},
+           "training": {"max_steps": 10},
+           "distributed": {"num_workers": 2, "deepspeed": {"stage": stage, "offload_optimizer": offload}}}
+    for use_gpu in (False, True):
+        cfg = deepspeed_config(parse_spec(raw), world_size=2, use_gpu=use_gpu, total_steps=10,
+                               trainable_params=ADAPTER)
+        ds = parsed(cfg, 2, monkeypatch)
+        assert ds.zero_optimization_stage == stage
+        assert (ds.float16_config.enabled, ds.bfloat16_config.enabled) == (dtype == "float16", dtype == "bfloat16")
+
+
 @pytest.mark.parametrize("name,ds_type", [("cosine", "WarmupCosineLR"), ("linear", "WarmupDecayLR"),
                                           ("constant", "WarmupLR")])
 def test_scheduler_translation(name, ds_type, monkeypatch):
     spec = spec_with(lr_scheduler=name, warmup_ratio=0.1)
-    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100)
+    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER)
     sched = cfg["scheduler"]
     assert parsed(cfg, 1, monkeypatch).scheduler_name == sched["type"] == ds_type
     assert sched["params"]["warmup_num_steps"] == 10
@@ -89,8 +122,25 @@ def test_scheduler_translation(name, ds_type, monkeypatch):
 def test_zero_warmup_still_valid_for_deepspeed(monkeypatch):
     spec = spec_with(warmup_ratio=0.0)
     assert warmup_steps(spec, 100) == 0
-    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100)
+    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER)
     assert parsed(cfg, 1, monkeypatch).scheduler_params["warmup_num_steps"] == 1
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_without_warmup_the_first_step_trains_at_the_full_rate(name):
+    """DeepSpeed's own scheduler, built from the generated config, on a real optimizer: without a
+    warm-up the first optimizer step already has the job's learning rate (a linear warm-up from 0
+    would leave it - and, with DeepSpeed's minimum of 2 warm-up steps, the second at half - untrained)."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    spec = spec_with(lr_scheduler=name, warmup_ratio=0.0)
+    sched = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER)["scheduler"]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=spec.training.learning_rate)
+    scheduler = getattr(lr_schedules, sched["type"])(optimizer, **sched["params"])
+    for step in (1, 2):  # the engine steps the optimizer, then the scheduler
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(spec.training.learning_rate, rel=0.01), step
+        scheduler.step()
 
 
 def test_optimizer_steps_from_max_steps_or_epochs():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.models.loading import load_base
+from orchestrator.models.loading import load_base, load_base_for_training
 from orchestrator.planning.targets import (architecture_problems, freeze_selects, fused_expert_problems,
                                            ia3_feedforward, select_targets, split_targets)
 from orchestrator.spec import JobSpec, SpecError
@@ -105,6 +105,23 @@ def prepare_for_training(spec: JobSpec, model, base_path: str = ""):
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config(spec, model, base_path))
+
+
+def trainable_model(spec: JobSpec, base_path: str, device: str, deepspeed_config: dict):
+    """The model a training worker hands to DeepSpeed: the base loaded for `deepspeed_config`'s
+    ZeRO stage (`loading.load_base_for_training`), made trainable as the spec says."""
+    model = load_base_for_training(spec, base_path, device, deepspeed_config)
+    model.config.use_cache = False
+    model = prepare_for_training(spec, model, base_path)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        # Built under zero.Init: DeepSpeed then leaves the module's dtype alone, so the adapter peft
+        # added (fp32) is cast to the model dtype here, as DeepSpeed casts the whole module otherwise.
+        from orchestrator.models.loading import torch_dtype
+
+        for param in model.parameters():
+            if param.requires_grad and not hasattr(param, "ds_id"):
+                param.data = param.data.to(torch_dtype(spec.model.dtype))
+    return model
 
 
 # A freeze job saves only the tensors it trained, under this name, beside the job spec.

@@ -14,8 +14,8 @@ from orchestrator.data.files import hash_file
 from orchestrator.data.tokenize import load_tokenizer
 from orchestrator.spec import JobSpec, ModelSpec, Problem, SpecError
 
-__all__ = ["base_sha256", "base_weights_dir", "check_base_files", "load_base", "load_tokenizer", "quantization_config",
-           "resolve_base", "torch_dtype"]  # load_tokenizer: data.tokenize's, the loader's own
+__all__ = ["base_sha256", "base_weights_dir", "check_base_files", "load_base", "load_base_for_training", "load_tokenizer",
+           "quantization_config", "resolve_base", "torch_dtype"]  # load_tokenizer: data.tokenize's, the loader's own
 
 
 def resolve_base(model: ModelSpec, progress=None) -> str:
@@ -103,17 +103,138 @@ def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = Tr
     """The base causal LM, in the spec's dtype and (when asked) quantized as the spec says."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     qconfig = quantization_config(spec) if quantize else None
-    kwargs = {"quantization_config": qconfig, "device_map": {"": device}} if qconfig else {}
+    kwargs = {"quantization_config": qconfig} if qconfig else {}
+    # The weights go straight to `device` (no whole copy in host memory first on a GPU worker).
+    # Under a registered ZeRO-3 config transformers refuses a device map and places them itself:
+    # partitioned, or (quantized) on the process's current device (bitsandbytes' quantizer).
+    zero3 = is_deepspeed_zero3_enabled()
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype(spec.model.dtype), revision=spec.model.revision,
-        trust_remote_code=spec.model.trust_remote_code, **kwargs)
-    if not qconfig:
-        model.to(device)
-    elif qconfig.load_in_4bit and device == "cpu":
+        trust_remote_code=spec.model.trust_remote_code, **({} if zero3 else {"device_map": {"": device}}), **kwargs)
+    if qconfig and qconfig.load_in_4bit and device == "cpu":
         _keep_4bit_trainable_on_cpu(model)
-    elif device == "cpu":
+    elif qconfig and device == "cpu":
         _keep_8bit_dtype_on_cpu(model)
+    return model
+
+
+# transformers finds the DeepSpeed config through a weak reference (integrations.deepspeed): the
+# HfDeepSpeedConfig object must stay alive as long as the partitioned model is used, so the worker
+# keeps it here for its whole life.
+_ZERO3_CONFIG = None
+
+
+def use_deepspeed_config(deepspeed_config: dict | None):
+    """Tell transformers (and PEFT) which DeepSpeed config this process trains under: under ZeRO-3
+    they then build models partitioned (`zero.Init`) and gather weights before touching them;
+    under stages 0-2, or with None, any earlier ZeRO-3 config is forgotten."""
+    global _ZERO3_CONFIG
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if deepspeed_config and deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
+        _ZERO3_CONFIG = HfDeepSpeedConfig(deepspeed_config)  # registers itself (a weak reference)
+    else:
+        _ZERO3_CONFIG = None
+        unset_hf_deepspeed_config()
+    return _ZERO3_CONFIG
+
+
+def load_base_for_training(spec: JobSpec, path: str, device: str, deepspeed_config: dict):
+    """The base as a training worker needs it, never whole on one worker under ZeRO-3.
+
+    Stages 0-2: the weights load straight onto `device`. ZeRO-3, unquantized: the model is built
+    already partitioned (`zero.Init`, through transformers' HfDeepSpeedConfig) and the weights
+    stream in one tensor at a time (rank 0 reads it from the safetensors files, DeepSpeed scatters
+    it), so no rank holds more than its shard and one tensor. ZeRO-3 with a 4-bit base follows
+    transformers and PEFT: each worker loads the quantized base (stored in the model dtype,
+    `bnb_4bit_quant_storage`) and DeepSpeed partitions it when the engine is built; transformers
+    never builds a quantized model under `zero.Init`."""
+    use_deepspeed_config(deepspeed_config)
+    if spec.distributed.deepspeed.stage != 3 or quantization_config(spec) is not None:
+        return load_base(spec, path, device=device)
+    files = _safetensors_files(spec.model, path)
+    if not files:  # .bin weights: transformers' own ZeRO-3 load (rank 0 reads the state dict whole)
+        return load_base(spec, path, device=device)
+    return _load_zero3_streamed(spec, path, files)
+
+
+def _safetensors_files(model: ModelSpec, path: str) -> list[Path]:
+    folder = base_weights_dir(model, path)
+    return sorted(folder.glob("*.safetensors")) if folder else []
+
+
+# safetensors' dtype names (the file header) -> torch dtype names.
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _safetensors_index(files: list[Path]) -> dict[str, tuple[Path, str, list[int], int, int]]:
+    """name -> (file, dtype, shape, start, end) for every tensor in the files (headers only)."""
+    import json
+    import struct
+
+    index = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                index[name] = (f, info["dtype"], info["shape"], 8 + n + start, 8 + n + end)
+    return index
+
+
+def _read_tensor(entry):
+    """One tensor read with plain file reads, not a memory map: a mapped file's pages would stay in
+    this process's memory until the whole file is closed."""
+    import torch
+
+    f, dtype, shape, start, end = entry
+    with open(f, "rb") as fh:
+        fh.seek(start)
+        data = bytearray(fh.read(end - start))
+    return torch.frombuffer(data, dtype=getattr(torch, _SAFETENSORS_DTYPES[dtype])).reshape(shape) if data \
+        else torch.empty(shape, dtype=getattr(torch, _SAFETENSORS_DTYPES[dtype]))
+
+
+def _load_zero3_streamed(spec: JobSpec, path: str, files: list[Path]):
+    import deepspeed
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, revision=spec.model.revision,
+                                        trust_remote_code=spec.model.trust_remote_code)
+    # Under the registered ZeRO-3 config, from_config builds the model inside zero.Init: each
+    # parameter is partitioned as soon as its module is built.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(spec.model.dtype),
+                                             trust_remote_code=spec.model.trust_remote_code)
+    index = _safetensors_index(files)
+    prefix = getattr(model, "base_model_prefix", "")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    def entry_for(name: str):
+        # Some checkpoints name the body without the model's prefix ("layers.0..." for "model.layers.0...").
+        short = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else None
+        return index.get(name) or (index.get(short) if short else None)
+
+    missing = [n for n, _ in model.named_parameters() if entry_for(n) is None]
+    if missing:
+        raise ValueError(f"{path}: the weight files have no tensor for {missing[:3]} (of {len(missing)}); "
+                         f"they are not a save_pretrained checkpoint of {type(model).__name__}")
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # the same order on every rank: each gather is collective
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    param.data.copy_(_read_tensor(entry_for(name)).to(param.dtype))
+        for name, buffer in model.named_buffers():  # buffers are never partitioned: every rank reads its own
+            entry = entry_for(name)
+            if entry is not None:
+                buffer.copy_(_read_tensor(entry).to(buffer.dtype))
+    model.eval()  # as from_pretrained returns it
     return model
 
 

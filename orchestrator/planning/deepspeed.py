@@ -5,6 +5,22 @@ from __future__ import annotations
 from orchestrator.planning.steps import warmup_steps
 from orchestrator.spec import JobSpec
 
+# DeepSpeed's defaults (deepspeed/runtime/zero/config.py) are sized for training every weight of a
+# large model: a 5e8-element gradient bucket is 1 GB in bf16, and ZeRO-1/2 keep two of them when
+# overlap_comm is on. An adapter of 20M parameters fills 4% of one.
+DS_DEFAULT_BUCKET = 500_000_000
+# ZeRO-3's prefetch gathers *frozen* base weights ahead of their layer too, so it is sized for the
+# base, not the adapter: DeepSpeed's own 5e7 elements (about two 4096 x 11008 MLP matrices).
+DS_PREFETCH_BUCKET = 50_000_000
+
+
+def bucket_elements(trainable_params: int) -> int:
+    """Elements per gradient bucket (reduce and all-gather): the whole trainable set in one bucket,
+    so an adapter is reduced once per step and its buckets are no bigger than its gradients,
+    capped at DeepSpeed's 5e8 default (full fine-tuning of a large model)."""
+    return max(1, min(int(trainable_params), DS_DEFAULT_BUCKET))
+
+
 # A large `steps_per_print` keeps DeepSpeed's own per-step log lines out of the console;
 # the orchestrator logs metrics itself (rank 0 -> MLflow).
 _DS_STEPS_PER_PRINT = 1_000_000
@@ -12,23 +28,31 @@ _DS_STEPS_PER_PRINT = 1_000_000
 
 def _scheduler(spec: JobSpec, total_steps: int) -> dict:
     t = spec.training
-    # DeepSpeed's schedulers reject zero warm-up steps; one step of warm-up is a no-op in effect.
-    warm = max(1, warmup_steps(spec, total_steps))
+    warm = warmup_steps(spec, total_steps)
+    # DeepSpeed's schedulers reject zero warm-up steps, and a linear warm-up starts at its minimum
+    # (the first optimizer step at learning rate 0). Without a warm-up, the minimum is the full
+    # rate, so the first step trains at it.
+    start = 0.0 if warm else 1.0
+    warm = max(1, warm)
     if t.lr_scheduler == "cosine":
+        # WarmupCosineLR sets the rate to 0 when it starts at iteration -1, whatever its minimum;
+        # starting at iteration 0 it leaves the optimizer at the job's rate for the first step.
         return {"type": "WarmupCosineLR", "params": {
             "total_num_steps": total_steps, "warmup_num_steps": warm, "warmup_type": "linear",
-            "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}
+            "warmup_min_ratio": start, "cos_min_ratio": 0.1, "last_batch_iteration": 0 if start else -1}}
     if t.lr_scheduler == "linear":
         return {"type": "WarmupDecayLR", "params": {
             "total_num_steps": total_steps, "warmup_num_steps": warm, "warmup_type": "linear",
-            "warmup_min_lr": 0.0, "warmup_max_lr": t.learning_rate}}
+            "warmup_min_lr": start * t.learning_rate, "warmup_max_lr": t.learning_rate}}
     return {"type": "WarmupLR", "params": {
         "warmup_num_steps": warm, "warmup_type": "linear",
-        "warmup_min_lr": 0.0, "warmup_max_lr": t.learning_rate}}
+        "warmup_min_lr": start * t.learning_rate, "warmup_max_lr": t.learning_rate}}
 
 
-def deepspeed_config(spec: JobSpec, *, world_size: int, use_gpu: bool, total_steps: int) -> dict:
-    """The DeepSpeed config for this job: concrete values only, never "auto"."""
+def deepspeed_config(spec: JobSpec, *, world_size: int, use_gpu: bool, total_steps: int,
+                     trainable_params: int) -> dict:
+    """The DeepSpeed config for this job: concrete values only, never "auto". Bucket sizes follow
+    `trainable_params` (the planner's count, `MemoryPlan.params.trainable`)."""
     t, ds = spec.training, spec.distributed.deepspeed
     micro, accum = t.micro_batch_size, t.grad_accum
     offload_opt = ds.offload_optimizer and ds.stage > 0
@@ -59,14 +83,22 @@ def deepspeed_config(spec: JobSpec, *, world_size: int, use_gpu: bool, total_ste
     elif spec.model.dtype == "float16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     zero = config["zero_optimization"]
+    bucket = bucket_elements(trainable_params)
     if ds.stage >= 1:
-        zero.update({"overlap_comm": use_gpu, "contiguous_gradients": True})
+        # Overlapping the reduction with backward needs CUDA streams (and doubles ZeRO-1/2's bucket).
+        zero.update({"overlap_comm": use_gpu, "contiguous_gradients": True,
+                     "reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
     if ds.stage >= 2:
         zero.update({"reduce_scatter": True, "allgather_partitions": True})
     if ds.stage == 3:
         # Gather the full 16-bit weights when saving so the adapter (or model) on disk is whole.
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True})
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True,
+                     "stage3_prefetch_bucket_size": DS_PREFETCH_BUCKET})
+    # Stage 0 all-reduces the gradients in buckets of at most 5e8 elements (engine.allreduce_gradients;
+    # not a config key): each bucket is a flat copy of gradients that exist, never more than the
+    # trainable count, so it is already sized for an adapter.
     if offload_opt:
+        # Pinned host memory speeds up copies to and from a GPU; without one it only locks RAM.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params and ds.stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}

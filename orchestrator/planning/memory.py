@@ -32,18 +32,17 @@ from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.planning.advice import Recommendation, recommendations
 from orchestrator.planning.architectures import Architecture
+from orchestrator.planning.deepspeed import DS_PREFETCH_BUCKET, bucket_elements
 from orchestrator.planning.parameters import (DTYPE_BYTES, METHOD_TRAINS, ParamCount, ParamTensor, count_params,
                                               parameter_tensors, quantized_bytes, targeted_expert_elements,
                                               targeted_roles, trainable_tensors)
 from orchestrator.planning.units import GiB
 from orchestrator.spec import BASE_TRAINING_METHODS, JobSpec
 
-# DeepSpeed defaults (deepspeed/runtime/zero/config.py) that planning/deepspeed.py leaves alone.
-DS_REDUCE_BUCKET_SIZE = 500_000_000  # elements: the gradient bucket ("ipg" buffer)
-DS_PREFETCH_BUCKET_SIZE = 50_000_000  # elements: ZeRO-3 gathers this many ahead of use
+# DeepSpeed defaults (deepspeed/runtime/zero/config.py) that planning/deepspeed.py leaves alone; the
+# bucket sizes it sets come from planning.deepspeed (bucket_elements, DS_PREFETCH_BUCKET).
 DS_PERSISTENCE_THRESHOLD = 100_000  # elements: ZeRO-3 keeps smaller parameters whole on every rank
 DS_ALIGNMENT = 2  # ZeRO-1/2 pad their flat buffer to a multiple of 2 x world size elements
-DS_ALLREDUCE_BUCKET_SIZE = 500_000_000  # elements: stage 0 all-reduces gradients in such buckets
 
 # Evaluation scores at most this many positions' logits at a time in fp32 (training.steps.evaluate):
 # never a full-vocabulary fp32 copy of a whole batch's logits. The plan's evaluation term uses it.
@@ -74,6 +73,12 @@ class Activations:
     saved_per_layer: int  # tensors one decoder layer saves for backward
     saved: int  # everything saved for backward at the end of the forward pass
     peak: int  # the most that is live at once during forward + backward
+    eval_peak: int = 0  # the most that is live at once while evaluating one micro batch (no grad)
+
+    @property
+    def planned(self) -> int:
+        """What the plan reserves: training and evaluation run one after the other, never together."""
+        return max(self.peak, self.eval_peak)
 
 
 def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") -> Activations:
@@ -166,11 +171,36 @@ def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") ->
         inputs = e * h * t * arch.num_layers
         saved = inputs + head + logits_saved + misc
         peak = max(inputs + head + logits_peak + misc, inputs + per_layer + misc + _backward_transient(arch, e, t))
-        return Activations(saved_per_layer=per_layer, saved=saved, peak=peak)
+        return Activations(saved_per_layer=per_layer, saved=saved, peak=peak,
+                           eval_peak=eval_activation_bytes(spec, arch))
     layers = first + per_layer * (arch.num_layers - 1)
     saved = layers + head + logits_saved + misc
     peak = max(layers + head + logits_peak + misc, layers + misc + _backward_transient(arch, e, t))
-    return Activations(saved_per_layer=per_layer, saved=saved, peak=peak)
+    return Activations(saved_per_layer=per_layer, saved=saved, peak=peak, eval_peak=eval_activation_bytes(spec, arch))
+
+
+def eval_activation_bytes(spec: JobSpec, arch: Architecture) -> int:
+    """The most that is live at once while evaluating one micro batch without gradients
+    (training.steps.evaluate): the larger of a decoder layer's forward and the loss.
+
+    Forward: nothing is saved for backward, so only one layer's tensors are live: the residual
+    stream, its normed copy and RMSNorm's fp32 upcast, and the MLP's three I-wide tensors (silu(gate), up, their
+    product; a LoRA-wrapped gate or up adds its own I-wide output). Loss: the logits in the
+    model dtype for the whole micro batch (`model(...).logits`), and the cross-entropy over at
+    most EVAL_LOSS_CHUNK_TOKENS positions at a time, in fp32: the upcast chunk and its
+    log-softmax, e.g. 1024 x 128,256 x 4 B x 2 = 1 GiB for Llama 3, against 16 GiB of fp32
+    logits for a micro batch of 8 x 4096 tokens without chunks."""
+    e = DTYPE_BYTES[spec.model.dtype]
+    b, s = spec.training.micro_batch_size, spec.data.max_seq_len
+    t = b * s
+    h, i_size, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    targets = targeted_roles(arch, spec.peft.target_modules) if spec.peft.method == "lora" else ()
+    mlp_wide = 3 + int(any(m in targets for m in ("gate_proj", "up_proj")))
+    misc = e * b * s * s + 2 * e * s * arch.head_dim  # the 4D attention mask, RoPE cos/sin
+    layer = (2 * e + 4) * t * h + mlp_wide * e * t * i_size + misc  # residual, normed copy, RMSNorm's fp32 upcast
+    chunk = min(EVAL_LOSS_CHUNK_TOKENS, t)
+    loss = e * t * v + 2 * 4 * chunk * v
+    return max(layer, loss)
 
 
 def _backward_transient(arch: Architecture, e: int, t: int) -> int:
@@ -361,25 +391,30 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
     # --- activations ---------------------------------------------------------------------------
     acts = activation_bytes(spec, arch, device=device)
     gc = "on" if spec.model.gradient_checkpointing else "off"
+    # Training and evaluation take turns: the plan holds the larger of the two peaks.
+    phase = "training" if acts.peak >= acts.eval_peak else "evaluation (logits + one fp32 loss chunk)"
     add("activations", "activations", f"micro batch {spec.training.micro_batch_size} x {spec.data.max_seq_len} "
-                                      f"tokens, gradient checkpointing {gc} (peak)", acts.peak)
+                                      f"tokens, gradient checkpointing {gc} (peak of {phase})", acts.planned)
 
     # --- buffers: DeepSpeed's working memory ---------------------------------------------------
+    # The gradient bucket ("ipg" buffer) is the size planning/deepspeed.py writes into the config.
+    bucket = bucket_elements(p)
     if stage in (1, 2):
         n_buckets = 2 if device == "cuda" else 1  # deepspeed.py turns overlap_comm on with GPUs: two buckets
-        add("buffers", "ipg_buckets", f"ZeRO gradient buckets ({n_buckets} x 5e8 elements)",
-            n_buckets * DS_REDUCE_BUCKET_SIZE * e)
+        add("buffers", "ipg_buckets", f"ZeRO gradient buckets ({n_buckets} x {bucket:.3g} elements)",
+            n_buckets * bucket * e)
     if stage == 3:
-        add("buffers", "ipg_buckets", "ZeRO-3 gradient bucket (5e8 elements)", DS_REDUCE_BUCKET_SIZE * e)
+        add("buffers", "ipg_buckets", f"ZeRO-3 gradient bucket ({bucket:.3g} elements)", bucket * e)
         largest_train = max(t.numel for t in train)
         biggest = max(largest_module, largest_train)
         add("buffers", "zero3_gathered_params", "ZeRO-3 gathered parameters: the largest layer, whole", biggest * e)
         add("buffers", "zero3_gathered_grads", "ZeRO-3 gathered gradient of the largest trainable layer",
             largest_train * e)
-        add("buffers", "zero3_prefetch", "ZeRO-3 prefetch (up to 5e7 elements ahead)",
-            min(DS_PREFETCH_BUCKET_SIZE, count_params(arch).total) * e if device == "cuda" else 0)
+        add("buffers", "zero3_prefetch", f"ZeRO-3 prefetch (up to {DS_PREFETCH_BUCKET:.0e} elements ahead)",
+            min(DS_PREFETCH_BUCKET, count_params(arch).total) * e if device == "cuda" else 0)
     if stage == 0 and w > 1:
-        add("buffers", "allreduce_bucket", "gradient all-reduce bucket", min(p, DS_ALLREDUCE_BUCKET_SIZE) * e)
+        # engine.allreduce_gradients flattens at most 5e8 elements of gradients at a time.
+        add("buffers", "allreduce_bucket", "gradient all-reduce bucket", bucket * e)
     if largest_quantized:
         add("buffers", "dequantized_weight", "one weight dequantized for its matmul", largest_quantized * e)
 
@@ -403,9 +438,16 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
     return plan
 
 
+# DeepSpeed's CPU Adam (optimizer offload) runs its update on the worker's torch threads, which the
+# worker sets to distributed.cpus_per_worker: with one CPU the whole optimizer step is one thread.
+OFFLOAD_ONE_CPU = ("warning: distributed.deepspeed.offload_optimizer with distributed.cpus_per_worker=1: DeepSpeed's "
+                   "CPU Adam runs the optimizer step on one thread; give each worker more CPUs (e.g. 8)")
+
+
 def _assumptions(spec: JobSpec, arch: Architecture, stage: int) -> tuple[str, ...]:
     out = [f"sequences padded to data.max_seq_len={spec.data.max_seq_len} (the worst batch)",
-           "Adam(W) with fp32 moments; DeepSpeed defaults for bucket sizes (planning/deepspeed.py does not set them)"]
+           "Adam(W) with fp32 moments; gradient buckets as planning/deepspeed.py sizes them (the trainable count, "
+           "at most 5e8 elements)"]
     if arch.note:
         out.append(f"{arch.name}: {arch.note}")
     if arch.counted:
@@ -415,4 +457,6 @@ def _assumptions(spec: JobSpec, arch: Architecture, stage: int) -> tuple[str, ..
         out.append(f"ZeRO-3 keeps parameters of at most {DS_PERSISTENCE_THRESHOLD:,} elements whole on every rank")
     if spec.distributed.deepspeed.offload_optimizer or spec.distributed.deepspeed.offload_params:
         out.append("host memory counts DeepSpeed's offloaded state only, not the model load itself")
+    if spec.distributed.deepspeed.offload_optimizer and stage > 0 and spec.distributed.cpus_per_worker == 1:
+        out.append(OFFLOAD_ONE_CPU)
     return tuple(out)

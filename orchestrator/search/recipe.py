@@ -50,7 +50,9 @@ def trial_setup(spec: JobSpec, values: dict, num_train: int, gpus: float):
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """One trial (a Ray Tune function): the job with the sampled values, trained by its own
     TorchTrainer, logged into a child run of the search's run. Rank 0's reports reach Tune."""
+    from orchestrator.planning.architectures import architecture_for
     from orchestrator.planning.deepspeed import deepspeed_config
+    from orchestrator.planning.parameters import count_params
     from orchestrator.tracking import runs
     from orchestrator.training import launch
     from orchestrator.training.worker import WorkerJob
@@ -58,7 +60,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     spec = JobSpec.model_validate(ctx.spec)
     values = space.trial_values(spec.tune, config)
     tspec, res, total = trial_setup(spec, values, ctx.data.train_examples, ctx.gpus)
-    ds_config = deepspeed_config(tspec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total)
+    ds_config = deepspeed_config(tspec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total,
+                                 trainable_params=count_params(architecture_for(tspec), tspec).trainable)
     trial_id = launch.trial_id()
     handle = runs.start_run(
         tspec, run_name=f"{spec.name}-{trial_id}", parent_run_id=ctx.parent_run_id,

@@ -97,15 +97,14 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
     """Load the base (quantized as the spec says), add the adapter, wrap it in DeepSpeed."""
     import deepspeed
 
-    from orchestrator.models.adapters import prepare_for_training
-    from orchestrator.models.loading import load_base, resolve_base
+    from orchestrator.models.adapters import trainable_model
+    from orchestrator.models.loading import resolve_base
 
     # Each worker resolves the base itself: a built-in model is built deterministically, so
-    # every node of a cluster gets the same weights without shipping them.
+    # every node of a cluster gets the same weights without shipping them. Under ZeRO-3 the
+    # weights load already partitioned; under stages 0-2 straight onto `device`.
     base_path = resolve_base(spec.model)
-    model = load_base(spec, base_path, device=str(device))
-    model.config.use_cache = False
-    model = prepare_for_training(spec, model, base_path)
+    model = trainable_model(spec, base_path, str(device), job.deepspeed_config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not job.use_gpu:
         skip_shared_memory_comm_op(deepspeed)
