@@ -99,6 +99,25 @@ def quantization_config(spec: JobSpec):
         bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": storage} if storage else {}))
 
 
+def attn_implementation(spec: JobSpec, device: str) -> str:
+    """The attention kernel to load with: `model.attn_implementation`, except that a model loaded on
+    the CPU (generate, evaluate, merge on a machine without a GPU) uses sdpa, flash-attention's
+    equal in results. flash_attention_2 without the flash-attn package is refused with the fix."""
+    wanted = spec.model.attn_implementation
+    if wanted != "flash_attention_2":
+        return wanted
+    if not str(device).startswith("cuda"):
+        return "sdpa"
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise SpecError([Problem(path="model.attn_implementation", message="flash_attention_2 needs the flash-attn "
+                                 "package, which is not installed on this node",
+                                 fix="pip install flash-attn on the GPU nodes (or their image), or set "
+                                 "model.attn_implementation=sdpa")])
+    return wanted
+
+
 def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = True):
     """The base causal LM, in the spec's dtype and (when asked) quantized as the spec says."""
     from transformers import AutoModelForCausalLM
@@ -113,6 +132,7 @@ def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = Tr
     zero3 = is_deepspeed_zero3_enabled()
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype(spec.model.dtype), revision=spec.model.revision,
+        attn_implementation=attn_implementation(spec, device),
         trust_remote_code=spec.model.trust_remote_code, **({} if zero3 else {"device_map": {"": device}}), **kwargs)
     if qconfig and qconfig.load_in_4bit and device == "cpu":
         _keep_4bit_trainable_on_cpu(model)
@@ -211,6 +231,8 @@ def _load_zero3_streamed(spec: JobSpec, path: str, files: list[Path]):
     # Under the registered ZeRO-3 config, from_config builds the model inside zero.Init: each
     # parameter is partitioned as soon as its module is built.
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(spec.model.dtype),
+                                             attn_implementation=attn_implementation(spec, "cuda" if
+                                                                                     torch.cuda.is_available() else "cpu"),
                                              trust_remote_code=spec.model.trust_remote_code)
     index = _safetensors_index(files)
     prefix = getattr(model, "base_model_prefix", "")
