@@ -393,6 +393,15 @@ def test_plan_for_run_says_which_gpu_it_planned_against(monkeypatch, local_gpu, 
     assert p.fits is (budget == 80 * GiB)
     given = plan_for_run(spec, world_size=2, gpu_memory_bytes=40 * GiB)
     assert (given.gpu_memory_bytes, given.gpu_memory_source) == (40 * GiB, "given")
+    # What `run` passes once the cluster's workers said their GPU's size (launch.cluster_gpu_memory).
+    workers = plan_for_run(spec, world_size=2, gpu_memory_bytes=24 * GiB, source="the workers' GPU (NVIDIA L4)")
+    assert (workers.gpu_memory_source, workers.fits) == ("the workers' GPU (NVIDIA L4)", False)
+
+
+def test_a_cluster_without_gpus_has_no_workers_gpu_to_plan_against(ray_local):
+    from orchestrator.training.launch import cluster_gpu_memory
+
+    assert cluster_gpu_memory(timeout_s=5) is None
 
 
 @pytest.mark.parametrize("text,expected", [

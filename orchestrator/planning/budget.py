@@ -33,9 +33,12 @@ def gpu_budget(gpu_memory_bytes: int | None) -> tuple[int, str]:
     return DEFAULT_GPU_MEMORY, "no GPU here: assuming an 80 GiB GPU (pass --gpu-memory)"
 
 
-def plan_for_run(spec: JobSpec, world_size: int, gpu_memory_bytes: int | None) -> MemoryPlan:
+def plan_for_run(spec: JobSpec, world_size: int, gpu_memory_bytes: int | None,
+                 source: str | None = None) -> MemoryPlan:
     """The plan `orchestrator run` checks before it launches: raises `SpecError` when the
-    architecture cannot be read; the caller refuses the job when `plan.fits` is false."""
-    budget, source = gpu_budget(gpu_memory_bytes)
+    architecture cannot be read; the caller refuses the job when `plan.fits` is false.
+    `source`: where a given `gpu_memory_bytes` came from (default "given")."""
+    budget, where = gpu_budget(gpu_memory_bytes)
+    source = source if gpu_memory_bytes is not None and source else where
     return memory_plan(spec, architecture_for(spec), world_size=world_size, gpu_memory_bytes=budget,
                        gpu_memory_source=source)

@@ -115,6 +115,31 @@ def connect(address: str | None = None, verbose: bool = False, dashboard: bool =
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def cluster_gpu_memory(timeout_s: float = 120.0) -> tuple[int, str] | None:
+    """(bytes, name) of a GPU the job's workers will get, asked of the cluster: a task that takes
+    one GPU, as a worker does, reads its size. None where the cluster has no GPU or none frees up
+    within `timeout_s` (the plan then keeps the driver's figure). One task: a cluster of mixed GPU
+    sizes is planned against the one it lands on."""
+    import ray
+
+    if not ray.cluster_resources().get("GPU"):
+        return None
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def gpu_size() -> tuple[int, str]:
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        return int(props.total_memory), props.name
+
+    ref = gpu_size.remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception:  # no GPU free in time, or no CUDA where Ray saw a GPU: plan as before
+        ray.cancel(ref, force=True)
+        return None
+
+
 def is_connected() -> bool:
     """Whether this process already has a Ray instance (an earlier run of `compare`, a test session)."""
     import ray

@@ -162,8 +162,12 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
         gpus = launch.connect(address, verbose, dashboard=spec.tune is not None)
         store.join()
     res = resources(spec, gpus_available=gpus)
+    if res.use_gpu and gpu_memory_bytes is None and (workers_gpu := launch.cluster_gpu_memory()):
+        # Planned again against the GPUs the workers get, not the driver's (a laptop, a CPU head node).
+        memory = plan_for_run(spec, workers, workers_gpu[0], source=f"the workers' GPU ({workers_gpu[1]})")
     if res.use_gpu:
-        status(f"Memory plan: {human(memory.total_bytes)} of {human(memory.gpu_memory_bytes)} per GPU")
+        status(f"Memory plan: {human(memory.total_bytes)} of {human(memory.gpu_memory_bytes)} per GPU "
+               f"({memory.gpu_memory_source})")
         if not memory.fits and not force:
             raise DoesNotFit(memory)
         if address is None and gpus < res.num_workers:
