@@ -405,8 +405,12 @@ def s3_run(tmp_path_factory, tiny_base, auth_server, ray_tmp):
                               aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"])
         bucket.create_bucket(Bucket=BUCKET)
+        # The data is read from the bucket too (Ray Data, credentials and endpoint from the environment).
+        for split in ("train", "eval"):
+            bucket.upload_file(str(REPO / "jobs" / "data" / "quickstart" / f"{split}.jsonl"), BUCKET, f"data/{split}.jsonl")
         sets = [f"{k}={v}" for k, v in {
             "name": "fault-secrets", "registry.name": "fault-secrets", "tracking.uri": auth_server.uri,
+            "data.train": f"s3://{BUCKET}/data/train.jsonl", "data.eval": f"s3://{BUCKET}/data/eval.jsonl",
             "storage.path": f"s3://{BUCKET}/runs", "training.max_steps": RESUMED_STEPS, "training.checkpoint_every": 4,
             "training.eval_every": 8, "training.eval_batches": 1}.items()]
         r = _stopped_and_resumed(_cli(sets), tmp, env, saved_step=lambda: _s3_saved_step(bucket))
@@ -418,6 +422,11 @@ def s3_run(tmp_path_factory, tiny_base, auth_server, ray_tmp):
 def test_a_run_on_s3_resumes_from_its_checkpoint_in_the_bucket(s3_run, auth_server):
     check_resumed(s3_run, auth_server.uri_with_password, RESUMED_STEPS)
     assert s3_run["summary"]["registered_model"]["version"] == "1"
+    # Its data came from the bucket: every record of the quickstart files, tokenized.
+    local = [sum(1 for line in open(REPO / "jobs" / "data" / "quickstart" / f"{split}.jsonl") if line.strip())
+             for split in ("train", "eval")]
+    data = s3_run["summary"]["data"]
+    assert [data["train_examples"], data["eval_examples"]] == local, data
 
 
 def _all_text_under(root: Path) -> str:

@@ -205,11 +205,17 @@ def train_loop_per_worker(config: dict) -> None:
 
     log_generations = generation_logger(spec, job, engine, rank)
 
+    # This rank's eval batches, read from its dataset at the first evaluation and kept: every
+    # evaluation scores the same ones, at most `eval_batches` micro batches, so holding them costs
+    # little and spares each later evaluation a pass of Ray Data.
+    eval_set: list = []
+
     def run_eval(step: int) -> float:
         with watch("eval"):
-            batches = eval_batches(eval_pass(), t.micro_batch_size, rank, world,
-                                   t.eval_batches or DEFAULT_EVAL_BATCHES) if job.eval_examples else []
-            loss = evaluate_batches(engine, batches, job.pad_id, device)
+            if job.eval_examples and not eval_set:
+                eval_set.extend(eval_batches(eval_pass(), t.micro_batch_size, rank, world,
+                                             t.eval_batches or DEFAULT_EVAL_BATCHES))
+            loss = evaluate_batches(engine, eval_set, job.pad_id, device)
             if log_generations:
                 log_generations(step)
             return loss
