@@ -94,18 +94,11 @@ def eval_batches(examples, size: int, rank: int, world: int, cap: int | None):
     same number of batches (ZeRO-3's forward is collective), padding with weight-0 repeats where
     it has fewer."""
     mine, first, total = [], None, 0
-    batch = []
-    for example in examples:
-        batch.append(example)
-        if len(batch) < size:
-            continue
-        first = first or batch
-        if total % world == rank:
-            mine.append((batch, 1.0))
-        total, batch = total + 1, []
-        if cap and total >= cap * world:
+    rows = iter(examples)
+    while not (cap and total >= cap * world):
+        batch = list(itertools.islice(rows, size))
+        if not batch:
             break
-    if batch and not (cap and total >= cap * world):
         first = first or batch
         if total % world == rank:
             mine.append((batch, 1.0))
