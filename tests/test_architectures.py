@@ -267,3 +267,20 @@ def test_planner_resolves_presets_as_the_loader(family):
 
     arch = architecture_from_config({"vocab_size": 32064, **FAMILIES[family]}, family)
     assert list(lora_targets(arch, "all-linear")) == resolve_target_modules("all-linear", _meta_model(family))
+
+
+def test_attention_kernel_auto_follows_the_architecture(tmp_path, family_base):
+    """`model.attn_implementation: auto` (the default) loads Gemma-2, which has no sdpa path, with
+    eager and a Llama-like family with sdpa; `sdpa` asked of Gemma-2 is refused naming the field."""
+    from orchestrator.models.loading import load_base
+    from orchestrator.spec import SpecError
+
+    for family, kernel in (("gemma2", "eager"), ("mistral", "sdpa")):
+        spec = family_spec(tmp_path, family, family_base(family))
+        assert spec.model.attn_implementation == "auto"
+        assert load_base(spec, str(spec.model.base)).config._attn_implementation == kernel
+    gemma = family_spec(tmp_path, "gemma2", family_base("gemma2"))
+    asked = gemma.model_copy(update={"model": gemma.model.model_copy(update={"attn_implementation": "sdpa"})})
+    with pytest.raises(SpecError, match="model.attn_implementation: sdpa is not supported") as refused:
+        load_base(asked, str(gemma.model.base))
+    assert "auto" in refused.value.problems[0].fix

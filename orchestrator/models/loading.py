@@ -8,6 +8,7 @@ bitsandbytes is imported only inside the functions that need it.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.data.files import hash_file
@@ -99,23 +100,42 @@ def quantization_config(spec: JobSpec):
         bnb_4bit_compute_dtype=dtype, **({"bnb_4bit_quant_storage": storage} if storage else {}))
 
 
-def attn_implementation(spec: JobSpec, device: str) -> str:
-    """The attention kernel to load with: `model.attn_implementation`, except that a model loaded on
-    the CPU (generate, evaluate, merge on a machine without a GPU) uses sdpa, flash-attention's
-    equal in results. flash_attention_2 without the flash-attn package is refused with the fix."""
+def attn_implementation(spec: JobSpec, device: str) -> str | None:
+    """The attention kernel to load with, as transformers' `attn_implementation` argument.
+
+    `auto` is None: transformers picks sdpa where the architecture supports it and eager where it
+    does not (Gemma-2's soft-capping has no sdpa path). A model loaded on the CPU (generate,
+    evaluate, merge on a machine without a GPU) with flash_attention_2 asked uses transformers'
+    choice too, flash-attention's equal in results. flash_attention_2 without the flash-attn
+    package is refused with the fix."""
     wanted = spec.model.attn_implementation
+    if wanted == "auto" or (wanted == "flash_attention_2" and not str(device).startswith("cuda")):
+        return None
     if wanted != "flash_attention_2":
         return wanted
-    if not str(device).startswith("cuda"):
-        return "sdpa"
     import importlib.util
 
     if importlib.util.find_spec("flash_attn") is None:
         raise SpecError([Problem(path="model.attn_implementation", message="flash_attention_2 needs the flash-attn "
                                  "package, which is not installed on this node",
                                  fix="pip install flash-attn on the GPU nodes (or their image), or set "
-                                 "model.attn_implementation=sdpa")])
+                                 "model.attn_implementation=auto")])
     return wanted
+
+
+@contextmanager
+def _kernel_refusal(spec: JobSpec):
+    """transformers' refusal of an attention kernel the architecture lacks, as a SpecError that
+    names the field (e.g. `sdpa` asked of Gemma-2)."""
+    try:
+        yield
+    except ValueError as err:
+        if "attention implementation" not in str(err):
+            raise
+        raise SpecError([Problem(path="model.attn_implementation",
+                                 message=f"{spec.model.attn_implementation} is not supported by this architecture "
+                                 f"({str(err).split('.')[0]})",
+                                 fix="set model.attn_implementation=auto (sdpa where supported, else eager)")]) from err
 
 
 def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = True):
@@ -130,10 +150,11 @@ def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = Tr
     # Under a registered ZeRO-3 config transformers refuses a device map and places them itself:
     # partitioned, or (quantized) on the process's current device (bitsandbytes' quantizer).
     zero3 = is_deepspeed_zero3_enabled()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype(spec.model.dtype), revision=spec.model.revision,
-        attn_implementation=attn_implementation(spec, device),
-        trust_remote_code=spec.model.trust_remote_code, **({} if zero3 else {"device_map": {"": device}}), **kwargs)
+    with _kernel_refusal(spec):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(spec.model.dtype), revision=spec.model.revision,
+            attn_implementation=attn_implementation(spec, device),
+            trust_remote_code=spec.model.trust_remote_code, **({} if zero3 else {"device_map": {"": device}}), **kwargs)
     if qconfig and qconfig.load_in_4bit and device == "cpu":
         _keep_4bit_trainable_on_cpu(model)
     elif qconfig and device == "cpu":
@@ -230,10 +251,11 @@ def _load_zero3_streamed(spec: JobSpec, path: str, files: list[Path]):
                                         trust_remote_code=spec.model.trust_remote_code)
     # Under the registered ZeRO-3 config, from_config builds the model inside zero.Init: each
     # parameter is partitioned as soon as its module is built.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(spec.model.dtype),
-                                             attn_implementation=attn_implementation(spec, "cuda" if
-                                                                                     torch.cuda.is_available() else "cpu"),
-                                             trust_remote_code=spec.model.trust_remote_code)
+    with _kernel_refusal(spec):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(spec.model.dtype),
+                                                 attn_implementation=attn_implementation(spec, "cuda" if
+                                                                                         torch.cuda.is_available() else "cpu"),
+                                                 trust_remote_code=spec.model.trust_remote_code)
     index = _safetensors_index(files)
     prefix = getattr(model, "base_model_prefix", "")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -30,11 +30,11 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
     if spec.model.attn_implementation == "flash_attention_2":
         if spec.distributed.use_gpu is False:
             problems.append(Problem(path="model.attn_implementation", message="flash_attention_2 runs on GPUs only "
-                                    "and distributed.use_gpu is false", fix="set model.attn_implementation=sdpa"))
+                                    "and distributed.use_gpu is false", fix="set model.attn_implementation=auto"))
         if spec.model.dtype == "float32":
             problems.append(Problem(path="model.attn_implementation", message="flash_attention_2 computes in "
                                     "16-bit only and model.dtype is float32",
-                                    fix="set model.dtype=bfloat16 or model.attn_implementation=sdpa"))
+                                    fix="set model.dtype=bfloat16 or model.attn_implementation=auto"))
     q = spec.quantization
     if q.bits is not None and spec.model.dtype == "float32" and ds.stage == 3:
         problems.append(Problem(path="model.dtype",

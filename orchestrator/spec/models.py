@@ -60,9 +60,10 @@ class ModelSpec(_Section):
         False, description="recompute activations in the backward pass: less memory, more compute")
     trust_remote_code: bool = Field(
         False, description="run model code shipped with a hub model (false unless the job sets it)")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="attention kernel: sdpa (torch's, the default), eager, or flash_attention_2 "
-        "(GPUs with the flash-attn package; packed rows then run padding-free)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="attention kernel: auto (sdpa where the architecture supports it, else eager; "
+        "Gemma-2 has no sdpa), sdpa, eager, or flash_attention_2 (GPUs with the flash-attn package; "
+        "packed rows then run padding-free)")
 
 
 class QuantizationSpec(_Section):
