@@ -42,11 +42,11 @@ def model():
     return prepare_for_training(spec, m, base)
 
 def ds(fused, allreduce=True):
-    m = model(); cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=K * R)
+    m = model(); cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=K * R, trainable_params=sum(p.numel() for p in m.parameters() if p.requires_grad))
     cfg["optimizer"]["params"]["fused"] = fused
     eng, *_ = deepspeed.initialize(model=m, model_parameters=[p for p in m.parameters() if p.requires_grad], config=cfg)
     eng.enable_backward_allreduce = allreduce
-    stream = micro_batches(data.train, t.micro_batch_size, 0, 1, t.seed)
+    stream = micro_batches(lambda: iter(data.train), len(data.train), t.micro_batch_size, 0, 1, t.seed)
     def step():
         return train_step(eng, stream, t.grad_accum, data.pad_id, torch.device("cpu"))["step_time_s"]
     return step
@@ -56,7 +56,7 @@ def hf_like():
     m = model(); params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
     sch = get_cosine_schedule_with_warmup(opt, 1, K * R)
-    stream = micro_batches(data.train, t.micro_batch_size, 0, 1, t.seed)
+    stream = micro_batches(lambda: iter(data.train), len(data.train), t.micro_batch_size, 0, 1, t.seed)
     def step():
         s = time.perf_counter()
         m.train(); b = collate(next(stream), data.pad_id)

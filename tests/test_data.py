@@ -246,6 +246,25 @@ def test_ray_data_pipeline_equals_in_memory_tokenization_on_the_quickstart_data(
     _assert_same_examples(tokenized, load_datasets(spec, tokenizer, seed=42))
 
 
+def test_a_pass_started_early_streams_the_same_examples_as_a_plain_one(tmp_path, tiny_base, ray_local):
+    """The worker's training pass starts reading in a thread while the model loads
+    (`dataset_examples(..., start_now=True)`): its first pass and every later one give the same
+    examples in the same order as a pass started when asked (real Ray Data over the Parquet cache)."""
+    from conftest import REPO
+
+    from orchestrator.data.cache import prepare_datasets
+    from orchestrator.training.steps import dataset_examples
+
+    spec = DataSpec(**{k: str(REPO / v) for k, v in QUICKSTART.items()}, format="alpaca", max_seq_len=128)
+    tokenized, _ = prepare_datasets(spec, 42, str(tiny_base), cache_dir=tmp_path)
+    train = tokenized.training_datasets()["train"]
+    plain = [(e.input_ids, e.labels) for e in dataset_examples(train, eval_rows=False)()]
+    early = dataset_examples(train, eval_rows=False, start_now=True)
+    assert len(plain) > 1024  # more than the one batch of rows the thread reads ahead
+    assert [(e.input_ids, e.labels) for e in early()] == plain
+    assert [(e.input_ids, e.labels) for e in early()] == plain  # later passes start when asked
+
+
 def test_parquet_directories_and_globs_are_sources(tmp_path, tiny_base, tokenizer):
     """A directory of Parquet files and a glob of JSONL files give the examples of the same records."""
     import pyarrow as pa

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
 import time
 
 from orchestrator.data.records import IGNORE_INDEX, Example
@@ -24,13 +25,43 @@ SHUFFLE_WINDOW = 4096
 DEFAULT_EVAL_BATCHES = 32
 
 
-def dataset_examples(iterator, eval_rows: bool):
+def dataset_examples(iterator, eval_rows: bool, start_now: bool = False):
     """A function that streams one pass of the training (or eval) examples of a Ray Train dataset
-    shard (`ray.train.get_dataset_shard`), in its stored order, one batch of rows in memory."""
+    shard (`ray.train.get_dataset_shard`), in its stored order, one batch of rows in memory.
+
+    `start_now`: the first pass starts at once in a thread and reads its first batch of rows, so
+    that Ray Data's start (a second or two) overlaps the model's load instead of delaying the
+    first step; the first call of the function takes that pass over."""
     from orchestrator.data.pipeline import rows_to_examples
 
+    def batches():
+        return iter(iterator.iter_batches(batch_size=1024, batch_format="numpy"))
+
+    early: dict = {}
+
+    def start():
+        try:
+            early["batches"] = batches()
+            early["first"] = next(early["batches"], None)
+        except BaseException as err:  # raised again where the pass is read
+            early["error"] = err
+
+    thread = threading.Thread(target=start, name="first-data-pass", daemon=True) if start_now else None
+    if thread:
+        thread.start()
+
     def one_pass():
-        for batch in iterator.iter_batches(batch_size=1024, batch_format="numpy"):
+        nonlocal thread
+        if thread:
+            thread.join()
+            thread = None
+            if "error" in early:
+                raise early.pop("error")
+            rest, first = early.pop("batches"), early.pop("first")
+            stream = rest if first is None else itertools.chain([first], rest)
+        else:
+            stream = batches()
+        for batch in stream:
             yield from rows_to_examples(batch, eval_rows)
 
     return one_pass

@@ -186,15 +186,16 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(spec.distributed.cpus_per_worker)
     seed_everything(t.seed)
 
+    # Every rank streams all rows of its (unsplit) dataset in the stored order and keeps its own:
+    # each optimizer step consumes `grad_accum` micro batches per rank. The training pass starts
+    # reading while the model loads (its first rows wait for step 1).
+    train_pass = dataset_examples(ray.train.get_dataset_shard("train"), eval_rows=False, start_now=True)
     with watch("setup"):
         engine = setup_engine(spec, job, device)
         state = restore_state(engine, rank) or TrainState()
     # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
     logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     progress = ProgressSender(job, rank)
-    # Every rank streams all rows of its (unsplit) dataset in the stored order and keeps its own:
-    # each optimizer step consumes `grad_accum` micro batches per rank.
-    train_pass = dataset_examples(ray.train.get_dataset_shard("train"), eval_rows=False)
     eval_pass = dataset_examples(ray.train.get_dataset_shard("eval"), eval_rows=True)
     if spec.data.packing:
         stream = packed_micro_batches(train_pass, t.micro_batch_size, rank, world, t.seed, spec.data.max_seq_len,
