@@ -178,6 +178,7 @@ class Submitted:
     result: subprocess.CompletedProcess
     seconds: float
     spec_hash: str
+    storage: Path
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +191,7 @@ def submitted(cluster, mlflow_server, tiny_base, tmp_path_factory) -> Submitted:
     result = orchestrator("submit", *quickstart_args(cluster, mlflow_server, storage), "--wait")
     lines = result.stdout.strip().splitlines()
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", quickstart_sets(mlflow_server, storage))
-    return Submitted(lines[-1] if lines else "", result, time.monotonic() - started, spec.spec_hash())
+    return Submitted(lines[-1] if lines else "", result, time.monotonic() - started, spec.spec_hash(), storage)
 
 
 def test_submit_wait_runs_the_job_to_success(submitted):
@@ -226,6 +227,9 @@ def test_workers_ran_on_both_nodes(submitted, cluster):
     nodes = [w["node_id"] for w in info["workers"]]
     assert len(nodes) == 2
     assert set(nodes) == cluster.node_ids()  # one worker on each of the two nodes
+    # Both read the tokenized rows from the shared storage, where the driver copied them.
+    copied = [p.parent for p in (submitted.storage / "tokenized").glob("*/meta.json")]
+    assert len(copied) == 1 and list((copied[0] / "train").glob("*.parquet")), list(submitted.storage.rglob("*"))
 
 
 def test_jobs_logs_list_and_status_show_the_job(submitted, cluster):

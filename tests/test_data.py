@@ -1,6 +1,8 @@
 """Data formatting and loss masking: only the response (or assistant turns) is trained."""
 
+import functools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -209,6 +211,9 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, mon
     again, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
     assert hit is not None and again == first and first.pad_id is not None
     assert first.files_sha256 == {"train_sha256": file_sha256(path)}  # for lineage, read once
+    # Packing happens as the workers read: the same tokenized rows serve a packed run.
+    packed, hit = prepare_datasets(spec.model_copy(update={"packing": True}), 3, str(tiny_base), cache_dir=cache)
+    assert hit is not None and packed.path == first.path
 
     monkeypatch.setattr(tokenizing, "load_tokenizer", real_loader)
     for changed_spec, seed in [(spec.model_copy(update={"max_seq_len": 8}), 3), (spec, 4)]:
@@ -246,10 +251,10 @@ def test_ray_data_pipeline_equals_in_memory_tokenization_on_the_quickstart_data(
     _assert_same_examples(tokenized, load_datasets(spec, tokenizer, seed=42))
 
 
-def test_a_pass_started_early_streams_the_same_examples_as_a_plain_one(tmp_path, tiny_base, ray_local):
+def test_a_pass_started_early_streams_the_same_examples_as_a_plain_one(tmp_path, tiny_base):
     """The worker's training pass starts reading in a thread while the model loads
     (`dataset_examples(..., start_now=True)`): its first pass and every later one give the same
-    examples in the same order as a pass started when asked (real Ray Data over the Parquet cache)."""
+    examples in the same order as a pass started when asked (over the Parquet cache)."""
     from conftest import REPO
 
     from orchestrator.data.cache import prepare_datasets
@@ -257,12 +262,47 @@ def test_a_pass_started_early_streams_the_same_examples_as_a_plain_one(tmp_path,
 
     spec = DataSpec(**{k: str(REPO / v) for k, v in QUICKSTART.items()}, format="alpaca", max_seq_len=128)
     tokenized, _ = prepare_datasets(spec, 42, str(tiny_base), cache_dir=tmp_path)
-    train = tokenized.training_datasets()["train"]
+    train = functools.partial(tokenized.row_batches, "train")
     plain = [(e.input_ids, e.labels) for e in dataset_examples(train, eval_rows=False)()]
     early = dataset_examples(train, eval_rows=False, start_now=True)
     assert len(plain) > 1024  # more than the one batch of rows the thread reads ahead
     assert [(e.input_ids, e.labels) for e in early()] == plain
     assert [(e.input_ids, e.labels) for e in early()] == plain  # later passes start when asked
+
+
+def test_data_shared_with_other_nodes_is_read_from_a_bucket(tmp_path, tiny_base, monkeypatch):
+    """A job whose workers may run on other nodes reads its tokenized data from shared storage
+    (`cache.shared`): copied once into a bucket on a real S3 server (moto's, on 127.0.0.1) and
+    read back there row for row; a second job finds the copy and copies nothing."""
+    import shutil
+
+    import boto3
+    from conftest import REPO
+    from moto.server import ThreadedMotoServer
+
+    from orchestrator.data.cache import prepare_datasets, shared
+
+    spec = DataSpec(**{k: str(REPO / v) for k, v in QUICKSTART.items()}, format="alpaca", max_seq_len=128)
+    tokenized, _ = prepare_datasets(spec, 42, str(tiny_base), cache_dir=tmp_path / "cache")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        endpoint = "http://%s:%d" % server.get_host_and_port()
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket="shared")
+        remote = shared(tokenized, "s3://shared/runs/")
+        assert remote.path == f"s3://shared/runs/tokenized/{Path(tokenized.path).name}"
+        assert remote.files("train") and all(f.startswith("shared/runs/tokenized/") for f in remote.files("train"))
+        for split in ("train", "eval"):
+            got = [(e.input_ids, e.labels) for e in remote.examples(split)]
+            assert got and got == [(e.input_ids, e.labels) for e in tokenized.examples(split)]
+        shutil.rmtree(Path(tokenized.path) / "train")  # a copy that read this again would fail
+        assert shared(tokenized, "s3://shared/runs") == remote
+        assert shared(remote, "s3://elsewhere") is remote  # already where every node reads it
+    finally:
+        server.stop()
 
 
 def test_parquet_directories_and_globs_are_sources(tmp_path, tiny_base, tokenizer):

@@ -63,7 +63,7 @@ def test_progress_updates_are_throttled_but_evaluations_and_the_last_step_always
     from orchestrator.training.worker import ProgressSender, WorkerJob
 
     actor = _RecordingActor()
-    job = WorkerJob(spec={}, deepspeed_config={}, total_steps=100, train_examples=0, eval_examples=0, pad_id=0,
+    job = WorkerJob(spec={}, deepspeed_config={}, total_steps=100, data=None, train_examples=0, eval_examples=0, pad_id=0,
                     use_gpu=False, tracking_uri="", run_id="", progress=actor)
     send = ProgressSender(job, rank=0, interval_s=3600)
     for step in range(0, 101):

@@ -4,6 +4,7 @@ loads no tokenizer (and imports no transformers) and tokenizes nothing."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.data.files import data_files_sha256, hash_file
@@ -20,9 +21,14 @@ _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 CACHE_KEEP = 16  # the most recently used data sets the cache keeps
 
 
+# Data settings applied as the workers read the rows, not when they are tokenized.
+_READ_TIME = {"packing"}
+
+
 def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, files_sha256: dict[str, str],
                         trust_remote_code: bool = False) -> str:
-    """sha256 of everything the tokenized data sets depend on: the spec's data section, the seed
+    """sha256 of everything the tokenized data sets depend on: the spec's data section (but
+    `packing`, done as the workers read), the seed
     (it splits off an eval fraction), the data files (`files_sha256`), the base's files other than
     weights (the tokenizer, its chat template), the code that formats and tokenizes, and the
     transformers and tokenizers versions. Raises OSError when a file cannot be read."""
@@ -30,7 +36,7 @@ def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, files_sha256:
     from importlib.metadata import version
 
     digest = hashlib.sha256(json.dumps(
-        {"data": data.model_dump(mode="json"), "seed": seed, "trust_remote_code": trust_remote_code,
+        {"data": data.model_dump(mode="json", exclude=_READ_TIME), "seed": seed, "trust_remote_code": trust_remote_code,
          "files": files_sha256, "versions": [version("transformers"), version("tokenizers")]},
         sort_keys=True).encode())
     files = sorted(f for f in Path(base_path).iterdir() if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES)
@@ -99,6 +105,29 @@ def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_cod
 
 
 _META = "meta.json"  # written last: an entry without it is incomplete
+
+
+def shared(data: TokenizedData, storage_path: str) -> TokenizedData:
+    """`data` where workers on every node can read it: copied once into
+    `storage_path/tokenized/<cache key>` (shared storage, where the job's checkpoints go too:
+    s3://..., gs://..., or a path mounted on every node) and read from there. Data already in
+    such storage is returned as it is."""
+    import pyarrow.fs as pafs
+
+    if "://" in data.path:
+        return data
+    target = replace(data, path=f"{storage_path.rstrip('/')}/tokenized/{Path(data.path).name}")
+    fs, root = target.filesystem()
+    if fs.get_file_info(f"{root}/{_META}").type == pafs.FileType.NotFound:
+        source = Path(data.path).resolve()
+        fs.create_dir(root, recursive=True)
+        for split in ("train", "eval"):
+            if (source / split).is_dir():
+                pafs.copy_files(str(source / split), f"{root}/{split}", source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=fs)
+        pafs.copy_files(str(source / _META), f"{root}/{_META}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)  # last: an entry without it is copied again
+    return target
 
 
 def _evict(cache_dir: Path) -> None:

@@ -1,5 +1,5 @@
 """The tokenized data set as Parquet: records -> format + tokenize (batched, the fast tokenizer)
--> int32 columns, written once per cache key and read by the workers as Ray Data data sets.
+-> int32 columns, written once per cache key and read straight from its files by every worker.
 
 A source larger than `DRIVER_MAX_BYTES` (or remote) is tokenized by Ray Data: read -> `map_batches`
 in parallel over the cluster's CPUs -> `write_parquet`; a small one is streamed through the same
@@ -120,9 +120,8 @@ def _tokenize_on_driver(source: Source, data: DataSpec, seed: int, tokenizer, ta
 
 
 def quiet_data_context():
-    """Ray Data's context for this project's data sets: rows in a fixed order (the data order is
-    seeded, and a resumed run must see the same rows), no progress bars in the workers' logs,
-    and the read path whose read tasks can run on no CPU (see `training_datasets`)."""
+    """Ray Data's context for tokenizing: rows in a fixed order (the data order is seeded, and a
+    resumed run must see the same rows), no progress bars in the workers' logs."""
     import logging
 
     import ray.data
@@ -213,29 +212,45 @@ class TokenizedData:
 
     def files(self, split: str) -> list[str]:
         """The Parquet files that hold `split`'s rows, in their order (eval rows of a held-out
-        fraction live with the training rows, marked `eval`)."""
-        folder = Path(self.path) / split
-        if split == "eval" and not folder.is_dir():
-            folder = Path(self.path) / "train"
-        return sorted(str(f) for f in folder.glob("*.parquet"))
+        fraction live with the training rows, marked `eval`), as paths in `filesystem()`."""
+        import pyarrow.fs as pafs
 
-    def examples(self, split: str) -> Iterator[Example]:
-        """`split`'s examples, streamed from the Parquet files on this machine, in order."""
+        fs, root = self.filesystem()
+        folder = f"{root}/{split}"
+        if split == "eval" and fs.get_file_info(folder).type != pafs.FileType.Directory:
+            folder = f"{root}/train"
+        return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.path.endswith(".parquet"))
+
+    def filesystem(self):
+        """(pyarrow filesystem, the data's directory in it): the local disk, or shared storage
+        (s3://, gs://...) where a job on several nodes reads it (`cache.shared`)."""
+        import pyarrow.fs as pafs
+
+        if "://" in self.path:
+            return pafs.FileSystem.from_uri(self.path)
+        return pafs.LocalFileSystem(), str(Path(self.path).resolve())
+
+    def row_batches(self, split: str, batch_size: int = BATCH_RECORDS) -> Iterator[dict]:
+        """`split`'s rows in their stored order, read straight from its Parquet files: a dict of
+        columns (Python lists) per batch of `batch_size` rows, one batch in memory at a time.
+
+        This is how a training worker reads its data. Every rank reads every row and keeps its
+        own (`steps.micro_batches`), so no worker holds more than a batch and which rows a rank
+        trains on follows from the step alone. Read through Ray Data instead (a `read_parquet`
+        per worker, Ray Train's `datasets=`), a cached 300,000-record set took 64 s to give its
+        first batch and 145 s for 100,000 rows; read here, 0.1 s and 4.9 s (benchmarks/data_scale.py)."""
         import pyarrow.parquet as pq
 
+        fs, _ = self.filesystem()
         for path in self.files(split):
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                yield from rows_to_examples(batch.to_pydict(), split == "eval")
+            with fs.open_input_file(path) as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_size):
+                    yield batch.to_pydict()
 
-    def training_datasets(self) -> dict:
-        """{"train": ..., "eval": ...} Ray Data data sets, for Ray Train's `datasets=`. Their read
-        tasks ask for no CPU: the training workers hold every CPU of a small machine, and each
-        reads its rows through its own iterator (Ray Data would otherwise wait for a free CPU)."""
-        import ray.data
-
-        quiet_data_context()
-        return {split: ray.data.read_parquet(self.files(split), num_cpus=0)
-                for split in SPLITS}
+    def examples(self, split: str) -> Iterator[Example]:
+        """`split`'s examples, streamed from its Parquet files, in order."""
+        for batch in self.row_batches(split):
+            yield from rows_to_examples(batch, split == "eval")
 
 
 def rows_to_examples(columns: dict, eval_rows: bool) -> Iterator[Example]:
@@ -244,4 +259,4 @@ def rows_to_examples(columns: dict, eval_rows: bool) -> Iterator[Example]:
     for ids, labels, held, trained in zip(columns["input_ids"], columns["labels"], columns["eval"],
                                           columns["trained"]):
         if bool(held) == eval_rows and trained > 0:
-            yield Example(input_ids=[int(x) for x in ids], labels=[int(x) for x in labels])
+            yield Example(input_ids=list(map(int, ids)), labels=list(map(int, labels)))

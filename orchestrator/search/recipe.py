@@ -70,10 +70,10 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
               "use_gpu": str(res.use_gpu), **runs.lineage_tags(ctx.lineage)},
         artifacts={"deepspeed_config.json": ds_config})
     job = WorkerJob(spec=tspec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
-                    train_examples=ctx.data.train_examples, eval_examples=ctx.data.stats["eval_examples"],
+                    data=ctx.data, train_examples=ctx.data.train_examples, eval_examples=ctx.data.stats["eval_examples"],
                     pad_id=ctx.data.pad_id, use_gpu=res.use_gpu,
                     tracking_uri=handle.uri, run_id=handle.run_id, report_evals=True)
-    launch.fit(job, datasets=ctx.data.training_datasets(), name=trial_id, resources=res, storage_path=ctx.trainers_path,
+    launch.fit(job, name=trial_id, resources=res, storage_path=ctx.trainers_path,
                max_failures=tspec.distributed.max_failures, in_tune=True)
     # Trained to its end. Any other ending (an error, stopped by the scheduler or the time
     # budget) is written by the driver, which hears it from Tune: a trial Tune stops can still

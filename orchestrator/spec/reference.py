@@ -62,8 +62,11 @@ ids are cached as Parquet under `~/.cache/orchestrator/tokenized/`, keyed by the
 `data` section, the seed and the tokenizer, so a job run again tokenizes nothing. Sources over
 16 MiB (and remote ones) are tokenized by Ray Data in parallel over the cluster's CPUs, smaller
 ones on the driver (problems are then named by file and line before Ray starts). Neither the
-driver nor any worker holds the whole data set: each worker streams the cached rows through its
-Ray Train dataset. `data.eval: 0.1` holds out each record of `train` whose seeded hash of its
+driver nor any worker holds the whole data set: each worker streams the cached Parquet rows
+straight from their files, a batch at a time. When the job's workers may run on other nodes, the
+cached rows are first copied once into `storage.path` (`tokenized/<key>/`, beside the
+checkpoints) and every worker reads them there. `data.packing` is applied as the workers read,
+so packed and unpacked runs share one cached data set. `data.eval: 0.1` holds out each record of `train` whose seeded hash of its
 content falls below 0.1 (identical records land on the same side). An example longer than
 `max_seq_len` (unless refused with `too_long: error`) loses the start of its prompt first, never
 a trained token, and is then cut at its end if still too long; one left with no trained token

@@ -46,8 +46,8 @@ class FitResult:
     checkpoint_dir: str = ""
 
 
-def _storage(storage_path: str) -> str:
-    # A URI (s3://bucket/prefix) is Ray Train's to resolve; a local path is made absolute.
+def storage_root(storage_path: str) -> str:
+    """`storage.path` as Ray Train takes it: a URI (s3://bucket/prefix) as it is, a local path made absolute."""
     return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
 
 
@@ -55,7 +55,7 @@ def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     """(step, directory) of the latest checkpoint Ray Train recorded for the run `name` (the one
     a `fit` under that name resumes from); None when there is none. In remote storage
     (s3://bucket/prefix) the directory is a URI, readable with `read_json`."""
-    run_dir = storage_location(_storage(storage_path), name)
+    run_dir = storage_location(storage_root(storage_path), name)
     snapshot = read_json(storage_location(run_dir, "checkpoint_manager_snapshot.json")) or {}
     latest = snapshot.get("latest_checkpoint_result") or {}
     if not latest.get("checkpoint_dir_name"):
@@ -113,6 +113,17 @@ def connect(address: str | None = None, verbose: bool = False, dashboard: bool =
                  logging_level="ERROR" if not verbose else "INFO",
                  runtime_env={"env_vars": env}, **extra)
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_info():
+    """The connected Ray cluster's alive nodes and total CPUs and GPUs (a `ClusterInfo`)."""
+    import ray
+
+    from orchestrator.cluster.submission import ClusterInfo
+
+    total = ray.cluster_resources()
+    return ClusterInfo(nodes=sum(1 for n in ray.nodes() if n.get("Alive")), cpus=float(total.get("CPU", 0.0)),
+                       gpus=float(total.get("GPU", 0.0)))
 
 
 def cluster_gpu_memory(timeout_s: float = 120.0) -> tuple[int, str] | None:
@@ -195,7 +206,7 @@ def _progress_actor():
     return Progress.remote()
 
 
-def fit(job: WorkerJob, *, datasets: dict, name: str, resources: Resources, storage_path: str, max_failures: int,
+def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, max_failures: int,
         on_progress: Callable[[int, dict], None] | None = None, in_tune: bool = False) -> FitResult:
     """Run the worker loop on `resources.num_workers` Ray Train workers and wait for it.
 
@@ -204,23 +215,20 @@ def fit(job: WorkerJob, *, datasets: dict, name: str, resources: Resources, stor
     `in_tune`: this is a trial of a search (called inside a Tune function), so rank 0's reports
     are forwarded to Tune, whose scheduler may stop the trial (and with it these workers).
 
-    `datasets` ("train", "eval": Ray Data datasets) reach every worker whole, unsplit, in their
-    stored order: each rank keeps every world-th row itself (`steps.micro_batches`), so which
-    rows a rank trains on follows from the step alone. Ray Data's own split hands blocks to
-    whichever worker asks first, which no resumed run could repeat."""
+    Every worker reads the tokenized rows (`job.data`) straight from their Parquet files, whole
+    and in their stored order: each rank keeps every world-th row itself (`steps.micro_batches`),
+    so which rows a rank trains on follows from the step alone. (Ray Data's split, Ray Train's
+    `datasets=`, hands blocks to whichever worker asks first, which no resumed run could repeat.)"""
     import ray
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig, FailureConfig, RunConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     progress = _progress_actor()
     job.progress = progress
-    storage = _storage(storage_path)
+    storage = storage_root(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=resources.scaling_config(),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage,

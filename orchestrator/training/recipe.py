@@ -103,7 +103,7 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
     """Check what can be checked before any worker starts (the MLflow server, the base's files,
     the data, enough of it for one step on every worker, target modules and the memory plan),
     then connect to Ray and check the GPUs. Raises `SpecError` or `DoesNotFit`."""
-    from orchestrator.data.cache import prepare_datasets
+    from orchestrator.data.cache import prepare_datasets, shared
     from orchestrator.models.loading import check_base_files, resolve_base
     from orchestrator.planning.budget import plan_for_run
     from orchestrator.planning.resources import resources
@@ -162,6 +162,10 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
         gpus = launch.connect(address, verbose, dashboard=spec.tune is not None)
         store.join()
     res = resources(spec, gpus_available=gpus)
+    if launch.cluster_info().workers_may_span_nodes(spec):
+        # Workers on other nodes cannot read this machine's cache: the rows go where checkpoints go.
+        data = shared(data, launch.storage_root(spec.storage.path))
+        status(f"Tokenized data shared with the cluster's nodes: {data.path}")
     if res.use_gpu and gpu_memory_bytes is None and (workers_gpu := launch.cluster_gpu_memory()):
         # Planned again against the GPUs the workers get, not the driver's (a laptop, a CPU head node).
         memory = plan_for_run(spec, workers, workers_gpu[0], source=f"the workers' GPU ({workers_gpu[1]})")
@@ -240,7 +244,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
     try:
         job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
-                        train_examples=data.train_examples, eval_examples=data.stats["eval_examples"],
+                        data=data, train_examples=data.train_examples, eval_examples=data.stats["eval_examples"],
                         pad_id=data.pad_id, use_gpu=res.use_gpu,
                         tracking_uri=handle.uri, run_id=handle.run_id, report_evals=report_evals,
                         generation_records=generation_records(spec))
@@ -248,7 +252,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                f"ZeRO stage {spec.distributed.deepspeed.stage}")
         fit_started_at = time.time()
         with watch("fit"):
-            fit = launch.fit(job, datasets=data.training_datasets(), name=ray_run_name(spec, handle.run_id),
+            fit = launch.fit(job, name=ray_run_name(spec, handle.run_id),
                              resources=res, storage_path=spec.storage.path, max_failures=spec.distributed.max_failures,
                              on_progress=(lambda step, m: progress("training", step, total, m)) if progress else None)
         with watch("sync_tracking"):

@@ -1,5 +1,5 @@
 """What one worker does with its batches: the data order (`micro_batches`, `eval_batches`, streamed
-from its Ray Data shard), an optimizer step (loss weighted by token), an evaluation, and its peak
+straight from the tokenized Parquet files), an optimizer step (loss weighted by token), an evaluation, and its peak
 memory. torch is imported inside the functions."""
 
 from __future__ import annotations
@@ -25,17 +25,18 @@ SHUFFLE_WINDOW = 4096
 DEFAULT_EVAL_BATCHES = 32
 
 
-def dataset_examples(iterator, eval_rows: bool, start_now: bool = False):
-    """A function that streams one pass of the training (or eval) examples of a Ray Train dataset
-    shard (`ray.train.get_dataset_shard`), in its stored order, one batch of rows in memory.
+def dataset_examples(row_batches, eval_rows: bool, start_now: bool = False):
+    """A function that streams one pass of the training (or eval) examples, in their stored
+    order, one batch of rows in memory. `row_batches()` starts a pass over the rows: batches as
+    dicts of columns (`TokenizedData.row_batches`).
 
     `start_now`: the first pass starts at once in a thread and reads its first batch of rows, so
-    that Ray Data's start (a second or two) overlaps the model's load instead of delaying the
-    first step; the first call of the function takes that pass over."""
+    that opening the files (in remote storage, a round trip or more) overlaps the model's load
+    instead of delaying the first step; the first call of the function takes that pass over."""
     from orchestrator.data.pipeline import rows_to_examples
 
     def batches():
-        return iter(iterator.iter_batches(batch_size=1024, batch_format="numpy"))
+        return iter(row_batches())
 
     early: dict = {}
 

@@ -11,6 +11,7 @@ workers).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -36,7 +37,9 @@ class WorkerJob:
     spec: dict
     deepspeed_config: dict
     total_steps: int
-    # The rows travel as Ray Train datasets ("train", "eval"), never in this object: their counts.
+    # Where the tokenized rows are (a `TokenizedData`: their directory, local or shared storage,
+    # and counts); each worker reads them from there, never from this object.
+    data: Any
     train_examples: int
     eval_examples: int
     pad_id: int
@@ -186,17 +189,17 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(spec.distributed.cpus_per_worker)
     seed_everything(t.seed)
 
-    # Every rank streams all rows of its (unsplit) dataset in the stored order and keeps its own:
-    # each optimizer step consumes `grad_accum` micro batches per rank. The training pass starts
+    # Every rank streams all rows of the data set in the stored order and keeps its own: each
+    # optimizer step consumes `grad_accum` micro batches per rank. The training pass starts
     # reading while the model loads (its first rows wait for step 1).
-    train_pass = dataset_examples(ray.train.get_dataset_shard("train"), eval_rows=False, start_now=True)
+    train_pass = dataset_examples(functools.partial(job.data.row_batches, "train"), eval_rows=False, start_now=True)
     with watch("setup"):
         engine = setup_engine(spec, job, device)
         state = restore_state(engine, rank) or TrainState()
     # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
     logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     progress = ProgressSender(job, rank)
-    eval_pass = dataset_examples(ray.train.get_dataset_shard("eval"), eval_rows=True)
+    eval_pass = dataset_examples(functools.partial(job.data.row_batches, "eval"), eval_rows=True)
     if spec.data.packing:
         stream = packed_micro_batches(train_pass, t.micro_batch_size, rank, world, t.seed, spec.data.max_seq_len,
                                       start=state.step * t.grad_accum)
@@ -208,7 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # This rank's eval batches, read from its dataset at the first evaluation and kept: every
     # evaluation scores the same ones, at most `eval_batches` micro batches, so holding them costs
-    # little and spares each later evaluation a pass of Ray Data.
+    # little and spares each later evaluation a pass over the files.
     eval_set: list = []
 
     def run_eval(step: int) -> float:
