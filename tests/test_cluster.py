@@ -196,6 +196,10 @@ def submitted(cluster, mlflow_server, tiny_base, tmp_path_factory) -> Submitted:
 
 def test_submit_wait_runs_the_job_to_success(submitted):
     assert submitted.result.returncode == 0, submitted.result.stderr[-3000:]
+    # Planned against the cluster before it was sent: a CPU cluster, so the plan only informs.
+    assert "Memory plan: " in submitted.result.stderr
+    assert "not checked: the job trains on CPUs (the cluster has no GPUs now)" in " ".join(
+        submitted.result.stderr.split())
     assert submitted.sid.startswith("quickstart-")
     assert f"{submitted.sid}: SUCCEEDED" in submitted.result.stderr
     assert submitted.seconds < 300

@@ -99,6 +99,86 @@ def test_cli_validate_refuses_a_bad_space_with_exit_2(tmp_path):
     assert ok.exit_code == 0, ok.output
 
 
+# --- the trials' memory plans: which trials are planned, and which searched values cannot fit ---
+
+BIG_SPACE = ("{peft.r: {choice: [2, 4, 8, 64]}, training.micro_batch_size: {choice: [1, 2, 4, 16]}, "
+             "peft.target_modules: {choice: [attention, mlp, all-linear]}, peft.alpha: {choice: [8, 16, 32]}, "
+             "training.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}}")  # 4 x 4 x 3 x 3 x 2 = 288 > 256
+
+
+@pytest.mark.parametrize("space,planned", [
+    ("{peft.r: {choice: [4, 64]}}", [{"peft.r": 4}, {"peft.r": 64}]),
+    ("{peft.r: {randint: [2, 16]}, training.learning_rate: {uniform: [1.0e-4, 1.0e-3]}}",
+     [{"peft.r": 2, "training.learning_rate": 1e-4}, {"peft.r": 2, "training.learning_rate": 1e-3},
+      {"peft.r": 16, "training.learning_rate": 1e-4}, {"peft.r": 16, "training.learning_rate": 1e-3}]),
+    # Beyond 256 combinations: each value alone (4 + 4 + 3 + 3 + 2 = 16 specs, not 288).
+    (BIG_SPACE, 16),
+])
+def test_trials_to_plan_are_every_combination_of_a_small_space_else_each_value_alone(space, planned):
+    got = search.trials_to_plan(tuned(space))
+    if isinstance(planned, int):
+        assert len(got) == planned and all(len(values) == 1 for values in got)
+    else:
+        assert got == planned
+
+
+def test_a_large_space_is_planned_at_each_fields_most_demanding_value_together():
+    plans = search.plan_trials(tuned(BIG_SPACE), 80 * 2**30, "given")
+    assert len(plans) == 17
+    worst = plans[-1]  # the combination added after the single values
+    assert {k: worst.values[k] for k in ("peft.r", "training.micro_batch_size", "peft.target_modules")} == {
+        "peft.r": 64, "training.micro_batch_size": 16, "peft.target_modules": "all-linear"}
+    assert worst.peak_bytes == max(p.peak_bytes for p in plans)
+    assert all(p.plan.gpu_memory_source == "given" for p in plans)
+
+
+SMALL_SPACE = "{peft.r: {choice: [4, 64]}, training.micro_batch_size: {choice: [1, 16]}}"
+
+
+def test_searched_values_whose_trials_cannot_fit_are_named_with_the_fix():
+    spec = tuned(SMALL_SPACE)
+    at_80 = search.plan_trials(spec, 80 * 2**30, "given")
+    assert search.misfit_problems(at_80) == []
+    by = {(p.values["peft.r"], p.values["training.micro_batch_size"]): p for p in at_80}
+    # Micro batch 16 needs more than micro batch 1 whatever the rank: a GPU between the two refuses it.
+    assert max(by[4, 1].peak_bytes, by[64, 1].peak_bytes) < min(by[4, 16].peak_bytes, by[64, 16].peak_bytes)
+    budget = (max(by[4, 1].peak_bytes, by[64, 1].peak_bytes) + min(by[4, 16].peak_bytes, by[64, 16].peak_bytes)) // 2
+    problems = [str(p) for p in search.misfit_problems(search.plan_trials(spec, budget, "the test's GPU"))]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("tune.space.training.micro_batch_size: training.micro_batch_size=16: no planned "
+                                  "trial with it fits"), problems
+    assert "(the test's GPU)" in problems[0]
+    assert "Fix: drop 16 from tune.space.training.micro_batch_size, or pass --force" in problems[0]
+    # Only the largest pair does not fit: the combination is named, not either value.
+    budget = (max(p.peak_bytes for p in at_80 if p is not by[64, 16]) + by[64, 16].peak_bytes) // 2
+    problems = [str(p) for p in search.misfit_problems(search.plan_trials(spec, budget, "x"))]
+    assert len(problems) == 1 and problems[0].startswith(
+        "tune.space.peft.r: with peft.r=64, training.micro_batch_size=16: the trial needs"), problems
+    # Nothing fits: one line about the base.
+    problems = [str(p) for p in search.misfit_problems(search.plan_trials(spec, 2**20, "x"))]
+    assert len(problems) == 1 and problems[0].startswith("tune.space: no planned trial fits"), problems
+
+
+@pytest.mark.parametrize("use_gpu,force,refused", [(True, False, True), (True, True, False), (False, False, False)])
+def test_a_gpu_search_with_trials_that_cannot_fit_is_refused_unless_forced(use_gpu, force, refused):
+    from orchestrator.planning.budget import plan_for_run
+    from orchestrator.search.recipe import check_trials_fit
+
+    spec = tuned(SMALL_SPACE)
+    peaks = sorted(p.peak_bytes for p in search.plan_trials(spec, 80 * 2**30, "given"))
+    base = plan_for_run(spec, 1, (peaks[0] + peaks[-1]) // 2, source="the workers' GPU (test)")
+    said = []
+    if refused:
+        with pytest.raises(SpecError) as e:
+            check_trials_fit(spec, base, use_gpu=use_gpu, force=force, status=said.append)
+        assert all(p.path.startswith("tune.space") for p in e.value.problems)
+    else:  # every combination planned on the GPU; on CPUs nothing is checked
+        assert len(check_trials_fit(spec, base, use_gpu=use_gpu, force=force, status=said.append)) == \
+            (4 if use_gpu else 0)
+    # On the GPU the plan is a line of the run's output; on CPUs only the trials' runs log theirs.
+    assert bool(said) == use_gpu and all("the workers' GPU (test)" in s for s in said)
+
+
 def records():
     R = search.TrialRecord
     return [R("a", {"peft.r": 4}, search.STOPPED, {"eval_loss": 0.1, "step": 20}),
@@ -112,7 +192,7 @@ def test_best_trial_is_the_best_completed_one_and_the_table_is_ranked():
     assert search.best_trial(trials, "eval_loss", "min").trial_id == "c"  # a is better but stopped early
     assert search.best_trial(trials, "eval_loss", "max").trial_id == "b"
     rows = search.trials_csv(trials, "eval_loss", "min").splitlines()
-    assert rows[0] == "rank,trial_id,state,peft.r,eval_loss,step,run_id"
+    assert rows[0] == "rank,trial_id,state,peft.r,planned_peak_bytes,eval_loss,step,run_id"
     assert [r.split(",")[1] for r in rows[1:]] == ["c", "b", "a", "d"]
     assert search.final_state(60, 60, False) == search.COMPLETED
     assert search.final_state(20, 60, False) == search.STOPPED

@@ -73,6 +73,11 @@ def test_search_tracks_a_parent_with_nested_trials_and_registers_only_the_best(s
         assert (steps == [0, 1, 2, 3, 4]) == (trial["state"] == "completed"), (trial, steps)
         searched_values = json.loads(r.data.tags["searched"])
         assert r.data.params["peft.r"] == str(searched_values["peft.r"]) == str(trial["params"]["peft.r"])
+        # Each trial's own memory plan: on its run (tag and step-0 metric) and in the trials table.
+        assert int(r.data.tags["planned_peak_bytes"]) == trial["planned_peak_bytes"] == \
+            r.data.metrics["planned_gpu_bytes"]
+    peaks = {r: {t["planned_peak_bytes"] for t in summary.trials if t["params"]["peft.r"] == r} for r in (4, 8)}
+    assert max(peaks[4]) < min(peaks[8]), peaks  # a larger rank plans more memory
 
     versions = c.search_model_versions("name='search-e2e'")
     assert len(versions) == 1

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.cluster import kuberay
 from orchestrator.cluster.jobs import ClusterError, find_token
-from orchestrator.cluster.submission import ClusterInfo, entrypoint, metadata, pinned_requirements, runtime_env, submission_problems, tracking_location, write_package
+from orchestrator.cluster.submission import (ClusterInfo, cluster_gpu_budget, cluster_info, entrypoint, metadata,
+                                             pinned_requirements, runtime_env, submission_problems, tracking_location,
+                                             write_package)
 from orchestrator.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +144,106 @@ def test_runtime_env_ships_code_and_pinned_requirements_or_an_image():
 
     assert not set(env["env_vars"]) & set(WORKER_ENV)
     assert entrypoint() == "python -m orchestrator run job.yaml --address auto --confined"
+    # A job submitted past its memory plan (submit --force) runs past it on the cluster too.
+    assert entrypoint(force=True) == "python -m orchestrator run job.yaml --address auto --confined --force"
+
+
+# --- the cluster's GPUs, and the memory plan made against them ----------------------------------
+
+GiB = 2**30
+CPU_HEAD = {"CPU": 4.0, "memory": 8e9, "node:__internal_head__": 1.0}
+
+
+def gpu_node(kind: str | None, gpus: float = 8.0) -> dict:
+    return {"CPU": 32.0, "GPU": gpus, **({f"accelerator_type:{kind}": 1.0} if kind else {})}
+
+
+@pytest.mark.parametrize("nodes, gpus, types", [
+    ([CPU_HEAD], 0.0, ()),
+    ([CPU_HEAD, gpu_node("H100"), gpu_node("H100")], 16.0, ("H100",)),
+    ([gpu_node("L4", 1.0), gpu_node("A100")], 9.0, ("A100", "L4")),
+    ([gpu_node(None)], 8.0, ()),  # a GPU node that names no type
+    ([CPU_HEAD, {"CPU": 8.0, "TPU": 4.0, "accelerator_type:TPU-V4": 1.0}], 0.0, ()),  # not a GPU
+])
+def test_cluster_info_reads_the_gpu_types_from_the_nodes_resources(nodes, gpus, types):
+    info = cluster_info(nodes, address="http://head:8265")
+    assert (info.nodes, info.gpus, info.gpu_types) == (len(nodes), gpus, types)
+    assert info.cpus == sum(n["CPU"] for n in nodes)
+
+
+@pytest.mark.parametrize("types, gpus, size, source", [
+    (("H100",), 8, 80 * GiB, "the cluster's H100 GPUs (from its accelerator_type resource; H100 comes as 80 or "
+                             "94 GB (NVL): planned for 80 GiB)"),
+    (("A100",), 8, 40 * GiB, "the cluster's A100 GPUs (from its accelerator_type resource; A100 comes as 40 or "
+                             "80 GB: planned for 40 GiB)"),
+    (("A100-80G",), 8, 80 * GiB, "the cluster's A100-80G GPUs (from its accelerator_type resource)"),
+    (("T4",), 1, 16 * GiB, "the cluster's T4 GPUs (from its accelerator_type resource)"),
+    (("H100", "L4"), 9, 24 * GiB, "the cluster's L4 GPUs (from its accelerator_type resource; the smallest of its "
+                                  "GPU types H100, L4)"),
+    (("GeForce-RTX-5090",), 1, 80 * GiB, "the default 80 GiB GPU: its GPU type GeForce-RTX-5090 is not one the "
+                                         "planner knows"),
+    ((), 8, 80 * GiB, "the default 80 GiB GPU: its GPUs name no type (no accelerator_type resource)"),
+    ((), 0, 80 * GiB, "the default 80 GiB GPU: it has no GPUs now"),
+])
+def test_the_cluster_gpu_budget_comes_from_its_gpu_type(types, gpus, size, source):
+    assert cluster_gpu_budget(ClusterInfo(nodes=1, cpus=8, gpus=gpus, gpu_types=types)) == (size, source)
+
+
+@pytest.mark.parametrize("types, fits", [(("H100",), True), (("T4",), False), (("H100", "L4"), False)])
+def test_a_7b_lora_job_is_planned_against_the_clusters_smallest_gpu(types, fits):
+    from orchestrator.planning.budget import plan_for_run
+
+    # bf16 Llama-2-7B with LoRA, 512 tokens: about 40 GiB per GPU (the catalogue's architecture, offline).
+    spec = quickstart(**{"model.base": "meta-llama/Llama-2-7b-hf", "quantization.bits": "null",
+                         "data.max_seq_len": 512})
+    budget, source = cluster_gpu_budget(ClusterInfo(nodes=len(types), cpus=64, gpus=8, gpu_types=types))
+    plan = plan_for_run(spec, spec.distributed.num_workers, budget, source=source)
+    assert plan.fits is fits
+    assert plan.gpu_memory_bytes == budget and plan.gpu_memory_source == source
+
+
+SEVEN_B = {"model.base": "meta-llama/Llama-2-7b-hf", "quantization.bits": "null", "data.max_seq_len": 512}
+
+
+@pytest.mark.parametrize("types, gpus, force, refused, line", [
+    (("H100",), 8, False, False, "Memory plan: 39.6 GiB of 80 GiB per GPU (the cluster's H100 GPUs"),
+    (("T4",), 8, False, True, "Memory plan: 39.6 GiB of 16 GiB per GPU (the cluster's T4 GPUs"),
+    (("T4",), 8, True, False, "submitting it anyway (--force)"),
+    ((), 0, False, False, "Memory plan: 39.6 GiB per GPU; not checked: the job trains on CPUs (the cluster has "
+                          "no GPUs now)"),
+])
+def test_submit_plans_the_job_against_the_clusters_gpus(capsys, types, gpus, force, refused, line):
+    """What `submit` does between the cluster's checks and sending the package."""
+    import typer
+
+    from orchestrator.cli.cluster import _plan_on_cluster
+
+    info = ClusterInfo(nodes=1, cpus=64, gpus=gpus, gpu_types=types)
+    if refused:
+        with pytest.raises(typer.Exit) as e:
+            _plan_on_cluster(quickstart(**SEVEN_B), info, force=force, source="job.yaml")
+        assert e.value.exit_code == 2
+    else:
+        _plan_on_cluster(quickstart(**SEVEN_B), info, force=force, source="job.yaml")
+    out = " ".join(capsys.readouterr().err.split())
+    assert line in out, out
+    assert ("refusing to submit a job that cannot fit the cluster's GPUs" in out) is refused
+    if refused:
+        assert "pass --force to submit it anyway" in out
+
+
+def test_submit_refuses_a_search_whose_trials_cannot_fit_naming_the_searched_value(capsys):
+    import typer
+
+    from orchestrator.cli.cluster import _plan_on_cluster
+
+    spec = quickstart(**SEVEN_B, tune="{space: {data.max_seq_len: {choice: [256, 4096]}}}")
+    with pytest.raises(typer.Exit):
+        _plan_on_cluster(spec, ClusterInfo(nodes=1, cpus=64, gpus=8, gpu_types=("A100",)), force=False,
+                         source="job.yaml")
+    out = " ".join(capsys.readouterr().err.split())
+    assert "Memory plan: 2 trial(s) of the space need up to" in out, out
+    assert "tune.space.data.max_seq_len: data.max_seq_len=4096: no planned trial with it fits 40 GiB per GPU" in out
 
 
 def test_metadata_records_the_job_and_never_credentials():

@@ -27,10 +27,6 @@ from orchestrator.spec import JobSpec, Problem, SpecError
 jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
 k8s_app = typer.Typer(help="Kubernetes (KubeRay) manifests for jobs.", no_args_is_help=True)
 
-# Checks run before a job is sent, each `(spec, cluster) -> list[Problem]`, after the cluster
-# checks of `submission_problems`. Memory planning against the cluster's resources plugs in here.
-PRE_SUBMIT_CHECKS: list[Callable[[JobSpec, ClusterInfo], list[Problem]]] = []
-
 _SET = typer.Option(None, "--set", "-s", help="Override a spec value: dotted.path=value (repeatable).")
 _ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
                         help="The cluster's Jobs API (dashboard) address, e.g. http://HEAD:8265 [env: RAY_ADDRESS].")
@@ -75,8 +71,11 @@ def submit(job: Path = typer.Argument(..., help="The job file (YAML)."), set_: O
                                                                       "(Ray's image_uri) instead of pip-installing."),
            allow_local_tracking: bool = typer.Option(False, "--allow-local-tracking",
                                                      help="The cluster runs on this machine: allow a loopback "
-                                                          "or local-file tracking URI.")):
-    """Validate a job here, then run it on a Ray cluster through the Jobs API; prints the submission id."""
+                                                          "or local-file tracking URI."),
+           force: bool = typer.Option(False, "--force", help="Submit (and run) even if the memory plan says the "
+                                                             "job does not fit the cluster's GPUs.")):
+    """Validate a job here, plan its memory against the cluster's GPUs, then run it on the cluster
+    through the Jobs API; prints the submission id."""
     import orchestrator
     from orchestrator.cluster.submission import (JobPackage, entrypoint, metadata, pinned_requirements, runtime_env,
                                                  submission_id, submission_problems, write_package)
@@ -85,14 +84,13 @@ def submit(job: Path = typer.Argument(..., help="The job file (YAML)."), set_: O
     cluster = _cluster(address, token_file)
     info = _guard(cluster.info)
     problems = submission_problems(spec, info, allow_local_tracking=allow_local_tracking)
-    for check in PRE_SUBMIT_CHECKS:
-        problems += check(spec, info)
     if problems:
         _fail(SpecError(problems, source=str(job)))
+    _plan_on_cluster(spec, info, force, source=str(job))
     with tempfile.TemporaryDirectory(prefix="orchestrator-job-") as tmp:
         write_package(spec, Path(tmp))
         package = JobPackage(
-            submission_id=submission_id(spec), entrypoint=entrypoint(), metadata=metadata(spec),
+            submission_id=submission_id(spec), entrypoint=entrypoint(force=force), metadata=metadata(spec),
             runtime_env=runtime_env(tmp, code_dir=str(Path(orchestrator.__file__).parent),
                                     requirements=pinned_requirements() if requirements and not image else None,
                                     image=image))
@@ -112,6 +110,59 @@ def submit(job: Path = typer.Argument(..., help="The job file (YAML)."), set_: O
             tail = _guard(cluster.logs, sid).rstrip().splitlines()[-_FAILED_LOG_LINES:]
             err.print("\n".join([f"{sid} {status}: {message}", *tail]), highlight=False, markup=False)
         raise typer.Exit(code=1)
+
+
+def _plan_on_cluster(spec: JobSpec, info: ClusterInfo, force: bool, source: str) -> None:
+    """Plan the job (a search: every trial its space can make) against the cluster's GPUs and say
+    so as `run` does; a GPU job that cannot fit exits 2 with the plan, unless `force`. A base whose
+    architecture cannot be read here is planned on the cluster only, when the job starts."""
+    from orchestrator.cluster.submission import cluster_gpu_budget
+    from orchestrator.planning.architectures import architecture_for
+    from orchestrator.planning.budget import plan_for_run
+    from orchestrator.planning.resources import resources
+    from orchestrator.planning.units import human
+
+    try:
+        architecture_for(spec)
+    except SpecError as e:
+        err.print(f"[dim]•[/] Memory plan: not made here ({e.problems[0].message}); the cluster plans the job "
+                  f"when it starts", highlight=False, soft_wrap=True)
+        return
+    res = resources(spec, gpus_available=info.gpus)
+    budget, where = cluster_gpu_budget(info)
+    problems = []
+    try:
+        if spec.tune is not None:
+            from orchestrator.search.space import misfit_problems, plan_trials
+
+            plans = plan_trials(spec, budget, where)
+            plan = max(plans, key=lambda p: p.peak_bytes).plan
+            problems = misfit_problems(plans)
+            what = f"{len(plans)} trial(s) of the space need up to "
+        else:
+            plan = plan_for_run(spec, spec.distributed.num_workers, budget, source=where)
+            what = ""
+    except SpecError as e:
+        _fail(SpecError(e.problems, source=source))
+    if not res.use_gpu:
+        why = "distributed.use_gpu=false" if spec.distributed.use_gpu is False else "the cluster has no GPUs now"
+        err.print(f"[dim]•[/] Memory plan: {what}{human(plan.total_bytes)} per GPU; not checked: the job trains on "
+                  f"CPUs ({why})", highlight=False, soft_wrap=True)
+        return
+    err.print(f"[dim]•[/] Memory plan: {what}{human(plan.total_bytes)} of {human(budget)} per GPU ({where})",
+              highlight=False, soft_wrap=True)
+    if force and (problems or not plan.fits):
+        err.print("[yellow]warning:[/] the plan says the job does not fit; submitting it anyway (--force)",
+                  highlight=False)
+    elif problems:
+        _fail(SpecError(problems, source=source))
+    elif not plan.fits:
+        from orchestrator.cli.plan import _print_plan  # imported here: plan registers its command last
+
+        _print_plan(spec, plan, explain=False)
+        err.print("[bold red]error:[/] refusing to submit a job that cannot fit the cluster's GPUs (see the plan "
+                  "and the changes above); pass --force to submit it anyway", highlight=False)
+        raise typer.Exit(code=2)
 
 
 # On failure, `submit --wait` shows the end of the job's log (the traceback, or the problems found).

@@ -171,14 +171,17 @@ def time_breakdown(timings: dict) -> str:
 
 def _trials_table(trials: list, title: str, metric: str = "eval_loss") -> Table:
     """Trials (records while the search runs, or the summary's dicts) as a rich table."""
+    from orchestrator.planning.units import human
+
     rows = [t if isinstance(t, dict) else t.to_json(metric) for t in trials]
     paths = sorted({p for r in rows for p in r["params"]})
     table = Table(title=title, title_justify="left")
-    for col in ("trial", "state", *paths, "step", "metric"):
-        table.add_column(col, justify="right" if col in ("step", "metric") else "left")
+    for col in ("trial", "state", *paths, "planned peak", "step", "metric"):
+        table.add_column(col, justify="right" if col in ("planned peak", "step", "metric") else "left")
     for r in rows:
-        metric = r.get("metric")
+        metric, peak = r.get("metric"), r.get("planned_peak_bytes")
         table.add_row(r["trial_id"], r["state"], *(_short(r["params"].get(p)) for p in paths),
+                      human(peak) if peak is not None else "-",
                       str(r.get("step") if r.get("step") is not None else "-"),
                       f"{metric:.4f}" if isinstance(metric, (int, float)) else "-")
     return table

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
-from orchestrator.cluster.submission import ClusterInfo, JobPackage, is_loopback_host
+from orchestrator.cluster.submission import ClusterInfo, JobPackage, cluster_info, is_loopback_host
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Ray Train V2 runs each training worker in an actor of this class.
@@ -107,7 +107,7 @@ class Cluster:
     # --- the cluster ---------------------------------------------------------------------------
 
     def info(self) -> ClusterInfo:
-        """Alive nodes and their total CPUs and GPUs (from the state API)."""
+        """Alive nodes, their total CPUs and GPUs and the GPUs' types (from the state API)."""
         from ray.util.state import StateApiClient
         from ray.util.state.common import ListApiOptions, StateResource
 
@@ -115,9 +115,7 @@ class Cluster:
             state = StateApiClient(self.address, headers={**self._headers, "Content-Type": "application/json"})
             nodes = state.list(StateResource.NODES, options=ListApiOptions(filters=[("state", "=", "ALIVE")]),
                                raise_on_missing_output=False)
-        totals = [_field(n, "resources_total") or {} for n in nodes]
-        return ClusterInfo(nodes=len(nodes), cpus=sum(t.get("CPU", 0.0) for t in totals),
-                           gpus=sum(t.get("GPU", 0.0) for t in totals), address=self.address)
+        return cluster_info([_field(n, "resources_total") or {} for n in nodes], address=self.address)
 
     # --- jobs ----------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class ClusterInfo:
     cpus: float
     gpus: float
     address: str = ""
+    gpu_types: tuple[str, ...] = ()  # the GPU nodes' `accelerator_type` resources (H100, A100, ...)
 
     def workers_may_span_nodes(self, spec: JobSpec) -> bool:
         """True when the job's driver and workers may run on more than one node: the cluster has
@@ -46,6 +47,41 @@ class ClusterInfo:
         d = spec.distributed
         need_gpus = d.num_workers if d.use_gpu is True else 0
         return self.nodes > 1 or self.cpus < d.num_workers * d.cpus_per_worker or self.gpus < need_gpus
+
+
+ACCELERATOR_RESOURCE = "accelerator_type:"  # Ray's resource naming a node's GPU type
+
+
+def cluster_info(resources_total: list[dict[str, float]], address: str = "") -> ClusterInfo:
+    """The cluster as its alive nodes' `resources_total` describe it (Ray's state API): CPUs,
+    GPUs, and the types of the GPUs (`accelerator_type:H100` on a node with GPUs -> "H100")."""
+    types = {key[len(ACCELERATOR_RESOURCE):] for totals in resources_total if totals.get("GPU")
+             for key in totals if key.startswith(ACCELERATOR_RESOURCE)}
+    return ClusterInfo(nodes=len(resources_total), cpus=sum(t.get("CPU", 0.0) for t in resources_total),
+                       gpus=sum(t.get("GPU", 0.0) for t in resources_total), address=address,
+                       gpu_types=tuple(sorted(types)))
+
+
+def cluster_gpu_budget(cluster: ClusterInfo) -> tuple[int, str]:
+    """The memory of one of the cluster's GPUs to plan a job against, and where that figure
+    came from: its GPU type's (the smallest, when it has several types), else the default."""
+    from orchestrator.planning.budget import AMBIGUOUS_GPU_TYPES, DEFAULT_GPU_MEMORY, GPU_MEMORY_BY_TYPE
+    from orchestrator.planning.units import human
+
+    known = [t for t in cluster.gpu_types if t in GPU_MEMORY_BY_TYPE]
+    if not known:
+        what = (f"its GPU type {', '.join(cluster.gpu_types)} is not one the planner knows" if cluster.gpu_types
+                else "its GPUs name no type (no accelerator_type resource)" if cluster.gpus
+                else "it has no GPUs now")
+        return DEFAULT_GPU_MEMORY, f"the default {human(DEFAULT_GPU_MEMORY)} GPU: {what}"
+    smallest = min(known, key=lambda t: GPU_MEMORY_BY_TYPE[t])
+    notes = ["from its accelerator_type resource"]
+    if len(cluster.gpu_types) > 1:
+        notes.append(f"the smallest of its GPU types {', '.join(cluster.gpu_types)}")
+    if smallest in AMBIGUOUS_GPU_TYPES:
+        notes.append(f"{smallest} comes as {AMBIGUOUS_GPU_TYPES[smallest]}: planned for "
+                     f"{human(GPU_MEMORY_BY_TYPE[smallest])}")
+    return GPU_MEMORY_BY_TYPE[smallest], f"the cluster's {smallest} GPUs ({'; '.join(notes)})"
 
 
 # --- where paths and URIs point ------------------------------------------------------------------
@@ -209,10 +245,11 @@ def write_package(spec: JobSpec, dest: Path) -> JobSpec:
     return packaged
 
 
-def entrypoint(job_file: str = JOB_FILE) -> str:
+def entrypoint(job_file: str = JOB_FILE, force: bool = False) -> str:
     """The command the cluster runs: this project's `run`, joining the cluster it runs on, with
-    the job's files confined to its package (`confinement_problems`)."""
-    return f"python -m orchestrator run {job_file} --address auto --confined"
+    the job's files confined to its package (`confinement_problems`); `force` passes `--force`
+    (a job submitted past its memory plan runs past it there too)."""
+    return f"python -m orchestrator run {job_file} --address auto --confined" + (" --force" if force else "")
 
 
 def confinement_problems(spec: JobSpec, job_dir: Path, workdir: Path) -> list[Problem]:

@@ -1,5 +1,6 @@
-"""The GPU memory to plan against (given, the local GPU's, or an assumed 80 GiB), and the plan
-`orchestrator run` checks before it launches. Asks torch for the local GPU's size, inside a function."""
+"""The GPU memory to plan against (given, the local GPU's, a known GPU type's, or an assumed
+80 GiB), and the plan `orchestrator run` checks before it launches. Asks torch for the local
+GPU's size, inside a function."""
 
 from __future__ import annotations
 
@@ -9,6 +10,32 @@ from orchestrator.planning.units import GiB
 from orchestrator.spec import JobSpec
 
 DEFAULT_GPU_MEMORY = 80 * GiB
+
+# Memory of one GPU of each type (the size it is sold as, like DEFAULT_GPU_MEMORY), keyed as Ray
+# names the type in a GPU node's `accelerator_type:<TYPE>` resource (ray.util.accelerators; Ray
+# derives it from the GPU's name, "NVIDIA H100 80GB HBM3" -> H100). Where a type is sold in
+# several sizes, the smallest: a job planned to fit it fits them all; `AMBIGUOUS_GPU_TYPES` names
+# the sizes so the plan can say so.
+GPU_MEMORY_BY_TYPE: dict[str, int] = {
+    "K80": 12 * GiB,        # per GPU; a K80 board holds two
+    "P4": 8 * GiB,
+    "P100": 12 * GiB,
+    "V100": 16 * GiB,
+    "T4": 16 * GiB,
+    "A10": 24 * GiB,
+    "A10G": 24 * GiB,
+    "L4": 24 * GiB,
+    "L40": 48 * GiB,
+    "L40S": 48 * GiB,
+    "A100": 40 * GiB,
+    "A100-40G": 40 * GiB,
+    "A100-80G": 80 * GiB,
+    "H100": 80 * GiB,
+    "H20": 96 * GiB,
+    "H200": 141 * GiB,
+}
+AMBIGUOUS_GPU_TYPES = {"P100": "12 or 16 GB", "V100": "16 or 32 GB", "A100": "40 or 80 GB",
+                       "H100": "80 or 94 GB (NVL)"}
 
 
 def local_gpu_memory() -> tuple[int, str] | None:

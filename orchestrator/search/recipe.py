@@ -1,9 +1,10 @@
 """`orchestrator run` of a job with a `tune` section: a hyperparameter search.
 
 search spec -> checks (every value of the space makes a valid job) -> prepare (base, data, Ray)
--> parent MLflow run -> Ray Tune: each trial fits its own TorchTrainer and logs into a nested
-child run; ASHA stops the trials that trail -> trials table and plots on the parent -> the best
-completed trial's adapter registered -> summary. An interrupted search resumes where it stopped.
+-> the trials' memory plans (a GPU search whose trials cannot fit is refused) -> parent MLflow
+run -> Ray Tune: each trial fits its own TorchTrainer and logs into a nested child run (with its
+own plan's peak); ASHA stops the trials that trail -> trials table and plots on the parent -> the
+best completed trial's adapter registered -> summary. An interrupted search resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SEARCH_TAG = "search"  # "parent" on the search's run, "trial" on each trial's r
 TRIAL_TAG = "tune_trial_id"
 SEARCH_RUN_TAG = "search_run_id"
 INTERRUPTED_TAG = "interrupted"  # a trial's run whose driver stopped; the trial re-ran in a new run
+PLANNED_PEAK_TAG = "planned_peak_bytes"  # a trial's planned GPU memory per GPU (its own memory plan)
 
 
 @dataclass
@@ -35,6 +37,8 @@ class TrialContext:
     parent_run_id: str
     lineage: dict
     trainers_path: str  # Ray Train's storage for the trials' TorchTrainers
+    gpu_memory_bytes: int  # what each trial's memory plan is made against, and where that came from
+    gpu_memory_source: str
 
 
 def trial_setup(spec: JobSpec, values: dict, num_train: int, gpus: float):
@@ -50,9 +54,7 @@ def trial_setup(spec: JobSpec, values: dict, num_train: int, gpus: float):
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """One trial (a Ray Tune function): the job with the sampled values, trained by its own
     TorchTrainer, logged into a child run of the search's run. Rank 0's reports reach Tune."""
-    from orchestrator.planning.architectures import architecture_for
     from orchestrator.planning.deepspeed import deepspeed_config
-    from orchestrator.planning.parameters import count_params
     from orchestrator.tracking import runs
     from orchestrator.training import launch
     from orchestrator.training.worker import WorkerJob
@@ -60,15 +62,18 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     spec = JobSpec.model_validate(ctx.spec)
     values = space.trial_values(spec.tune, config)
     tspec, res, total = trial_setup(spec, values, ctx.data.train_examples, ctx.gpus)
+    memory = space.plan_trial(spec, values, ctx.gpu_memory_bytes, ctx.gpu_memory_source).plan
     ds_config = deepspeed_config(tspec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total,
-                                 trainable_params=count_params(architecture_for(tspec), tspec).trainable)
+                                 trainable_params=memory.params.trainable)
     trial_id = launch.trial_id()
     handle = runs.start_run(
         tspec, run_name=f"{spec.name}-{trial_id}", parent_run_id=ctx.parent_run_id,
         tags={SEARCH_TAG: "trial", TRIAL_TAG: trial_id, SEARCH_RUN_TAG: ctx.parent_run_id,
               "searched": json.dumps(values), "total_steps": str(total), "num_workers": str(res.num_workers),
-              "use_gpu": str(res.use_gpu), **runs.lineage_tags(ctx.lineage)},
-        artifacts={"deepspeed_config.json": ds_config})
+              "use_gpu": str(res.use_gpu), PLANNED_PEAK_TAG: str(memory.total_bytes),
+              **runs.lineage_tags(ctx.lineage)},
+        artifacts={"deepspeed_config.json": ds_config, "memory_plan.json": memory.to_json()})
+    runs.log_metrics(handle, {"planned_gpu_bytes": memory.total_bytes}, step=0)  # as a single run logs it
     job = WorkerJob(spec=tspec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
                     data=ctx.data, train_examples=ctx.data.train_examples, eval_examples=ctx.data.stats["eval_examples"],
                     pad_id=ctx.data.pad_id, use_gpu=res.use_gpu,
@@ -93,6 +98,27 @@ def check_space(spec: JobSpec) -> None:
     problems = space.space_problems(spec, architecture)
     if problems:
         raise SpecError(problems)
+
+
+def check_trials_fit(spec: JobSpec, memory, use_gpu: bool, force: bool,
+                     status: Callable[[str], None]) -> list[space.TrialPlan]:
+    """Plan every trial the space can make (`space.plan_trials`) against the GPU the base job was
+    planned against (`memory`, its plan); a GPU search with trials that cannot fit raises
+    `SpecError` naming the searched values, unless `force`. On CPUs nothing is checked (each
+    trial's run still logs its own plan), and no plans are returned."""
+    from orchestrator.planning.units import human
+
+    if not use_gpu:  # up to 256+ plans, ~20 ms each, that nothing would read
+        return []
+    plans = space.plan_trials(spec, memory.gpu_memory_bytes, memory.gpu_memory_source)
+    if plans:
+        worst = max(plans, key=lambda p: p.peak_bytes)
+        status(f"Memory plan: {len(plans)} trial(s) of the space need up to {human(worst.peak_bytes)} of "
+               f"{human(memory.gpu_memory_bytes)} per GPU ({memory.gpu_memory_source})")
+        problems = space.misfit_problems(plans)
+        if problems and not force:
+            raise SpecError(problems)
+    return plans
 
 
 def concurrency(spec: JobSpec, res, capacity: dict[str, float], fixed_cluster: bool) -> int:
@@ -165,6 +191,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
     p = prepare(spec, address=address, verbose=verbose, force=force, gpu_memory_bytes=gpu_memory_bytes,
                 status=status, progress=progress)
     tune = spec.tune
+    check_trials_fit(spec, p.memory, p.resources.use_gpu, force, status)
     at_once = concurrency(spec, p.resources, launch.cluster_capacity(), fixed_cluster=address is None)
     n_train = p.data.train_examples
     _, _, base_total = trial_setup(spec, {}, n_train, p.gpus)
@@ -180,14 +207,19 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
     trials_spec.tracking.uri = parent.uri
     ctx = TrialContext(spec=trials_spec.model_dump(mode="json"), data=p.data, gpus=p.gpus, tracking_uri=parent.uri,
                        parent_run_id=parent.run_id, lineage=lineage,
-                       trainers_path=f"{launch.search_dir(spec.storage.path, name)}/trainers")
+                       trainers_path=f"{launch.search_dir(spec.storage.path, name)}/trainers",
+                       gpu_memory_bytes=p.memory.gpu_memory_bytes, gpu_memory_source=p.memory.gpu_memory_source)
     records: dict[str, space.TrialRecord] = {}
     totals: dict[str, int] = {}
+    plans: dict[str, object] = {}  # trial id -> its memory plan (the one its run logs)
 
     def record(trial_id: str, config: dict) -> space.TrialRecord:
         if trial_id not in records:
             values = space.trial_values(tune, config)
-            records[trial_id] = space.TrialRecord(trial_id=trial_id, values=values)
+            plans[trial_id] = space.plan_trial(spec, values, p.memory.gpu_memory_bytes,
+                                               p.memory.gpu_memory_source).plan
+            records[trial_id] = space.TrialRecord(trial_id=trial_id, values=values,
+                                                  planned_peak_bytes=plans[trial_id].total_bytes)
             totals[trial_id] = trial_setup(spec, values, n_train, p.gpus)[2]
         return records[trial_id]
 
@@ -253,6 +285,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
             "spec_hash": tspec.spec_hash(), "base_model": spec.model.base, TRIAL_TAG: best.trial_id,
             SEARCH_RUN_TAG: parent.run_id})
         wall = time.time() - started
+        best_plan = plans[best.trial_id]
         m = best.metrics
         metrics = {"base_eval_loss": m.get("base_eval_loss"), "eval_loss": m.get("eval_loss"),
                    "train_loss": m.get("train_loss"), "tokens_per_s": m.get("tokens_per_s"), "wall_s": round(wall, 1)}
@@ -270,6 +303,8 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
     metrics = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
     return RunSummary(run_id=parent.run_id, experiment=parent.experiment, tracking_uri=parent.uri,
                       metrics=metrics, data=p.data.stats, registered_model={**asdict(version), "uri": version.uri},
+                      planned={"total_params": best_plan.params.total, "trainable_params": best_plan.params.trainable,
+                               "peak_bytes": best_plan.total_bytes, "world_size": best_plan.world_size},
                       trials=[t.to_json(tune.metric) for t in space.ranked(trials, tune.metric, tune.mode)])
 
 

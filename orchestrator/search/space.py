@@ -1,6 +1,6 @@
 """Pure parts of a hyperparameter search: the `tune` section -> a Ray Tune search space, a
 sampled config -> the trial's job spec, the checks that reject a space before anything runs,
-the ranking of trials, their table and their plots.
+the memory plans of the trials it can make, the ranking of trials, their table and their plots.
 
 No Ray driver calls and no MLflow calls here (training/launch.py and the tracking package do those).
 """
@@ -24,6 +24,9 @@ RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}
 # Checking a space tries every combination of its values (all choices, both ends of each
 # range) up to this many; beyond it each searched value is checked on its own.
 MAX_COMBINATIONS = 4096
+# Planning the memory of a space plans every combination of those values up to this many;
+# beyond it each value alone, then the combination of every field's most demanding value.
+MAX_PLANNED_COMBINATIONS = 256
 
 
 def _scalar(value: Any) -> bool:
@@ -164,6 +167,118 @@ def space_problems(spec: JobSpec, architecture=None) -> list[Problem]:
     return problems
 
 
+# --- the trials' memory plans -----------------------------------------------------------------
+
+
+def trials_to_plan(spec: JobSpec) -> list[dict[str, Any]]:
+    """The searched values whose trial specs a search plans before it starts: every combination of
+    the space's values (every choice, both ends of each range) when there are at most
+    `MAX_PLANNED_COMBINATIONS`, else each value alone (the rest as the base has it); see
+    `worst_values` for the combination added then."""
+    values = {p: _extremes(d) for p, d in spec.tune.space.items() if d.kind is not None}
+    if math.prod(len(v) for v in values.values()) <= MAX_PLANNED_COMBINATIONS:
+        return [dict(zip(values, c)) for c in itertools.product(*values.values())]
+    return [{p: v} for p, vs in values.items() for v in vs]
+
+
+def worst_values(peaks: list[tuple[dict[str, Any], int]]) -> dict[str, Any]:
+    """From the planned peaks of single values [({path: value}, bytes)], each path's most
+    demanding value (the largest rank, the widest target-module preset, the largest micro batch,
+    ... whichever the plans say needs the most): together, the worst trial of the space."""
+    worst: dict[str, tuple[Any, int]] = {}
+    for values, peak in peaks:
+        for path, value in values.items():
+            if path not in worst or peak > worst[path][1]:
+                worst[path] = (value, peak)
+    return {path: value for path, (value, _) in worst.items()}
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """One planned trial: its searched values and its memory plan (planning.memory.MemoryPlan)."""
+
+    values: dict[str, Any]
+    plan: Any
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.plan.total_bytes
+
+
+def plan_trial(spec: JobSpec, values: dict[str, Any], gpu_memory_bytes: int, source: str) -> TrialPlan:
+    """The memory plan of the trial with `values`, against `gpu_memory_bytes` per GPU (from `source`)."""
+    from orchestrator.planning.budget import plan_for_run
+
+    trial = trial_spec(spec, values)
+    return TrialPlan(values, plan_for_run(trial, trial.distributed.num_workers, gpu_memory_bytes, source=source))
+
+
+def plan_trials(spec: JobSpec, gpu_memory_bytes: int, source: str) -> list[TrialPlan]:
+    """The plans of the trials `trials_to_plan` names, and, when those are single values, of the
+    combination of every field's most demanding one (skipped when those values together make an
+    invalid job, which no trial can then be)."""
+    planned = trials_to_plan(spec)
+    plans = [plan_trial(spec, values, gpu_memory_bytes, source) for values in planned]
+    if any(len(values) < len(spec.tune.space) for values in planned):  # single values: add the worst together
+        worst = worst_values([(p.values, p.peak_bytes) for p in plans])
+        try:
+            plans.append(plan_trial(spec, worst, gpu_memory_bytes, source))
+        except SpecError:
+            pass
+    return plans
+
+
+def _cli_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _shown(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
+def misfit_problems(plans: list[TrialPlan]) -> list[Problem]:
+    """One problem per searched value whose planned trials all need more GPU memory than they
+    would get (`tune.space.<path>: <path>=<value>: ...`), and one per other trial that does not
+    fit (a combination); empty when every planned trial fits."""
+    from orchestrator.planning.units import human
+
+    misfits = [p for p in plans if not p.plan.fits]
+    if not misfits:
+        return []
+    budget = f"{human(misfits[0].plan.gpu_memory_bytes)} per GPU ({misfits[0].plan.gpu_memory_source})"
+    force = "or pass --force to run it anyway"
+    if len(misfits) == len(plans):
+        least = min(plans, key=lambda p: p.peak_bytes)
+        return [Problem(path="tune.space", message=f"no planned trial fits {budget}: the smallest "
+                                                   f"({_shown(least.values)}) needs {human(least.peak_bytes)}",
+                        fix=f"make the base job fit first (`orchestrator plan` lists the changes that do), {force}")]
+    def key(value: Any) -> str:  # values may be lists (target modules)
+        return json.dumps(value, sort_keys=True)
+
+    problems, explained = [], set()
+    paths = list(dict.fromkeys(path for p in plans for path in p.values))
+    for path in paths:
+        for value in dict.fromkeys(key(p.values[path]) for p in plans if path in p.values):
+            with_value = [p for p in plans if path in p.values and key(p.values[path]) == value]
+            if all(not p.plan.fits for p in with_value):
+                worst = max(with_value, key=lambda p: p.peak_bytes)
+                explained.update(id(p) for p in with_value)
+                problems.append(Problem(
+                    path=f"tune.space.{path}",
+                    message=f"{path}={json.loads(value)!r}: no planned trial with it fits {budget}; "
+                            f"the largest ({_shown(worst.values)}) needs {human(worst.peak_bytes)}",
+                    fix=f"drop {json.loads(value)!r} from tune.space.{path}, {force}"))
+    for p in misfits:
+        if id(p) not in explained:
+            problems.append(Problem(
+                path=f"tune.space.{next(iter(p.values))}",
+                message=f"with {_shown(p.values)}: the trial needs {human(p.peak_bytes)}, more than {budget}",
+                fix=f"narrow the space so these values do not meet (`orchestrator plan JOB "
+                    f"{' '.join(f'--set {k}={_cli_value(v)}' for k, v in p.values.items())}` lists the "
+                    f"changes that fit), {force}"))
+    return problems
+
+
 def resolved_targets(spec: JobSpec, architecture) -> list[str]:
     """The module names a trial's `peft.target_modules` resolves to on this architecture."""
     from orchestrator.planning.parameters import lora_targets
@@ -192,10 +307,12 @@ class TrialRecord:
     run_id: str | None = None
     adapter_dir: str | None = None
     error: str | None = None
+    planned_peak_bytes: int | None = None  # per GPU, from the trial's memory plan
 
     def to_json(self, metric: str) -> dict:
         return {"trial_id": self.trial_id, "state": self.state, "params": self.values,
-                "metric": self.metrics.get(metric), "step": self.metrics.get("step"), "run_id": self.run_id}
+                "planned_peak_bytes": self.planned_peak_bytes, "metric": self.metrics.get(metric),
+                "step": self.metrics.get("step"), "run_id": self.run_id}
 
 
 def final_state(last_step: int | None, total_steps: int, errored: bool) -> str:
@@ -228,14 +345,16 @@ def best_trial(trials: list[TrialRecord], metric: str, mode: str) -> TrialRecord
 
 
 def trials_csv(trials: list[TrialRecord], metric: str, mode: str) -> str:
-    """The ranked trials as CSV: rank, trial, state, each searched value, metric, last step, run."""
+    """The ranked trials as CSV: rank, trial, state, each searched value, planned peak GPU
+    memory (bytes), metric, last step, run."""
     paths = sorted({p for t in trials for p in t.values})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["rank", "trial_id", "state", *paths, metric, "step", "run_id"])
+    writer.writerow(["rank", "trial_id", "state", *paths, "planned_peak_bytes", metric, "step", "run_id"])
     for i, t in enumerate(ranked(trials, metric, mode), 1):
         writer.writerow([i, t.trial_id, t.state, *(json.dumps(t.values.get(p)) if not _scalar(t.values.get(p))
                                                    else t.values.get(p) for p in paths),
+                         t.planned_peak_bytes if t.planned_peak_bytes is not None else "",
                          t.metrics.get(metric), t.metrics.get("step"), t.run_id or ""])
     return out.getvalue()
 
