@@ -116,14 +116,12 @@ def connect(address: str | None = None, verbose: bool = False, dashboard: bool =
 
 
 def cluster_info():
-    """The connected Ray cluster's alive nodes and total CPUs and GPUs (a `ClusterInfo`)."""
+    """The connected Ray cluster as `submission.cluster_info` reads it: alive nodes, CPUs, GPUs."""
     import ray
 
-    from orchestrator.cluster.submission import ClusterInfo
+    from orchestrator.cluster.submission import cluster_info
 
-    total = ray.cluster_resources()
-    return ClusterInfo(nodes=sum(1 for n in ray.nodes() if n.get("Alive")), cpus=float(total.get("CPU", 0.0)),
-                       gpus=float(total.get("GPU", 0.0)))
+    return cluster_info([n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")])
 
 
 def cluster_gpu_memory(timeout_s: float = 120.0) -> tuple[int, str] | None:
