@@ -3,6 +3,7 @@ env, the token lookup, and the KubeRay manifests (validated against the RayJob s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jsonschema
@@ -124,6 +125,41 @@ def test_package_carries_a_local_model_directory(tmp_path):
     assert packaged.model.base == "./model"
     assert (tmp_path / "pkg" / "model" / "config.json").is_file()
     assert load_spec(tmp_path / "pkg" / "job.yaml").model.base == str(tmp_path / "pkg" / "model")
+
+
+def test_package_carries_directory_and_glob_sources_in_order_and_leaves_uris_where_they_are(tmp_path):
+    """A directory or glob source travels as a directory of its files, numbered in the order the
+    job reads them (so the data order on the cluster is the one here); an s3:// source is not
+    packaged. The packaged job resolves to the same files' contents."""
+    from orchestrator.data.sources import resolve_source
+
+    data = tmp_path / "data"
+    (data / "b").mkdir(parents=True)
+    lines = [json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}"}) + "\n" for i in range(6)]
+    for name, chunk in [("a.jsonl", lines[:2]), ("b/a.jsonl", lines[2:4]), ("c.jsonl", lines[4:])]:
+        (data / name).write_text("".join(chunk))
+    for train in (str(data), str(data / "**" / "*.jsonl")):
+        pkg = tmp_path / f"pkg-{len(train)}"
+        spec = quickstart(**REMOTE, **S3, **{"data.train": train, "data.eval": "s3://bucket/eval.jsonl"})
+        packaged = write_package(spec, pkg)
+        assert (packaged.data.train, packaged.data.eval) == ("train", "s3://bucket/eval.jsonl")
+        here = resolve_source(spec.data.train).files
+        there = resolve_source(str(pkg / "train")).files
+        assert len(there) == 3 and [Path(f).read_text() for f in there] == [Path(f).read_text() for f in here]
+        assert "".join(Path(f).read_text() for f in there) == "".join(lines)
+
+
+def test_a_package_over_the_limit_names_its_largest_part_and_where_it_belongs(tmp_path, monkeypatch):
+    import orchestrator.cluster.submission as submission
+
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"instruction": "x", "input": "", "output": "y" * 400_000}) + "\n")
+    spec = quickstart(**REMOTE, **S3, **{"data.train": str(big)})
+    assert submission.package_problems(spec) == []
+    monkeypatch.setattr(submission, "MAX_PACKAGE_BYTES", 300_000)
+    [problem] = submission.package_problems(spec)
+    assert problem.path == "data.train" and "train.jsonl" in problem.message and "s3://" in problem.fix
+    assert problem in submission.submission_problems(spec, ONE_NODE)
 
 
 def test_runtime_env_ships_code_and_pinned_requirements_or_an_image():

@@ -133,7 +133,7 @@ def submission_problems(spec: JobSpec, cluster: ClusterInfo, *, allow_local_trac
     `allow_local_tracking` declares that the cluster runs on this machine, so loopback servers
     and local files reach every node (a single-machine cluster, the tests)."""
     return [*_tracking_problems(spec, cluster, allow_local_tracking), *_storage_problems(spec, cluster),
-            *_model_problems(spec)]
+            *package_problems(spec)]
 
 
 def _tracking_problems(spec: JobSpec, cluster: ClusterInfo, allow_local: bool) -> list[Problem]:
@@ -179,20 +179,6 @@ def _storage_problems(spec: JobSpec, cluster: ClusterInfo) -> list[Problem]:
     return []
 
 
-def _model_problems(spec: JobSpec) -> list[Problem]:
-    base = local_model_dir(spec)
-    if base is None:
-        return []
-    size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
-    if size > MAX_PACKAGE_BYTES:
-        return [Problem(path="model.base",
-                        message=f"the local model directory {base} is {size / 2**20:.0f} MiB, too large to "
-                                f"send with the job (at most {MAX_PACKAGE_BYTES // 2**20} MiB)",
-                        fix="use a hub id, or put the model on storage every node mounts and submit "
-                            "from a machine that mounts it too")]
-    return []
-
-
 def _nodes(cluster: ClusterInfo) -> str:
     if cluster.nodes > 1:
         return f"several nodes (the cluster has {cluster.nodes})"
@@ -213,22 +199,57 @@ def local_model_dir(spec: JobSpec) -> Path | None:
 
 def package_files(spec: JobSpec) -> tuple[JobSpec, dict[str, Path]]:
     """The spec as it reads inside the job package (file references relative to the job file)
-    and the local files to put beside it: {name in the package: local path}."""
+    and the local files to put beside it: {name in the package: local path}. A data source in
+    remote storage (s3://, gs://) is read where it is and not packaged; a directory or glob
+    travels as a directory of its files, in their order."""
+    from orchestrator.data.sources import is_uri, resolve_source
+
     packaged = spec.model_copy(deep=True)
     files: dict[str, Path] = {}
     d = packaged.data
-    train = Path(d.train)
-    files[f"train{train.suffix}"] = train
-    d.train = f"train{train.suffix}"
-    if isinstance(d.eval, str):
-        ev = Path(d.eval)
-        files[f"eval{ev.suffix}"] = ev
-        d.eval = f"eval{ev.suffix}"
+    for split, field_path in (("train", "data.train"), ("eval", "data.eval")):
+        value = getattr(d, split)
+        if not isinstance(value, str) or is_uri(value):
+            continue
+        if Path(value).is_file():
+            files[f"{split}{Path(value).suffix}"] = Path(value)
+            setattr(d, split, f"{split}{Path(value).suffix}")
+            continue
+        # A directory or a glob: its files, numbered in the order the job reads them.
+        for i, f in enumerate(resolve_source(value, field_path).files):
+            files[f"{split}/{i:05d}-{Path(f).name}"] = Path(f)
+        setattr(d, split, split)
     model = local_model_dir(spec)
     if model is not None:
         files[MODEL_DIR] = model
         packaged.model.base = f"./{MODEL_DIR}"
     return packaged, files
+
+
+def package_problems(spec: JobSpec) -> list[Problem]:
+    """The package Ray uploads through its GCS (the data files and a local model directory) must
+    stay under `MAX_PACKAGE_BYTES`; each large part is named with where it should live instead."""
+    _, files = package_files(spec)
+    sizes: dict[str, int] = {}
+    for name, path in files.items():
+        part = name.split("/")[0]
+        found = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+        sizes[part] = sizes.get(part, 0) + sum(f.stat().st_size for f in found)
+    total = sum(sizes.values())
+    if total <= MAX_PACKAGE_BYTES:
+        return []
+    where = {"model": ("model.base", "use a hub id, or put the model on storage every node mounts and submit "
+                                     "from a machine that mounts it too"),
+             "train": ("data.train", "put the data in a bucket (s3://..., gs://...) and name its URI: it is read "
+                                     "where it is, not sent"),
+             "eval": ("data.eval", "put the data in a bucket (s3://..., gs://...) and name its URI")}
+    largest = max(sizes, key=sizes.get)
+    field_path, fix = where[largest.split(".")[0]]
+    parts = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in sorted(sizes.items(), key=lambda x: -x[1]))
+    return [Problem(path=field_path,
+                    message=f"the job package would be {total / 2**20:.0f} MiB ({parts}), too large to send "
+                            f"with the job (at most {MAX_PACKAGE_BYTES // 2**20} MiB)",
+                    fix=fix)]
 
 
 def write_package(spec: JobSpec, dest: Path) -> JobSpec:
@@ -237,6 +258,7 @@ def write_package(spec: JobSpec, dest: Path) -> JobSpec:
     packaged, files = package_files(spec)
     dest.mkdir(parents=True, exist_ok=True)
     for name, src in files.items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dest / name)
         else:
