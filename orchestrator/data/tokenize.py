@@ -61,7 +61,10 @@ def tokenize_texts(texts: list[str], spans: list[list[tuple[int, int]]], add_eos
         rows = [i for i, w in enumerate(writes_bos) if w != special]
         if not rows:
             continue
-        enc = tokenizer([texts[i] for i in rows], add_special_tokens=special, return_offsets_mapping=True)
+        # verbose=False: no "longer than the model's maximum length" warning per batch; data.max_seq_len
+        # cuts each example below (and the summary counts the truncated ones).
+        enc = tokenizer([texts[i] for i in rows], add_special_tokens=special, return_offsets_mapping=True,
+                        verbose=False)
         for k, i in enumerate(rows):
             out[i] = _labelled(enc["input_ids"][k], enc["offset_mapping"][k], spans[i], add_eos[i],
                                tokenizer, max_seq_len)
