@@ -1,6 +1,6 @@
 """Registry workflows on the session's quickstart run (conftest.py: 4-bit base, ZeRO-2,
-registry.mode=both): merged vs adapter versions, sizes, base hash check, aliases, export, and
-pyfunc loading in a fresh process."""
+registry.mode=both): merged vs adapter versions, sizes, base hash check, aliases, export, where
+inference places a model, batched completion, and pyfunc loading in a fresh process."""
 
 from __future__ import annotations
 
@@ -216,7 +216,15 @@ def test_export_hf_and_adapter(registered, tmp_path):
     assert (tmp_path / "ad" / "adapter_config.json").is_file()
 
 
+# Prompts of very different lengths (39, 14 and 121 tokens once formatted), in no order of length.
+PROMPTS = [PROMPT, "A cat.", "Fill in the fact card for the animal.\n" + "A brown owl at the river. It is small. " * 8]
+
+
 def test_pyfunc_loads_and_predicts_in_a_fresh_process(registered):
+    """The registered pyfunc (each version in a fresh process, as a user loads it) returns one
+    completion per prompt, in the prompts' order: with batch_size 1 every prompt is completed alone,
+    so its completions equal `generate`'s exactly (the batching sorts the prompts by length and must
+    put the answers back); with the default batch size all three share one padded batch."""
     from orchestrator.models.inference import complete, load_adapter
 
     code = (
@@ -225,11 +233,128 @@ def test_pyfunc_loads_and_predicts_in_a_fresh_process(registered):
         "out = {}\n"
         f"for uri in ('models:/{NAME}@candidate', 'models:/{NAME}-merged@candidate'):\n"
         "    model = mlflow.pyfunc.load_model(uri)\n"
-        f"    out[uri] = model.predict([{PROMPT!r}, 'A red fox.'], params={{'max_new_tokens': 16}})\n"
+        f"    out[uri] = [model.predict({PROMPTS!r}, params={{'max_new_tokens': 16, 'batch_size': size}})\n"
+        "                for size in (1, 8)]\n"
         "print(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    adapter, merged = out[f"models:/{NAME}@candidate"], out[f"models:/{NAME}-merged@candidate"]
-    assert len(adapter) == len(merged) == 2 and all(isinstance(t, str) for t in adapter + merged)
-    assert merged[0] == complete(load_adapter(registered["merged"]), PROMPT, 16)
+    for version, model_dir in ((f"models:/{NAME}@candidate", registered["adapter"]),
+                               (f"models:/{NAME}-merged@candidate", registered["merged"])):
+        alone, batched = out[version]
+        assert len(alone) == len(batched) == len(PROMPTS) and all(isinstance(t, str) for t in alone + batched)
+        loaded = load_adapter(model_dir)
+        assert alone == [complete(loaded, p, 16) for p in PROMPTS], version
+
+
+def test_batched_completions_equal_one_at_a_time(registered):
+    """`complete_batch` of prompts of very different lengths, left-padded into one batch, against
+    each prompt completed alone, on the trained adapter in float32.
+
+    Padding changes the shapes of the matrix products, so the batched logits may differ from the
+    single ones in the last float bits, and a greedy step whose top two logits are that close may
+    pick either: asserting equal completions outright would pass or fail by luck. So the check is
+    in two parts that are guaranteed: (1) the first step's logits agree within TOL = 1e-4, some
+    hundred times float32's rounding of logits of this scale (eps 1.2e-7 x |logit| < 10 = 1.2e-6);
+    (2) where every step of a prompt's single greedy path was decided by a top-2 margin above
+    2 x TOL (each path within TOL of the other cannot swap such a pair), the batched completion
+    equals the single one exactly. At least two of the three prompts must be so decided, or the
+    check would be vacuous."""
+    import torch
+
+    from orchestrator.models.adapters import load_trained_model
+    from orchestrator.models.inference import Loaded, complete_batch, complete_formatted, format_prompt, read_spec
+    from orchestrator.models.loading import load_tokenizer, resolve_base
+
+    tol, new_tokens = 1e-4, 16
+    spec = read_spec(registered["adapter"])
+    spec.model.dtype = "float32"
+    base_path = resolve_base(spec.model)
+    loaded = Loaded(model=load_trained_model(registered["adapter"], spec, base_path, quantize=False),
+                    tokenizer=load_tokenizer(base_path), spec=spec)
+    model, tok = loaded.model, loaded.tokenizer
+    texts = [format_prompt(loaded, p) for p in PROMPTS]
+    ids = [tok(t)["input_ids"] for t in texts]
+    assert max(map(len, ids)) >= 3 * min(map(len, ids)), [len(i) for i in ids]
+
+    batch = tok.pad({"input_ids": ids}, padding_side="left", return_tensors="pt")
+    # As generate does: each row's positions count from its first real token.
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = model(**batch, position_ids=positions).logits[:, -1]
+        alone = torch.stack([model(input_ids=torch.tensor([i])).logits[0, -1] for i in ids])
+    print(f"max |batched - alone| first-step logit: {(batched - alone).abs().max().item():.2e} (tol {tol})")
+    assert torch.allclose(batched, alone, atol=tol, rtol=0)
+
+    got = complete_batch(loaded, texts, new_tokens, batch_size=len(texts))
+    decided = 0
+    for text, ids_, completion in zip(texts, ids, got):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids_]), max_new_tokens=new_tokens, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        top2 = torch.cat(out.logits).topk(2, dim=-1).values
+        if ((top2[:, 0] - top2[:, 1]) > 2 * tol).all():
+            decided += 1
+            assert completion == complete_formatted(loaded, text, new_tokens), text
+    assert decided >= 2, f"only {decided} of {len(texts)} prompts decided by margins above {2 * tol}"
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_learning_batches_only_prompts_of_one_length(method, tiny_base):
+    """peft's prompt and prefix tuning drop the position ids generate derives from the padding, so a
+    left-padded prompt would be read at shifted positions (measured: other completions, not other
+    float bits). `complete_batch` puts such a model's prompts of different lengths in batches of
+    their own: the completions equal one-at-a-time ones exactly (the same computation), with a
+    batch size that would otherwise hold them all. The adapters are freshly initialised (seeded):
+    their virtual tokens are random, which is all the positions need."""
+    import peft
+    import torch
+
+    from orchestrator.models.inference import Loaded, complete_batch, complete_formatted, format_prompt
+    from orchestrator.models.loading import load_base, load_tokenizer
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", ["model.dtype=float32"])
+    config = {"prompt_tuning": peft.PromptTuningConfig, "prefix_tuning": peft.PrefixTuningConfig}[method]
+    torch.manual_seed(0)
+    model = peft.get_peft_model(load_base(spec, str(tiny_base), quantize=False),
+                                config(num_virtual_tokens=4, task_type="CAUSAL_LM")).eval()
+    loaded = Loaded(model=model, tokenizer=load_tokenizer(str(tiny_base)), spec=spec)
+    texts = [format_prompt(loaded, p) for p in PROMPTS]
+    assert complete_batch(loaded, texts, 12, batch_size=8) == [complete_formatted(loaded, t, 12) for t in texts]
+
+
+@pytest.mark.parametrize("gpus, model_gib, gpu_gib, expected", [
+    (0, 1, 80, {"": "cpu"}),          # no GPU: the CPU, whatever the sizes
+    (1, None, None, {"": 0}),         # sizes unknown (.bin weights): one GPU
+    (1, 60, 80, {"": 0}),             # 60 <= 0.8 x 80 = 64: fits one GPU
+    (8, 60, 80, {"": 0}),             # fits one: one GPU, no layer hops between GPUs
+    (4, 70, 80, "auto"),              # 70 > 64 but <= 4 x 64: spread over the GPUs
+    (2, 140, 80, {"": "cpu"}),        # 140 > 2 x 64: the CPU, never a partial offload
+    (1, 70, 80, {"": "cpu"}),         # too big for the one GPU
+])
+def test_inference_device_map(gpus, model_gib, gpu_gib, expected):
+    from orchestrator.models.loading import inference_device_map
+
+    gib = 2**30
+    assert inference_device_map(gpus, model_gib and model_gib * gib, gpu_gib and gpu_gib * gib) == expected
+
+
+def test_loaded_weight_bytes_counts_the_parameters(tiny_base):
+    """The size inference places a model by: the base's parameters x 4 bytes in float32, x 2 in
+    bf16, x 0.5 quantized to 4 bits; and on this GPU-less machine the device map is the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.models.loading import inference_device, loaded_weight_bytes
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", ["model.dtype=float32"])
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_base).parameters())
+    assert loaded_weight_bytes(spec, str(tiny_base), quantize=False) == 4 * params
+    spec.model.dtype = "bfloat16"
+    assert loaded_weight_bytes(spec, str(tiny_base), quantize=False) == 2 * params
+    assert loaded_weight_bytes(spec, str(tiny_base), quantize=True) == params // 2
+    if not torch.cuda.is_available():
+        assert inference_device(spec, str(tiny_base)) == {"": "cpu"}

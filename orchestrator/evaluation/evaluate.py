@@ -120,19 +120,18 @@ def evaluate_loaded(loaded, records: list[tuple[str, dict]], fmt: str, source: s
     """Token-weighted mean loss of the records (prompt tokens masked, as in training) and the
     model's greedy completion of each record's prompt."""
     from orchestrator.data.tokenize import prepare_located
-    from orchestrator.models.inference import complete_formatted
+    from orchestrator.models.inference import complete_batch, input_device
     from orchestrator.training.steps import evaluate
 
     data = loaded.spec.data.model_copy(update={"format": fmt})
     examples, _ = prepare_located(records, data, loaded.tokenizer, where)
-    device = next(loaded.model.parameters()).device
-    loss = evaluate(loaded.model, examples, EVAL_BATCH, loaded.tokenizer.pad_token_id, 0, 1, device)
+    loss = evaluate(loaded.model, examples, EVAL_BATCH, loaded.tokenizer.pad_token_id, 0, 1, input_device(loaded.model))
     prompts = [to_prompt(r, fmt, loaded.tokenizer) for _, r in records]
     if max_new_tokens < 1:  # the loss alone
         return loss, prompts, []
-    outputs = [complete_formatted(loaded, p.text, max_new_tokens) if p.reference is not None else ""
-               for p in prompts]
-    return loss, prompts, outputs
+    done = iter(complete_batch(loaded, [p.text for p in prompts if p.reference is not None], max_new_tokens,
+                               batch_size=EVAL_BATCH))
+    return loss, prompts, [next(done) if p.reference is not None else "" for p in prompts]
 
 
 def score(uri: str, name: str, version: str, loss: float, prompts: list[Prompt],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.models.loading import load_base, load_base_for_training
+from orchestrator.models.loading import load_base_for_inference, load_base_for_training
 from orchestrator.planning.targets import (architecture_problems, freeze_selects, fused_expert_problems,
                                            ia3_feedforward, select_targets, split_targets)
 from orchestrator.spec import JobSpec, SpecError
@@ -130,14 +130,14 @@ TRAINED_TENSORS = "trained_tensors.safetensors"
 
 def load_trained_model(saved_dir: str | Path, spec: JobSpec, base_path: str, quantize: bool = True):
     """A trained model ready for inference: base + saved adapter, base + the tensors a freeze
-    job trained, or the saved full model."""
+    job trained, or the saved full model; on a CUDA GPU when there is one (`inference_device`)."""
     method = spec.peft.method
     if method == "full":
-        model = load_base(spec, str(saved_dir), quantize=False)
+        model = load_base_for_inference(spec, str(saved_dir), quantize=False)
     elif method == "freeze":
         from safetensors.torch import load_file
 
-        model = load_base(spec, base_path, quantize=False)
+        model = load_base_for_inference(spec, base_path, quantize=False)
         trained = load_file(str(Path(saved_dir) / TRAINED_TENSORS))
         missing = set(trained) - {n for n, _ in model.named_parameters()}
         if missing:
@@ -146,6 +146,7 @@ def load_trained_model(saved_dir: str | Path, spec: JobSpec, base_path: str, qua
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_base(spec, base_path, quantize=quantize), str(saved_dir))
+        # peft puts the adapter's weights beside the layers they adapt, wherever those are.
+        model = PeftModel.from_pretrained(load_base_for_inference(spec, base_path, quantize=quantize), str(saved_dir))
     model.eval()
     return model

@@ -66,18 +66,17 @@ def check_base(model_dir: Path, spec: JobSpec, base_path: str) -> None:
 def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: bool = True) -> Loaded:
     """The base named by the adapter's saved job spec, quantized as it was trained (or, with
     `quantize=False`, in its compute dtype), plus the adapter; or, with `with_adapter=False`, the
-    bare base for comparison. A merged model directory loads as it is, without peft.
+    bare base for comparison. A merged model directory loads as it is, without peft. On a CUDA GPU
+    when this machine has one (`loading.inference_device`), else on the CPU.
 
     Raises `BaseMismatch` when the base's weights differ from the ones the adapter was trained on."""
     from orchestrator.models.adapters import load_trained_model
-    from orchestrator.models.loading import load_base, load_tokenizer, resolve_base, torch_dtype
+    from orchestrator.models.loading import load_base_for_inference, load_tokenizer, resolve_base
 
     adapter_dir = Path(adapter_dir)
     spec = read_spec(adapter_dir)
     if with_adapter and spec.peft.method != "full" and is_merged(adapter_dir):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype(spec.model.dtype))
+        model = load_base_for_inference(spec, str(adapter_dir), quantize=False)
         model.eval()
         return Loaded(model=model, tokenizer=load_tokenizer(str(adapter_dir)), spec=spec)
     base_path = resolve_base(spec.model)
@@ -86,10 +85,16 @@ def load_adapter(adapter_dir: str | Path, with_adapter: bool = True, quantize: b
             check_base(adapter_dir, spec, base_path)
         model = load_trained_model(adapter_dir, spec, base_path, quantize=quantize)
     else:
-        model = load_base(spec, base_path, quantize=quantize)
+        model = load_base_for_inference(spec, base_path, quantize=quantize)
         model.eval()
     tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision, spec.data.chat_template)
     return Loaded(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def input_device(model):
+    """Where a model's inputs go: the device of its input embeddings (GPU 0 of a model spread
+    over several GPUs, whose hooks move the hidden states from layer to layer)."""
+    return model.get_input_embeddings().weight.device
 
 
 def format_prompt(loaded: Loaded, prompt: str) -> str:
@@ -111,17 +116,62 @@ def complete(loaded: Loaded, prompt: str, max_new_tokens: int = 64) -> str:
     return complete_formatted(loaded, format_prompt(loaded, prompt), max_new_tokens)
 
 
+# The registered pyfunc's `predict` params (tracking/pyfunc_model.py) and their defaults, as its
+# MLflow signature declares them.
+PREDICT_PARAMS = {"max_new_tokens": 64, "batch_size": 8}
+
+
 def complete_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64) -> str:
     """Greedy completion of `text`, already formatted as the model was trained (a rendered chat
-    conversation, an Alpaca prompt); `complete`, `orchestrator evaluate` and `serve` all end here."""
+    conversation, an Alpaca prompt): `complete_batch` of one text. `complete`, `orchestrator
+    evaluate`, `serve` and the pyfunc all end in `complete_batch`."""
+    return complete_batch(loaded, [text], max_new_tokens)[0]
+
+
+def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+    """Greedy completions of `texts` (formatted as the model was trained), in their order, up to
+    `batch_size` at a time: each cut at its first EOS, the prompt not repeated.
+
+    The prompts of a batch are padded on the left with an attention mask, so every one ends where
+    generation starts and no padding is attended to; the texts are batched in order of length, so a
+    batch pads little. The same completions as one at a time, up to the last float bits of the
+    padded positions' arithmetic. A prompt or prefix tuning adapter shares a batch only with
+    prompts of its own length (`_padding_shifts_positions`)."""
     import torch
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     tok = loaded.tokenizer
     # A chat template that writes the BOS token itself: no second one (as in training).
-    device = next(loaded.model.parameters()).device
-    enc = {k: v.to(device) for k, v in tok(text, return_tensors="pt", add_special_tokens=not (
-        tok.bos_token and text.startswith(tok.bos_token))).items()}
-    with torch.no_grad():
-        out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    ids = [tok(t, add_special_tokens=not (tok.bos_token and t.startswith(tok.bos_token)))["input_ids"] for t in texts]
+    same_length_only = _padding_shifts_positions(loaded.model)
+    batches: list[list[int]] = []
+    for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
+        if batches and len(batches[-1]) < batch_size and not (
+                same_length_only and len(ids[batches[-1][0]]) != len(ids[i])):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    device = input_device(loaded.model)
+    completions: list[str] = [""] * len(texts)
+    for chunk in batches:
+        # padding_side here, not on the tokenizer: it is shared (serve) and pads on the right in training.
+        enc = tok.pad({"input_ids": [ids[i] for i in chunk]}, padding=True, padding_side="left", return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with torch.no_grad():
+            out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for i, row in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
+            if tok.eos_token_id in row:  # a finished prompt waits for the batch's others, padded
+                row = row[:row.index(tok.eos_token_id)]
+            completions[i] = tok.decode(row, skip_special_tokens=True).strip()
+    return completions
+
+
+def _padding_shifts_positions(model) -> bool:
+    """Whether left padding would move a prompt's tokens to other positions: peft's prompt learning
+    methods (prompt and prefix tuning) drop the position ids that generate derives from the
+    attention mask ("Position ids are not supported for parameter efficient tuning"), so a padded
+    prompt would be read as if its padding were text before it."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))

@@ -15,7 +15,8 @@ from orchestrator.data.files import hash_file
 from orchestrator.data.tokenize import load_tokenizer
 from orchestrator.spec import JobSpec, ModelSpec, Problem, SpecError
 
-__all__ = ["base_sha256", "base_weights_dir", "check_base_files", "load_base", "load_base_for_training", "load_tokenizer",
+__all__ = ["base_sha256", "base_weights_dir", "check_base_files", "inference_device", "inference_device_map", "load_base",
+           "load_base_for_inference", "load_base_for_training", "load_tokenizer", "loaded_weight_bytes",
            "quantization_config", "resolve_base", "torch_dtype"]  # load_tokenizer: data.tokenize's, the loader's own
 
 
@@ -138,28 +139,85 @@ def _kernel_refusal(spec: JobSpec):
                                  fix="set model.attn_implementation=auto (sdpa where supported, else eager)")]) from err
 
 
-def load_base(spec: JobSpec, path: str, device: str = "cpu", quantize: bool = True):
-    """The base causal LM, in the spec's dtype and (when asked) quantized as the spec says."""
+def load_base(spec: JobSpec, path: str, device: str | dict = "cpu", quantize: bool = True):
+    """The base causal LM, in the spec's dtype and (when asked) quantized as the spec says, on
+    `device`: a device ("cpu", "cuda:0") or a transformers device map (`inference_device_map`)."""
     from transformers import AutoModelForCausalLM
 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     qconfig = quantization_config(spec) if quantize else None
     kwargs = {"quantization_config": qconfig} if qconfig else {}
-    # The weights go straight to `device` (no whole copy in host memory first on a GPU worker).
+    device_map = device if isinstance(device, dict) or device == "auto" else {"": device}
+    on_cpu = isinstance(device_map, dict) and all(str(d) == "cpu" for d in device_map.values())
+    # The weights go straight to `device` (no whole copy in host memory first on a GPU worker);
+    # a 4-bit model must be placed by the device map at load, bitsandbytes refuses a later `.to()`.
     # Under a registered ZeRO-3 config transformers refuses a device map and places them itself:
     # partitioned, or (quantized) on the process's current device (bitsandbytes' quantizer).
     zero3 = is_deepspeed_zero3_enabled()
     with _kernel_refusal(spec):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(spec.model.dtype), revision=spec.model.revision,
-            attn_implementation=attn_implementation(spec, device),
-            trust_remote_code=spec.model.trust_remote_code, **({} if zero3 else {"device_map": {"": device}}), **kwargs)
-    if qconfig and qconfig.load_in_4bit and device == "cpu":
+            attn_implementation=attn_implementation(spec, "cpu" if on_cpu else "cuda"),
+            trust_remote_code=spec.model.trust_remote_code, **({} if zero3 else {"device_map": device_map}), **kwargs)
+    if qconfig and qconfig.load_in_4bit and on_cpu:
         _keep_4bit_trainable_on_cpu(model)
-    elif qconfig and device == "cpu":
+    elif qconfig and on_cpu:
         _keep_8bit_dtype_on_cpu(model)
     return model
+
+
+# The share of a GPU's memory a model's weights may take when inference places it there: the rest
+# holds the KV cache and activations of a batch of prompts (8 x 2,048 tokens of a 7B Llama in
+# bf16: 8 GiB of cache) and the CUDA context (~0.5 GiB).
+INFERENCE_WEIGHTS_SHARE = 0.8
+
+
+def inference_device_map(cuda_devices: int, model_bytes: int | None = None, gpu_bytes: int | None = None) -> dict | str:
+    """Where generate, evaluate, serve, the pyfunc and merge load a model, as transformers'
+    `device_map`: without a GPU, the CPU; the whole model on GPU 0 when its weights fit one GPU
+    (or their size or the GPU's is unknown); spread over every GPU ("auto") when they fit only all
+    of them together; the CPU when they fit none: never accelerate's partial offload to the CPU,
+    which a 4-bit model cannot take and a merge cannot write through."""
+    if cuda_devices < 1:
+        return {"": "cpu"}
+    if model_bytes is None or gpu_bytes is None or model_bytes <= INFERENCE_WEIGHTS_SHARE * gpu_bytes:
+        return {"": 0}
+    if cuda_devices > 1 and model_bytes <= INFERENCE_WEIGHTS_SHARE * gpu_bytes * cuda_devices:
+        return "auto"
+    return {"": "cpu"}
+
+
+def loaded_weight_bytes(spec: JobSpec, path: str, quantize: bool = True) -> int | None:
+    """The bytes the weights at `path` take once loaded: their parameter count (read from the
+    safetensors headers) x 2 or 4 bytes (model.dtype), or x 0.5 / 1 quantized to 4 / 8 bits (a
+    little low: the embeddings and head stay in model.dtype). None without safetensors files."""
+    import math
+
+    files = _safetensors_files(spec.model, path)
+    if not files:
+        return None
+    params = sum(math.prod(shape) for _, _, shape, _, _ in _safetensors_index(files).values())
+    bits = spec.quantization.bits if quantize else None
+    per_param = {4: 0.5, 8: 1}.get(bits, 4 if spec.model.dtype == "float32" else 2)
+    return int(params * per_param)
+
+
+def inference_device(spec: JobSpec, path: str, quantize: bool = True) -> dict | str:
+    """`inference_device_map` for this machine's CUDA GPUs and the model at `path`."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return inference_device_map(0)
+    return inference_device_map(count, loaded_weight_bytes(spec, path, quantize),
+                                torch.cuda.get_device_properties(0).total_memory)
+
+
+def load_base_for_inference(spec: JobSpec, path: str, quantize: bool = True):
+    """`load_base` where this machine runs inference (`inference_device`): a CUDA GPU when there is
+    one, else the CPU."""
+    return load_base(spec, path, inference_device(spec, path, quantize), quantize=quantize)
 
 
 # transformers finds the DeepSpeed config through a weak reference (integrations.deepspeed): the

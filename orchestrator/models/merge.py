@@ -17,7 +17,9 @@ def save_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
 
     The base is never quantized here: merging into 4-bit weights would round the sum back to the
     4-bit grid and lose most of what the adapter learned. It is loaded in float32 where the host
-    has the memory (`merge_dtype`), and the merged weights are cast once to `model.dtype`."""
+    has the memory (`merge_dtype`), and the merged weights are cast once to `model.dtype`. The
+    merge runs where inference would (`loading.inference_device`, sized for the merge dtype): on a
+    CUDA GPU when the weights fit, else on the CPU; the model is written from there."""
     import shutil
 
     from orchestrator.models.adapters import load_trained_model

@@ -49,7 +49,7 @@ class ServedAdapters:
 
     def _add(self, name: str) -> None:
         from orchestrator.models.inference import check_base, is_merged, read_lineage, read_spec
-        from orchestrator.models.loading import load_base, load_tokenizer, resolve_base
+        from orchestrator.models.loading import load_base_for_inference, load_tokenizer, resolve_base
         from orchestrator.tracking.registry import download_model
 
         local = download_model(f"models:/{name}", Path(self._dir.name) / name.replace("/", "-"), self.tracking_uri)
@@ -71,11 +71,8 @@ class ServedAdapters:
             # job's chat template.
             self.tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision,
                                             spec.data.chat_template)
-            import torch
-
-            # A replica given a GPU (k8s render --serve --gpu) holds the model there.
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.model = PeftModel.from_pretrained(load_base(spec, base_path, device=device), str(local),
+            # A replica given a GPU (k8s render --serve --gpu) holds the model there, as `generate` would.
+            self.model = PeftModel.from_pretrained(load_base_for_inference(spec, base_path), str(local),
                                                    adapter_name=name)
             self.model.eval()
             self.base = base

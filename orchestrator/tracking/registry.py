@@ -62,11 +62,12 @@ def _log_version(handle: RunHandle, model_dir: Path, *, name: str, alias: str, k
     from mlflow.models import infer_signature
 
     import orchestrator
+    from orchestrator.models.inference import PREDICT_PARAMS
 
     client = _client(handle.uri)
     # A signature but no input example: MLflow validates an input example by loading the model
     # and predicting once, which for a 7B base means minutes and its whole weight in driver memory.
-    signature = infer_signature([EXAMPLE_PROMPT], ["completion"], params={"max_new_tokens": 64})
+    signature = infer_signature([EXAMPLE_PROMPT], ["completion"], params=PREDICT_PARAMS)
     with _quiet(), mlflow.start_run(run_id=handle.run_id):
         info = mlflow.pyfunc.log_model(
             name=ADAPTER_ARTIFACT if kind == CHANGED_WEIGHTS else kind, python_model=str(PYFUNC_FILE), artifacts={MODEL_ARTIFACT: str(model_dir)},
