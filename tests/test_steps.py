@@ -134,7 +134,7 @@ def test_packed_examples_score_as_they_do_alone_and_never_see_each_other(model):
     assert not torch.equal(changed[1], packed[1])
 
 
-def test_packed_rows_mask_each_examples_first_label_and_fill_rows_in_order():
+def test_packed_rows_mask_each_examples_first_label_and_keep_their_examples_in_order():
     from orchestrator.data.tokenize import pack_examples
 
     examples = [_example(2, 3, i * 10) for i in range(5)]  # 5 tokens each
@@ -142,6 +142,26 @@ def test_packed_rows_mask_each_examples_first_label_and_fill_rows_in_order():
     assert [len(r.input_ids) for r in rows] == [10, 10, 5]
     assert rows[0].position_ids == [0, 1, 2, 3, 4] * 2
     assert rows[0].labels[5] == IGNORE_INDEX and rows[0].input_ids[5:] == examples[1].input_ids
+
+
+def test_packing_fits_each_window_first_fit_decreasing():
+    """Lengths 5, 4, 3, 4 into rows of 8: packed in order they need 3 rows (5 | 4 3 | 4); first
+    fit decreasing needs 2 (5 3 | 4 4), each row's examples in stream order. Windows are packed
+    separately, and every example lands in exactly one row."""
+    from orchestrator.data.tokenize import pack_examples
+
+    lengths = [5, 4, 3, 4]
+    examples = [_example(1, n - 1, 100 * i) for i, n in enumerate(lengths)]
+    rows = list(pack_examples(examples, 8))
+    assert [r.input_ids for r in rows] == [examples[0].input_ids + examples[2].input_ids,
+                                           examples[1].input_ids + examples[3].input_ids]
+    assert rows[0].position_ids == [0, 1, 2, 3, 4, 0, 1, 2]
+    # Window 2: (5, 4) and (3, 4) are packed apart: 5 | 4 | 3 4.
+    assert [len(r.input_ids) for r in pack_examples(examples, 8, window=2)] == [5, 4, 7]
+    many = [_example(1, i % 7 + 1, 10 * i) for i in range(100)]
+    packed = list(pack_examples(many, 16, window=32))
+    assert sorted(x for r in packed for x in r.input_ids) == sorted(x for e in many for x in e.input_ids)
+    assert all(len(r.input_ids) <= 16 for r in packed)
 
 
 @pytest.mark.parametrize("start", [0, 1, 5, 9])

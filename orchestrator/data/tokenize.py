@@ -7,6 +7,8 @@ gets the label -100 and so adds nothing to the loss.
 
 from __future__ import annotations
 
+import itertools
+
 from orchestrator.data.formats import _FORMATTERS
 from orchestrator.data.records import IGNORE_INDEX, DataSets, Example, _data_error, in_eval
 from orchestrator.spec import DataSpec
@@ -162,19 +164,36 @@ def prepare_located(located: list[tuple[str, dict]], data: DataSpec, tokenizer,
     return [e for e, _ in results if e.num_trained_tokens], sum(cut for _, cut in results)
 
 
-def pack_examples(examples, max_seq_len: int):
-    """Pack a stream of examples greedily, in order, into rows of at most `max_seq_len` tokens.
-    Each example's positions restart at 0 (the model then attends within each example only:
-    transformers builds a block-diagonal causal mask from position ids when no attention mask is
-    given) and its first label is masked (it would be predicted from the previous example)."""
-    row: list[Example] = []
-    for example in examples:
-        if row and sum(len(e.input_ids) for e in row) + len(example.input_ids) > max_seq_len:
-            yield _packed(row)
-            row = []
-        row.append(example)
-    if row:
-        yield _packed(row)
+# Examples packed together: each window of this many (already shuffled) examples is packed first
+# fit decreasing. On the data-at-scale benchmark's lengths (256 tokens on average, up to 512) rows
+# of 512 tokens came out 97% full, against 78% packing greedily in order; padding batches of 8 to
+# their longest example, 59% (8,192 examples, benchmarks/data_scale.py).
+PACK_WINDOW = 256
+
+
+def pack_examples(examples, max_seq_len: int, window: int = PACK_WINDOW):
+    """Pack a stream of examples into rows of at most `max_seq_len` tokens: each `window` of them
+    first fit decreasing (longest first, each into the first row it fits), deterministic, so a
+    resumed run packs the same rows. A row keeps its examples in their stream order and the rows
+    come out in the order they were opened. Each example's positions restart at 0 (the model then
+    attends within each example only: transformers builds a block-diagonal causal mask from
+    position ids when no attention mask is given) and its first label is masked (it would be
+    predicted from the previous example)."""
+    examples = iter(examples)
+    while chunk := list(itertools.islice(examples, window)):
+        rows: list[list[int]] = []  # indices into chunk
+        room: list[int] = []
+        for i in sorted(range(len(chunk)), key=lambda i: -len(chunk[i].input_ids)):
+            n = len(chunk[i].input_ids)
+            j = next((j for j, free in enumerate(room) if free >= n), None)
+            if j is None:
+                rows.append([i])
+                room.append(max_seq_len - n)
+            else:
+                rows[j].append(i)
+                room[j] -= n
+        for row in rows:
+            yield _packed([chunk[i] for i in sorted(row)])
 
 
 def _packed(row: list[Example]) -> Example:
