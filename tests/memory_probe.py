@@ -294,8 +294,8 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def run_deepspeed_cases(cases: list[dict], world: int, out_dir: str) -> list[dict]:
-    """Run each case on `world` CPU ranks; returns one result dict per case and rank."""
+def spawn_ranks(target, world: int, *args) -> None:
+    """Run `target(rank, world, port, *args)` in `world` fresh processes, one gloo rank each."""
     import socket
 
     import torch.multiprocessing as mp
@@ -303,7 +303,12 @@ def run_deepspeed_cases(cases: list[dict], world: int, out_dir: str) -> list[dic
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, cases, out_dir), nprocs=world, join=True)
+    mp.spawn(target, args=(world, port, *args), nprocs=world, join=True)
+
+
+def run_deepspeed_cases(cases: list[dict], world: int, out_dir: str) -> list[dict]:
+    """Run each case on `world` CPU ranks; returns one result dict per case and rank."""
+    spawn_ranks(_worker, world, cases, out_dir)
     return [r for rank in range(world) for r in json.loads(Path(out_dir, f"rank{rank}.json").read_text())]
 
 
@@ -317,10 +322,51 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str) -> None:
+class _PrivatePeak:
+    """The highest private (anonymous) resident memory of this process, RssAnon, sampled every
+    millisecond by a thread: the kernel keeps a high-water mark only of all resident memory
+    (VmHWM), file-backed pages included. A sample can miss a peak shorter than a millisecond,
+    never report one that was not there."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = _status_kib("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _status_kib("RssAnon"))
+
+    def read(self) -> int:
+        """KiB: the peak so far (a sample taken now included)."""
+        self.peak = max(self.peak, _status_kib("RssAnon"))
+        return self.peak
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _join_as_a_cpu_worker(rank: int, world: int, port: int) -> None:
+    """Join the gloo ranks with DeepSpeed's communication set up as setup_engine sets it on the CPU."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import deepspeed
+    import torch
+
+    from orchestrator.training.worker import gather_in_place_on_gloo, skip_shared_memory_comm_op
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    skip_shared_memory_comm_op(deepspeed)
+    gather_in_place_on_gloo(deepspeed)
+
+
+def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str) -> None:
+    _join_as_a_cpu_worker(rank, world, port)
     import deepspeed
     import peft  # noqa: F401  imported before the baseline: code is not model state
     import torch
@@ -331,42 +377,84 @@ def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str
     from orchestrator.planning.deepspeed import deepspeed_config
     from orchestrator.planning.parameters import count_params
     from orchestrator.spec import JobSpec
-    from orchestrator.training.worker import skip_shared_memory_comm_op
 
-    torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
-    skip_shared_memory_comm_op(deepspeed)
     spec = JobSpec.model_validate(spec_dump)
     config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2,
                               trainable_params=count_params(architecture_for(spec), spec).trainable)
+    # Autograd's engine and its threads start on the first backward: runtime, not model state.
+    layer = torch.nn.Linear(8, 8)
+    layer(torch.ones(2, 8)).sum().backward()
+    del layer
     torch.distributed.barrier()
-    baseline = _status_kib("VmRSS")
+    baseline, private_baseline = _status_kib("VmRSS"), _status_kib("RssAnon")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
-    phases = {}
+    private = _PrivatePeak()
+    phases, private_phases = {}, {}
+
+    def mark(phase: str) -> None:
+        phases[phase] = (_status_kib("VmHWM") - baseline) * 1024
+        private_phases[phase] = (private.read() - private_baseline) * 1024
+
     model = trainable_model(spec, spec.model.base, "cpu", config)  # as setup_engine builds it
-    phases["load"] = (_status_kib("VmHWM") - baseline) * 1024
+    mark("load")
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
-    phases["initialize"] = (_status_kib("VmHWM") - baseline) * 1024
+    mark("initialize")
     engine.train()
     ids = torch.randint(0, model.config.vocab_size, (spec.training.micro_batch_size, spec.data.max_seq_len))
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
-    phases["step"] = (_status_kib("VmHWM") - baseline) * 1024
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_bytes": phases["step"],
-                                                             "phases": phases}))
+    mark("step")
+    private.stop()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "peak_bytes": phases["step"], "phases": phases,
+        "private_peak_bytes": private_phases["step"], "private_phases": private_phases}))
 
 
 def peak_process_memory(spec_dump: dict, world: int, out_dir: str) -> list[dict]:
-    """Each rank's {"peak_bytes", "phases": {load, initialize, step}}: its peak resident memory (VmHWM, from the process) over building the model the
-    way the worker does, wrapping it in DeepSpeed and one step, above what the process held before
-    (Python, torch, DeepSpeed and the process group). One fresh process per rank."""
-    import socket
+    """Each rank's peak memory over building the model the way the worker does, wrapping it in
+    DeepSpeed and one step, above what the process held before (Python, torch, DeepSpeed, the
+    process group, autograd's engine), in bytes, at the end of each phase (load, initialize, step):
+    "peak_bytes" / "phases", all resident memory (VmHWM), file-backed pages included (libraries'
+    code, a memory-mapped weight file: the node's page cache, shared by every process that maps
+    it), and "private_peak_bytes" / "private_phases", the process's own pages (RssAnon, sampled:
+    `_PrivatePeak`). One fresh process per rank."""
+    spawn_ranks(_peak_worker, world, spec_dump, out_dir)
+    return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world)]
 
-    import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_peak_worker, args=(world, port, spec_dump, out_dir), nprocs=world, join=True)
+# --- what a ZeRO-3 load puts in the partitions ---------------------------------------------------
+
+
+def _zero3_weights_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str) -> None:
+    _join_as_a_cpu_worker(rank, world, port)
+    import deepspeed
+    import torch
+    from safetensors.torch import load_file
+
+    from orchestrator.models.loading import load_base_for_training
+    from orchestrator.planning.deepspeed import deepspeed_config
+    from orchestrator.spec import JobSpec
+
+    spec = JobSpec.model_validate(spec_dump)
+    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2, trainable_params=1)
+    model = load_base_for_training(spec, spec.model.base, "cpu", config)
+    saved = {}
+    for f in sorted(Path(spec.model.base).glob("*.safetensors")):
+        saved.update(load_file(f))
+    partitioned, differ = 0, []
+    for name, param in model.named_parameters():
+        partitioned += hasattr(param, "ds_tensor")
+        with deepspeed.zero.GatheredParameters([param]):
+            if not torch.equal(param.data, saved[name].to(param.dtype)):
+                differ.append(name)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"partitioned": partitioned, "differ": differ,
+                                                             "params": len(list(model.parameters()))}))
+
+
+def zero3_loaded_weights(spec_dump: dict, world: int, out_dir: str) -> list[dict]:
+    """Each rank's {"params", "partitioned", "differ"}: the base loaded for training under the job's
+    ZeRO-3 config on `world` CPU ranks, each parameter gathered and compared with the file's tensor
+    (`differ`: the names that are not equal)."""
+    spawn_ranks(_zero3_weights_worker, world, spec_dump, out_dir)
     return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world)]

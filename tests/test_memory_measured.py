@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from memory_probe import measure_activations, measure_eval_peak, peak_process_memory as run_peak, run_deepspeed_cases
+from memory_probe import (measure_activations, measure_eval_peak, peak_process_memory as run_peak, run_deepspeed_cases,
+                          zero3_loaded_weights)
 from orchestrator.planning.architectures import architecture_for
 from orchestrator.planning.memory import EVAL_LOSS_CHUNK_TOKENS, memory_plan
 from orchestrator.spec import parse_spec
@@ -218,6 +219,16 @@ def test_evaluation_peak_within_25_percent(tiny_model_dir, wide_vocab_dir, confi
 
 # --- ZeRO-3 never holds the whole model on one worker ---------------------------------------------
 
+def test_zero3_load_puts_the_files_weights_in_the_partitions(tmp_path_factory):
+    """Each rank reads its own slice of every weight: gathered back, every parameter equals the
+    file's tensor, on 3 ranks, where most weights do not split evenly (the last slice is padded)."""
+    base = saved_llama(tmp_path_factory, "odd-llama", dict(TINY, vocab_size=1001, hidden_size=64, intermediate_size=100,
+                                                           num_attention_heads=4, num_key_value_heads=2))
+    out = tmp_path_factory.mktemp("zero3-weights")
+    for r in zero3_loaded_weights(parse_spec(job(base, stage=3, world=3)).model_dump(), 3, str(out)):
+        assert r["partitioned"] == r["params"] > 0 and r["differ"] == [], r
+
+
 # ~154M parameters: 11 layers of hidden 1024 / MLP 2816 and a small vocabulary, so no single tensor
 # (the largest, an MLP matrix, is 2.9M elements) weighs much next to the model (308 MB in bf16).
 MID = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=11,
@@ -240,20 +251,30 @@ def mid_model_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.xfail(reason="measured 2026-12-01: ZeRO-3 peaks at 0.64-0.65x a ZeRO-2 worker (613 MB vs 956 MB "
-                          "per rank for a 308 MB model), both at load: what the load holds beyond the weights is "
-                          "not found yet (issue 19)", strict=False)
+@pytest.mark.xfail(reason="measured 2026-12-06 on 2 gloo ranks: private memory of a ZeRO-3 worker 0.59-0.61x a "
+                          "ZeRO-2 worker's (197-202 vs 331-332 MiB per rank; 151 MiB of it the shard, 170 MiB at the "
+                          "end of the load): at the limit, not under it. Its peak is the step's gather of the whole 16 MiB lm_head (ZeRO-3 gathers each "
+                          "weight it uses) on top of about 20 MiB that the first forward adds in both workers; all "
+                          "resident memory (VmHWM) gives 0.23x (issue 19)", strict=False)
 def test_zero3_worker_holds_well_under_a_zero2_worker(mid_model_dir, tmp_path):
-    """Under ZeRO-3 the base loads already partitioned (zero.Init, weights streamed in one tensor
-    at a time), so each of 2 workers peaks at about half a ZeRO-2 worker, which holds the whole
-    model: measured as the processes' peak resident memory over load + engine + one step."""
+    """Under ZeRO-3 the base loads already partitioned (zero.Init, each rank reading its own slice
+    of each weight from the files), so each of 2 workers peaks at about half a ZeRO-2 worker,
+    which holds the whole model: measured from the processes over load + engine + one step.
+
+    Measured as each process's private memory (RssAnon), not all its resident memory (VmHWM):
+    transformers' from_pretrained (ZeRO-2) maps the safetensors files, and the mapped pages are the
+    node's page cache, one copy shared by both ranks and dropped when the load ends; counted as
+    each worker's, they were 606 of a ZeRO-2 rank's 910 MiB, which made the ratio look better
+    than the model state it is meant to compare."""
     peaks = {}
     for stage in (2, 3):
         raw = job(mid_model_dir, stage=stage, world=2, targets=["q_proj", "v_proj"], micro=1, seq=16)
         out = tmp_path / f"zero{stage}"
         out.mkdir()
         peaks[stage] = run_peak(parse_spec(raw).model_dump(), 2, str(out))
-    for rank in range(2):
-        z3, z2 = peaks[3][rank], peaks[2][rank]
-        ratio = z3["peak_bytes"] / z2["peak_bytes"]
-        assert ratio <= 0.6, f"rank {rank}: ZeRO-3 {z3['phases']} B vs ZeRO-2 {z2['phases']} B ({ratio:.2f})"
+    ratios = {rank: peaks[3][rank]["private_peak_bytes"] / peaks[2][rank]["private_peak_bytes"] for rank in range(2)}
+    shown = {rank: (f"ZeRO-3 {peaks[3][rank]['private_phases']} B vs ZeRO-2 {peaks[2][rank]['private_phases']} B "
+                    f"({ratio:.3f}); all resident {peaks[3][rank]['phases']} vs {peaks[2][rank]['phases']}")
+             for rank, ratio in ratios.items()}
+    print(shown)
+    assert max(ratios.values()) <= 0.6, shown
