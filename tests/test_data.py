@@ -272,8 +272,9 @@ def test_a_pass_started_early_streams_the_same_examples_as_a_plain_one(tmp_path,
 
 def test_data_shared_with_other_nodes_is_read_from_a_bucket(tmp_path, tiny_base, monkeypatch):
     """A job whose workers may run on other nodes reads its tokenized data from shared storage
-    (`cache.shared`): copied once into a bucket on a real S3 server (moto's, on 127.0.0.1) and
-    read back there row for row; a second job finds the copy and copies nothing."""
+    (`cache.shared`): copied once into a bucket on a real S3 server (moto's, on 127.0.0.1), or a
+    mounted directory, and read back there row for row; a second job finds the copy and copies
+    nothing."""
     import shutil
 
     import boto3
@@ -298,6 +299,8 @@ def test_data_shared_with_other_nodes_is_read_from_a_bucket(tmp_path, tiny_base,
         for split in ("train", "eval"):
             got = [(e.input_ids, e.labels) for e in remote.examples(split)]
             assert got and got == [(e.input_ids, e.labels) for e in tokenized.examples(split)]
+        mounted = shared(tokenized, str(tmp_path / "mounted"))  # storage every node mounts (storage.shared)
+        assert [e.input_ids for e in mounted.examples("train")] == [e.input_ids for e in tokenized.examples("train")]
         shutil.rmtree(Path(tokenized.path) / "train")  # a copy that read this again would fail
         assert shared(tokenized, "s3://shared/runs") == remote
         assert shared(remote, "s3://elsewhere") is remote  # already where every node reads it

@@ -123,6 +123,7 @@ def shared(data: TokenizedData, storage_path: str) -> TokenizedData:
         fs.create_dir(root, recursive=True)
         for split in ("train", "eval"):
             if (source / split).is_dir():
+                fs.create_dir(f"{root}/{split}", recursive=True)  # a local or mounted path needs it; a bucket ignores it
                 pafs.copy_files(str(source / split), f"{root}/{split}", source_filesystem=pafs.LocalFileSystem(),
                                 destination_filesystem=fs)
         pafs.copy_files(str(source / _META), f"{root}/{_META}", source_filesystem=pafs.LocalFileSystem(),
