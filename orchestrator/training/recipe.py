@@ -162,10 +162,6 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
         gpus = launch.connect(address, verbose, dashboard=spec.tune is not None)
         store.join()
     res = resources(spec, gpus_available=gpus)
-    if launch.cluster_info().workers_may_span_nodes(spec):
-        # Workers on other nodes cannot read this machine's cache: the rows go where checkpoints go.
-        data = shared(data, launch.storage_root(spec.storage.path))
-        status(f"Tokenized data shared with the cluster's nodes: {data.path}")
     if res.use_gpu and gpu_memory_bytes is None and (workers_gpu := launch.cluster_gpu_memory()):
         # Planned again against the GPUs the workers get, not the driver's (a laptop, a CPU head node).
         memory = plan_for_run(spec, workers, workers_gpu[0], source=f"the workers' GPU ({workers_gpu[1]})")
@@ -180,6 +176,11 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
                 path="distributed.use_gpu",
                 message=f"the job asks for {res.num_workers} GPU worker(s) but this machine has {gpus:g} GPU(s)",
                 fix="set distributed.use_gpu=auto (or false), or lower distributed.num_workers")])
+    if address is not None and launch.cluster_info().workers_may_span_nodes(spec):
+        # Workers on other nodes cannot read this machine's cache: the rows go where checkpoints go.
+        # (A local Ray instance is one node and never grows.)
+        data = shared(data, launch.storage_root(spec.storage.path))
+        status(f"Tokenized data shared with the cluster's nodes: {data.path}")
     return Prepared(base_path=base_path, data=data, gpus=gpus, resources=res, memory=memory)
 
 
