@@ -114,14 +114,17 @@ def shared(data: TokenizedData, storage_path: str) -> TokenizedData:
     such storage is returned as it is."""
     import pyarrow.fs as pafs
 
-    if "://" in data.path:
+    from orchestrator.data.pipeline import SPLITS
+    from orchestrator.data.sources import is_uri
+
+    if is_uri(data.path):
         return data
     target = replace(data, path=f"{storage_path.rstrip('/')}/tokenized/{Path(data.path).name}")
     fs, root = target.filesystem()
     if fs.get_file_info(f"{root}/{_META}").type == pafs.FileType.NotFound:
         source = Path(data.path).resolve()
         fs.create_dir(root, recursive=True)
-        for split in ("train", "eval"):
+        for split in SPLITS:
             if (source / split).is_dir():
                 fs.create_dir(f"{root}/{split}", recursive=True)  # a local or mounted path needs it; a bucket ignores it
                 pafs.copy_files(str(source / split), f"{root}/{split}", source_filesystem=pafs.LocalFileSystem(),

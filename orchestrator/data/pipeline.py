@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orchestrator.data.records import Example, in_eval
-from orchestrator.data.sources import Source, iter_records, resolve_source, source_bytes
+from orchestrator.data.sources import Source, is_uri, iter_records, resolve_source, source_bytes
 from orchestrator.spec import DataSpec, SpecError
 
 # Sources up to this size are tokenized on the driver (the quickstart's 0.4 MB take about a
@@ -226,7 +226,7 @@ class TokenizedData:
         (s3://, gs://...) where a job on several nodes reads it (`cache.shared`)."""
         import pyarrow.fs as pafs
 
-        if "://" in self.path:
+        if is_uri(self.path):
             return pafs.FileSystem.from_uri(self.path)
         return pafs.LocalFileSystem(), str(Path(self.path).resolve())
 
