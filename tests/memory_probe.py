@@ -243,8 +243,9 @@ def _run_case(case: dict, rank: int, world: int) -> dict:
     spec = JobSpec.model_validate(case["spec"])
     stage = spec.distributed.deepspeed.stage
     torch.manual_seed(0)
+    counts = count_params(architecture_for(spec), spec)
     config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=10,
-                              trainable_params=count_params(architecture_for(spec), spec).trainable)
+                              trainable_params=counts.trainable, largest_param=counts.largest)
     model = trainable_model(spec, spec.model.base, "cpu", config)  # as the worker builds it
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
@@ -365,7 +366,7 @@ def _join_as_a_cpu_worker(rank: int, world: int, port: int) -> None:
     gather_in_place_on_gloo(deepspeed)
 
 
-def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str) -> None:
+def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str, steps: int) -> None:
     _join_as_a_cpu_worker(rank, world, port)
     import deepspeed
     import peft  # noqa: F401  imported before the baseline: code is not model state
@@ -379,8 +380,9 @@ def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate(spec_dump)
+    counts = count_params(architecture_for(spec), spec)
     config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2,
-                              trainable_params=count_params(architecture_for(spec), spec).trainable)
+                              trainable_params=counts.trainable, largest_param=counts.largest)
     # Autograd's engine and its threads start on the first backward: runtime, not model state.
     layer = torch.nn.Linear(8, 8)
     layer(torch.ones(2, 8)).sum().backward()
@@ -402,8 +404,9 @@ def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str
     mark("initialize")
     engine.train()
     ids = torch.randint(0, model.config.vocab_size, (spec.training.micro_batch_size, spec.data.max_seq_len))
-    engine.backward(engine(input_ids=ids, labels=ids).loss)
-    engine.step()
+    for _ in range(steps):
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
     mark("step")
     private.stop()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
@@ -411,15 +414,15 @@ def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str
         "private_peak_bytes": private_phases["step"], "private_phases": private_phases}))
 
 
-def peak_process_memory(spec_dump: dict, world: int, out_dir: str) -> list[dict]:
+def peak_process_memory(spec_dump: dict, world: int, out_dir: str, steps: int = 1) -> list[dict]:
     """Each rank's peak memory over building the model the way the worker does, wrapping it in
-    DeepSpeed and one step, above what the process held before (Python, torch, DeepSpeed, the
+    DeepSpeed and `steps` steps, above what the process held before (Python, torch, DeepSpeed, the
     process group, autograd's engine), in bytes, at the end of each phase (load, initialize, step):
     "peak_bytes" / "phases", all resident memory (VmHWM), file-backed pages included (libraries'
     code, a memory-mapped weight file: the node's page cache, shared by every process that maps
     it), and "private_peak_bytes" / "private_phases", the process's own pages (RssAnon, sampled:
     `_PrivatePeak`). One fresh process per rank."""
-    spawn_ranks(_peak_worker, world, spec_dump, out_dir)
+    spawn_ranks(_peak_worker, world, spec_dump, out_dir, steps)
     return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
@@ -437,7 +440,7 @@ def _zero3_weights_worker(rank: int, world: int, port: int, spec_dump: dict, out
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate(spec_dump)
-    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2, trainable_params=1)
+    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2, trainable_params=1, largest_param=1)
     model = load_base_for_training(spec, spec.model.base, "cpu", config)
     saved = {}
     for f in sorted(Path(spec.model.base).glob("*.safetensors")):

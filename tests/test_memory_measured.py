@@ -251,30 +251,47 @@ def mid_model_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.xfail(reason="measured 2026-12-06 on 2 gloo ranks: private memory of a ZeRO-3 worker 0.59-0.61x a "
-                          "ZeRO-2 worker's (197-202 vs 331-332 MiB per rank; 151 MiB of it the shard, 170 MiB at the "
-                          "end of the load): at the limit, not under it. Its peak is the step's gather of the whole 16 MiB lm_head (ZeRO-3 gathers each "
-                          "weight it uses) on top of about 20 MiB that the first forward adds in both workers; all "
-                          "resident memory (VmHWM) gives 0.23x (issue 19)", strict=False)
-def test_zero3_worker_holds_well_under_a_zero2_worker(mid_model_dir, tmp_path):
+# Steps each worker takes in the ZeRO-3 / ZeRO-2 comparison: DeepSpeed records the order of the
+# modules during the first step and uses it from the second on (prefetch, keeping weights gathered
+# for reuse), so the third step is the steady state.
+STEADY_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def zero_stage_peaks(mid_model_dir, tmp_path_factory) -> dict:
+    """Each rank's memory over load + engine + STEADY_STEPS steps, ZeRO-2 and ZeRO-3, 2 gloo ranks."""
+    peaks = {}
+    for stage in (2, 3):
+        raw = job(mid_model_dir, stage=stage, world=2, targets=["q_proj", "v_proj"], micro=1, seq=16)
+        peaks[stage] = run_peak(parse_spec(raw).model_dump(), 2, str(tmp_path_factory.mktemp(f"zero{stage}")),
+                                steps=STEADY_STEPS)
+    ratios = {rank: peaks[3][rank]["private_peak_bytes"] / peaks[2][rank]["private_peak_bytes"] for rank in range(2)}
+    shown = {rank: (f"ZeRO-3 {peaks[3][rank]['private_phases']} B vs ZeRO-2 {peaks[2][rank]['private_phases']} B "
+                    f"({ratio:.3f}); all resident {peaks[3][rank]['phases']} vs {peaks[2][rank]['phases']}")
+             for rank, ratio in ratios.items()}
+    print(shown)
+    return {"ratio": max(ratios.values()), "shown": shown}
+
+
+def test_zero3_worker_stays_under_a_zero2_worker_in_the_steady_state(zero_stage_peaks):
+    """From the second step on, DeepSpeed's default bounds (1e9 elements) kept the whole model
+    gathered on every ZeRO-3 worker: 1.76x a ZeRO-2 worker's private memory at step 3 (614 vs
+    349 MB per rank). planning/deepspeed.py bounds what stays gathered (zero3_live_elements)."""
+    assert zero_stage_peaks["ratio"] <= 0.8, zero_stage_peaks["shown"]
+
+
+@pytest.mark.xfail(reason="measured 2026-12-06 on 2 gloo ranks, 3 steps: private memory of a ZeRO-3 worker "
+                          "0.70 x a ZeRO-2 worker's; with nothing kept gathered at all (both bounds 0) 0.636, "
+                          "after one step 0.59-0.61: the shard (151 MiB), what the load leaves (27 MiB) and each "
+                          "step's gathers and activations (issue 19)", strict=False)
+def test_zero3_worker_holds_well_under_a_zero2_worker(zero_stage_peaks):
     """Under ZeRO-3 the base loads already partitioned (zero.Init, each rank reading its own slice
-    of each weight from the files), so each of 2 workers peaks at about half a ZeRO-2 worker,
-    which holds the whole model: measured from the processes over load + engine + one step.
+    of each weight from the files), so each of 2 workers should peak at about half a ZeRO-2
+    worker, which holds the whole model: measured from the processes over load + engine + steps.
 
     Measured as each process's private memory (RssAnon), not all its resident memory (VmHWM):
     transformers' from_pretrained (ZeRO-2) maps the safetensors files, and the mapped pages are the
     node's page cache, one copy shared by both ranks and dropped when the load ends; counted as
     each worker's, they were 606 of a ZeRO-2 rank's 910 MiB, which made the ratio look better
     than the model state it is meant to compare."""
-    peaks = {}
-    for stage in (2, 3):
-        raw = job(mid_model_dir, stage=stage, world=2, targets=["q_proj", "v_proj"], micro=1, seq=16)
-        out = tmp_path / f"zero{stage}"
-        out.mkdir()
-        peaks[stage] = run_peak(parse_spec(raw).model_dump(), 2, str(out))
-    ratios = {rank: peaks[3][rank]["private_peak_bytes"] / peaks[2][rank]["private_peak_bytes"] for rank in range(2)}
-    shown = {rank: (f"ZeRO-3 {peaks[3][rank]['private_phases']} B vs ZeRO-2 {peaks[2][rank]['private_phases']} B "
-                    f"({ratio:.3f}); all resident {peaks[3][rank]['phases']} vs {peaks[2][rank]['phases']}")
-             for rank, ratio in ratios.items()}
-    print(shown)
-    assert max(ratios.values()) <= 0.6, shown
+    assert zero_stage_peaks["ratio"] <= 0.6, zero_stage_peaks["shown"]

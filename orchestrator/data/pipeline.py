@@ -210,12 +210,13 @@ class TokenizedData:
     def train_examples(self) -> int:
         return int(self.stats["train_examples"])
 
-    def files(self, split: str) -> list[str]:
+    def files(self, split: str, located=None) -> list[str]:
         """The Parquet files that hold `split`'s rows, in their order (eval rows of a held-out
-        fraction live with the training rows, marked `eval`), as paths in `filesystem()`."""
+        fraction live with the training rows, marked `eval`), as paths in `filesystem()` (or in
+        `located`, a `filesystem()` the caller already has)."""
         import pyarrow.fs as pafs
 
-        fs, root = self.filesystem()
+        fs, root = located or self.filesystem()
         folder = f"{root}/{split}"
         if split == "eval" and fs.get_file_info(folder).type != pafs.FileType.Directory:
             folder = f"{root}/train"
@@ -241,8 +242,9 @@ class TokenizedData:
         first batch and 145 s for 100,000 rows; read here, 0.1 s and 4.9 s (benchmarks/data_scale.py)."""
         import pyarrow.parquet as pq
 
-        fs, _ = self.filesystem()
-        for path in self.files(split):
+        located = self.filesystem()
+        fs, _ = located
+        for path in self.files(split, located):
             with fs.open_input_file(path) as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_size):
                     yield batch.to_pydict()

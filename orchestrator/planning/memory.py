@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.planning.advice import Recommendation, recommendations
 from orchestrator.planning.architectures import Architecture
-from orchestrator.planning.deepspeed import DS_PREFETCH_BUCKET, bucket_elements
+from orchestrator.planning.deepspeed import bucket_elements, zero3_live_elements
 from orchestrator.planning.parameters import (DTYPE_BYTES, METHOD_TRAINS, ParamCount, ParamTensor, count_params,
                                               parameter_tensors, quantized_bytes, targeted_expert_elements,
                                               targeted_roles, trainable_tensors)
@@ -40,7 +40,7 @@ from orchestrator.planning.units import GiB
 from orchestrator.spec import BASE_TRAINING_METHODS, JobSpec
 
 # DeepSpeed defaults (deepspeed/runtime/zero/config.py) that planning/deepspeed.py leaves alone; the
-# bucket sizes it sets come from planning.deepspeed (bucket_elements, DS_PREFETCH_BUCKET).
+# bucket sizes and ZeRO-3 bounds it sets come from planning.deepspeed (bucket_elements, zero3_live_elements).
 DS_PERSISTENCE_THRESHOLD = 100_000  # elements: ZeRO-3 keeps smaller parameters whole on every rank
 DS_ALIGNMENT = 2  # ZeRO-1/2 pad their flat buffer to a multiple of 2 x world size elements
 
@@ -311,6 +311,7 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
     q = spec.quantization
     bits = None if spec.peft.method in BASE_TRAINING_METHODS else q.bits
     train = trainable_tensors(spec, arch)
+    counts = count_params(arch)  # of the whole model; the plan's trainable count is `p` below
     trained_base = {t.name for t in train} if spec.peft.method == "freeze" else set()
     offload_opt = ds.offload_optimizer and stage > 0
     offload_par = ds.offload_params and stage == 3
@@ -410,8 +411,9 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
         add("buffers", "zero3_gathered_params", "ZeRO-3 gathered parameters: the largest layer, whole", biggest * e)
         add("buffers", "zero3_gathered_grads", "ZeRO-3 gathered gradient of the largest trainable layer",
             largest_train * e)
-        add("buffers", "zero3_prefetch", f"ZeRO-3 prefetch (up to {DS_PREFETCH_BUCKET:.0e} elements ahead)",
-            min(DS_PREFETCH_BUCKET, count_params(arch).total) * e if device == "cuda" else 0)
+        live = zero3_live_elements(counts.largest)  # the bound planning/deepspeed.py writes
+        add("buffers", "zero3_live", f"ZeRO-3 weights gathered ahead or kept for reuse (at most {live:.3g} "
+                                     "elements: stage3_max_live_parameters)", live * e)
     if stage == 0 and w > 1:
         # engine.allreduce_gradients flattens at most 5e8 elements of gradients at a time.
         add("buffers", "allreduce_bucket", "gradient all-reduce bucket", bucket * e)
@@ -425,7 +427,7 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
             allocated * ALLOCATOR_SLACK)
 
     plan = MemoryPlan(
-        architecture=arch, params=ParamCount(total=count_params(arch).total, trainable=p), world_size=w,
+        architecture=arch, params=replace(counts, trainable=p), world_size=w,
         gpus_per_node=per_node, gpu_memory_bytes=gpu_memory_bytes, gpu_memory_source=gpu_memory_source,
         lines=tuple(lines), activations=acts, assumptions=_assumptions(spec, arch, stage))
     if advise and not plan.fits:

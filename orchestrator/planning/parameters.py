@@ -146,13 +146,15 @@ def trainable_tensors(spec: JobSpec, arch: Architecture) -> list[ParamTensor]:
 class ParamCount:
     total: int
     trainable: int
+    largest: int  # elements of the model's largest parameter tensor (what ZeRO-3 gathers at once)
 
 
 def count_params(arch: Architecture, spec: JobSpec | None = None) -> ParamCount:
     """Parameters of the model, and of what `spec` trains (all of them without a spec)."""
-    total = sum(t.numel for t in parameter_tensors(arch))
+    tensors = parameter_tensors(arch)
+    total = sum(t.numel for t in tensors)
     trainable = total if spec is None else sum(t.numel for t in trainable_tensors(spec, arch))
-    return ParamCount(total=total, trainable=trainable)
+    return ParamCount(total=total, trainable=trainable, largest=max((t.numel for t in tensors), default=0))
 
 
 def quantized_bytes(numel: int, out_features: int, bits: int, double_quant: bool) -> tuple[int, int]:
