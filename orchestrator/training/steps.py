@@ -160,6 +160,16 @@ def trained_tokens(labels) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def to_device(batch: dict, device) -> dict:
+    """A collated batch on `device`. To a GPU from pinned host memory, without blocking: a copy
+    from ordinary (pageable) memory makes the host wait until the GPU has finished everything
+    queued before it, so the host could not queue a micro batch's kernels while the GPU still ran
+    the previous ones (a host sync per micro batch)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def train_step(engine, stream, grad_accum: int, pad_id: int, device, world: int = 1) -> dict:
     """One optimizer step over `grad_accum` micro batches. The loss is weighted by token: the
     step's trained tokens on all ranks (T, one all-reduce up front) weigh equally, as one mean
@@ -172,7 +182,7 @@ def train_step(engine, stream, grad_accum: int, pad_id: int, device, world: int 
     start = time.perf_counter()
     engine.train()
     examples = [next(stream) for _ in range(grad_accum)]
-    batches = [{k: v.to(device) for k, v in collate(b, pad_id).items()} for b in examples]
+    batches = [to_device(collate(b, pad_id), device) for b in examples]
     counts = [trained_tokens(b["labels"]) for b in batches]
     tokens = sum(len(e.input_ids) for b in examples for e in b)  # real tokens, padding left out
     slots = sum(b["input_ids"].numel() for b in batches)
@@ -221,7 +231,7 @@ def evaluate_batches(engine, batches, pad_id: int, device) -> float:
     count = 0.0
     with torch.no_grad():
         for batch_examples, weight in batches:
-            batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
+            batch = to_device(collate(batch_examples, pad_id), device)
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # Prompt tuning prepends its virtual tokens' logits; score the real tokens only.
             logits = logits[:, -batch["input_ids"].size(1):]
