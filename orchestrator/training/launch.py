@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.data.sources import is_uri
 from orchestrator.planning.resources import Resources
 from orchestrator.training.checkpoint import ADAPTER_DIR, TRAIN_STATE_FILE
 from orchestrator.training.worker import WorkerJob, train_loop_per_worker
@@ -48,7 +49,7 @@ class FitResult:
 
 def storage_root(storage_path: str) -> str:
     """`storage.path` as Ray Train takes it: a URI (s3://bucket/prefix) as it is, a local path made absolute."""
-    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+    return storage_path if is_uri(storage_path) else str(Path(storage_path).resolve())
 
 
 def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
@@ -68,7 +69,7 @@ def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
 def storage_location(location: str, *parts: str) -> str:
     """`location` (a local path or a URI such as s3://bucket/prefix?endpoint_override=...) with
     `parts` appended to its path."""
-    if "://" not in location:
+    if not is_uri(location):
         return os.path.join(location, *parts)
     url = urllib.parse.urlsplit(location)
     return urllib.parse.urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *parts])))
@@ -82,7 +83,7 @@ def read_json(location: str):
 
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(location if "://" in location else str(Path(location).resolve()))
+    fs, path = pyarrow.fs.FileSystem.from_uri(storage_root(location))
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(path) as stream:
@@ -256,7 +257,7 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
     if on_progress:
         on_progress(job.total_steps, result.metrics or {})
     # A checkpoint in remote storage is downloaded, so the adapter can be registered from here.
-    checkpoint_dir = result.checkpoint.to_directory() if "://" in storage else result.checkpoint.path
+    checkpoint_dir = result.checkpoint.to_directory() if is_uri(storage) else result.checkpoint.path
     return FitResult(adapter_dir=os.path.join(checkpoint_dir, ADAPTER_DIR),
                      metrics=dict(result.metrics or {}), storage_dir=os.path.join(storage, name),
                      checkpoint_dir=checkpoint_dir)
@@ -345,8 +346,7 @@ def asha_scheduler(**kwargs):
 
 
 def search_dir(storage_path: str, name: str) -> str:
-    storage = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
-    return f"{storage.rstrip('/')}/{name}"
+    return f"{storage_root(storage_path).rstrip('/')}/{name}"
 
 
 def tune(trial_fn: Callable, trial_params: dict, *, param_space: dict, setup: SearchSetup, name: str,
