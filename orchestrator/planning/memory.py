@@ -333,10 +333,9 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
 
     # --- weights: the frozen base ------------------------------------------------------------
     frozen_gpu = frozen_cpu = constants = 0
-    largest_quantized = largest_module = 0
+    largest_quantized = 0
     if not full:
         for t in parameter_tensors(arch):
-            largest_module = max(largest_module, t.numel)
             if t.name in trained_base:
                 continue
             if bits and t.quantizable:
@@ -407,7 +406,7 @@ def memory_plan(spec: JobSpec, arch: Architecture, *, world_size: int, gpu_memor
     if stage == 3:
         add("buffers", "ipg_buckets", f"ZeRO-3 gradient bucket ({bucket:.3g} elements)", bucket * e)
         largest_train = max(t.numel for t in train)
-        biggest = max(largest_module, largest_train)
+        biggest = max(counts.largest, largest_train)  # full trains the largest itself
         add("buffers", "zero3_gathered_params", "ZeRO-3 gathered parameters: the largest layer, whole", biggest * e)
         add("buffers", "zero3_gathered_grads", "ZeRO-3 gathered gradient of the largest trainable layer",
             largest_train * e)

@@ -165,7 +165,9 @@ def to_device(batch: dict, device) -> dict:
     from ordinary (pageable) memory makes the host wait until the GPU has finished everything
     queued before it, so the host could not queue a micro batch's kernels while the GPU still ran
     the previous ones (a host sync per micro batch)."""
-    if getattr(device, "type", str(device)) != "cuda":
+    import torch
+
+    if torch.device(device).type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
