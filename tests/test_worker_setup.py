@@ -103,6 +103,39 @@ def test_metric_logger_sends_on_its_interval_and_on_flush(tmp_path):
     assert sorted(sent()) == list(range(1, 12))
 
 
+def test_metric_logger_in_the_background_never_makes_the_training_thread_wait(tmp_path):
+    """The training worker's logger sends on its own thread: with that thread held up (a slow
+    MLflow server), `log` and `send` return at once and nothing is sent yet; what is given to
+    `later` runs after the sends queued before it; `close` waits for the thread and sends the rest."""
+    import threading
+
+    import mlflow
+
+    from orchestrator.tracking.metrics import MetricLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("background")).info.run_id
+
+    def sent() -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
+
+    logger = MetricLogger(uri, run_id, flush_interval_s=0, background=True)
+    held = threading.Event()
+    logger.later(lambda: held.wait(10))  # the sender thread is busy until `held` is set
+    for step in range(1, 4):
+        logger.log(step, {"train_loss": 1.0 / step})  # past its interval: a send is queued
+    logger.send()
+    assert sent() == []  # the training thread returned without sending anything
+    seen_by_later: list[list[int]] = []
+    ran = threading.Event()
+    logger.later(lambda: (seen_by_later.append(sent()), ran.set()))
+    held.set()
+    assert ran.wait(30) and seen_by_later == [[1, 2, 3]]  # the send queued before it had arrived
+    logger.log(4, {"train_loss": 0.25})
+    assert logger.close(timeout_s=30) == [] and sent() == [1, 2, 3, 4]
+
+
 def test_attention_kernel_is_the_specs_and_flash_attention_is_checked(tiny_base):
     """`model.attn_implementation` reaches the loaded model; flash_attention_2 is refused where it
     cannot run (no GPU, fp32, no flash-attn package) with the field named, and a CPU load of such a

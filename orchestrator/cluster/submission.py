@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from orchestrator.spec import SPEC_FILE, JobSpec, Problem, redact_uri
+from orchestrator.spec.checks import is_uri
 
 JOB_FILE = SPEC_FILE
 MODEL_DIR = "model"
@@ -89,8 +90,7 @@ def cluster_gpu_budget(cluster: ClusterInfo) -> tuple[int, str]:
 
 def is_remote_uri(path: str) -> bool:
     """s3://, gs://, abfs://, hdfs://... (anything with a scheme except file://)."""
-    scheme = urlsplit(path).scheme
-    return "://" in path and scheme not in ("", "file")
+    return is_uri(path) and urlsplit(path).scheme not in ("", "file")
 
 
 def _local_path(path: str) -> str:

@@ -11,15 +11,10 @@ from pathlib import Path
 from typing import Iterator
 
 from orchestrator.data.records import _data_error, parse_line, scan_jsonl
+from orchestrator.spec.checks import is_glob, is_uri  # noqa: F401  (is_uri: the data layer's callers import it from here)
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-_GLOB_CHARS = "*?["
-
-
-def is_uri(value: str) -> bool:
-    """A remote source (s3://bucket/key, gs://...): read where it is, never copied."""
-    return "://" in value
 
 
 @dataclass(frozen=True)
@@ -78,7 +73,7 @@ def resolve_source(value: str, field_path: str = "data.train") -> Source:
                               "point it at a JSONL or Parquet file, or a prefix holding some")
         return Source(value, field_path, tuple(files), _format_of(files, value, field_path), remote=True)
     path = Path(value)
-    if any(c in value for c in _GLOB_CHARS) and not path.exists():
+    if is_glob(value) and not path.exists():
         files = sorted(f for f in glob.glob(value, recursive=True) if Path(f).is_file())
         if not files:
             raise _data_error(field_path, f"no files match {value}", "fix the pattern, e.g. data/*.jsonl")

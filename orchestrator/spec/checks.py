@@ -176,15 +176,26 @@ def is_jinja(template: str) -> bool:
     return "{{" in template or "{%" in template
 
 
+def is_uri(value: str) -> bool:
+    """A location with a scheme (s3://bucket/key, gs://..., file://...): read where it is (Ray Data,
+    pyarrow's filesystems), never resolved against the job file's directory or copied."""
+    return "://" in value
+
+
+def is_glob(value: str) -> bool:
+    """A data path with a wildcard (`data/*.jsonl`, `shards/**/*.parquet`)."""
+    return any(c in value for c in "*?[")
+
+
 def data_source_exists(value: str, base_dir: Path) -> bool:
     """Whether `data.train` / `data.eval` names something to read: a URI (read where it is, by Ray
     Data, checked when the data is prepared), a file, a directory, or a glob that matches a file."""
     import glob
 
-    if "://" in value:
+    if is_uri(value):
         return True
     path = resolve_path(value, base_dir)
-    return path.exists() or (any(c in value for c in "*?[") and bool(glob.glob(str(path), recursive=True)))
+    return path.exists() or (is_glob(value) and bool(glob.glob(str(path), recursive=True)))
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

@@ -12,7 +12,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.spec.checks import is_jinja, resolve_path, semantic_problems
+from orchestrator.spec.checks import is_jinja, is_uri, resolve_path, semantic_problems
 from orchestrator.spec.models import JobSpec
 from orchestrator.spec.problems import Problem, SpecError
 
@@ -148,8 +148,8 @@ def parse_spec(raw: Any, base_dir: Path | None = None, source: str | None = None
     if base_dir is not None:
         # Make file references absolute so the spec means the same thing wherever it travels.
         d = spec.data
-        d.train = d.train if "://" in d.train else str(resolve_path(d.train, base_dir))
-        if isinstance(d.eval, str) and "://" not in d.eval:
+        d.train = d.train if is_uri(d.train) else str(resolve_path(d.train, base_dir))
+        if isinstance(d.eval, str) and not is_uri(d.eval):
             d.eval = str(resolve_path(d.eval, base_dir))
         if d.chat_template is not None and not is_jinja(d.chat_template):
             # The template itself goes into the spec: an adapter's saved spec renders prompts as

@@ -177,9 +177,10 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
 GENERATION_TOKENS = 24
 
 
-def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int):
+def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int, later):
     """Rank 0's `log(step)`: complete the fixed eval prompts with the model as it is now and
-    append (step, prompt, reference, output) rows to the run's generations table; None where
+    append (step, prompt, reference, output) rows to the run's generations table (through `later`,
+    the metric logger's sender thread: the training thread does not wait for MLflow); None where
     nothing is logged. Not under ZeRO-3: there each rank holds a slice of every weight, and
     generating on rank 0 alone would wait forever on the others' gathers. An unreachable MLflow
     costs the rows, never the run."""
@@ -211,10 +212,14 @@ def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int):
             failed.append(e)
             logging.getLogger(__name__).warning("no generations table: generating at step %d failed: %s", step, e)
             return
-        try:
-            log_generations(job.tracking_uri, job.run_id, rows)
-        except Exception as e:  # MLflow unreachable: training goes on
-            logging.getLogger(__name__).warning("generations at step %d not logged: %s", step, e)
+
+        def send() -> None:
+            try:
+                log_generations(job.tracking_uri, job.run_id, rows)
+            except Exception as e:  # MLflow unreachable: training goes on
+                logging.getLogger(__name__).warning("generations at step %d not logged: %s", step, e)
+
+        later(send)
 
     return log if prompts else None
 
@@ -247,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
         engine = setup_engine(spec, job, device)
         state = restore_state(engine, rank) or TrainState()
     # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
-    logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
+    logger = MetricLogger(job.tracking_uri, job.run_id, background=True) if rank == 0 else None
     progress = ProgressSender(job, rank)
     eval_pass = dataset_examples(functools.partial(job.data.row_batches, "eval"), eval_rows=True)
     if spec.data.packing:
@@ -257,7 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
         stream = micro_batches(train_pass, job.train_examples, t.micro_batch_size, rank, world, t.seed,
                                start=state.step * t.grad_accum)
 
-    log_generations = generation_logger(spec, job, engine, rank)
+    log_generations = generation_logger(spec, job, engine, rank, logger.later if logger else None)
 
     # This rank's eval batches, read from its dataset at the first evaluation and kept: every
     # evaluation scores the same ones, at most `eval_batches` micro batches, so holding them costs
@@ -281,7 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
             # worker at 15 yields the CPU to everything else on the node (launch.TRAINING_WORKER_ENV).
             logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss,
                            "worker_niceness": float(os.nice(0))})
-            logger.flush()
+            logger.send()
         progress(0, {"eval_loss": state.base_eval_loss})
     elif logger:
         logger.log(state.step, {"resumed_from_step": state.step})
@@ -307,7 +312,7 @@ def train_loop_per_worker(config: dict) -> None:
                 # An unreachable MLflow never stops training: what is not sent stays buffered,
                 # and at the end whatever is still unsent travels in the final checkpoint.
                 if (save or "eval_loss" in metrics) and not last:
-                    logger.flush()  # the MLflow UI shows each evaluation as it happens
+                    logger.send()  # the MLflow UI shows each evaluation as it happens
             progress(step, metrics)
         if save or (job.report_evals and "eval_loss" in metrics):
             pending = logger.close(job.final_flush_timeout_s) if logger and last else []
