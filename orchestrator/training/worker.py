@@ -311,7 +311,11 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.log(step, metrics)
                 # An unreachable MLflow never stops training: what is not sent stays buffered,
                 # and at the end whatever is still unsent travels in the final checkpoint.
-                if (save or "eval_loss" in metrics) and not last:
+                if save and not last:
+                    # Before the checkpoint is reported: a run resumed from it logs only the
+                    # steps after it, so the steps up to it must be in MLflow already.
+                    logger.flush()
+                elif "eval_loss" in metrics and not last:
                     logger.send()  # the MLflow UI shows each evaluation as it happens
             progress(step, metrics)
         if save or (job.report_evals and "eval_loss" in metrics):
