@@ -2,6 +2,7 @@
 models, every page is reachable from the README, no relative link is broken, and the CLI page
 names every command and option. Fast and pure: no Ray, torch or MLflow."""
 
+import os
 import re
 import subprocess
 import sys
@@ -118,6 +119,27 @@ def test_readme_is_a_front_page():
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) < 200, "README.md is the front page; move details into docs/"
     assert "make demo" in text and "make test" in text
+
+
+def test_help_shows_each_commands_summary_as_one_paragraph():
+    """`orchestrator --help` lists each command with its docstring's first paragraph, which spans
+    several source lines; on a terminal wide enough it must read as one line, not broken where the
+    source lines break (rich markup mode kept those breaks: ragged, half-empty lines)."""
+    import typer
+
+    from orchestrator.cli import app
+
+    root = typer.main.get_command(app)
+    env = {**os.environ, "TERMINAL_WIDTH": "400", "PYTHONPATH": str(REPO)}
+    for path, group in ([], root), *(([name], sub) for name, sub in root.commands.items() if hasattr(sub, "commands")):
+        shown = subprocess.run([sys.executable, "-m", "orchestrator", *path, "--help"], env=env, cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout
+        lines = [" ".join(line.strip("│ ").split()) for line in shown.splitlines()]
+        for name, command in group.commands.items():
+            summary = " ".join((command.help or "").split("\n\n")[0].split())
+            words = re.sub(r"`", "", summary)
+            assert any(line.startswith(f"{name} {words}") for line in lines), \
+                f"`orchestrator {' '.join(path + [name])}`'s summary is not one line in --help: {summary!r}"
 
 
 def test_cli_page_names_every_command_and_option():

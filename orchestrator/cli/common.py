@@ -19,7 +19,10 @@ app = typer.Typer(
          "freeze, full) on Ray with DeepSpeed ZeRO, tracked and "
          "registered in MLflow. Every command that takes a JOB file also takes "
          "--set dotted.path=value overrides.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    # Markdown: a docstring's paragraph reads as one paragraph in --help (rich mode kept its
+    # source line breaks), `code` shows as code; write `<...>` inside backticks.
+    rich_markup_mode="markdown")
 err = Console(stderr=True)
 
 SetOption = typer.Option(None, "--set", "-s", help="Override a spec value: dotted.path=value (repeatable).")

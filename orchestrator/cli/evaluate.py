@@ -54,7 +54,7 @@ def evaluate(model: str = typer.Argument(..., help="models:/NAME@ALIAS or models
                                               help="MLflow tracking/registry URI.")):
     """Loss, perplexity, exact match, ROUGE-L, chrF and BLEU of a registered version on held-out
     data; with --against, two versions on the same examples. Logged as an MLflow evaluation run
-    and onto the versions' tags (eval.<metric>, eval.run_id)."""
+    and onto the versions' tags (`eval.<metric>`, `eval.run_id`)."""
     from orchestrator.evaluation.evaluate import evaluate_versions
     from orchestrator.tracking.runs import resolve_tracking_uri
 
