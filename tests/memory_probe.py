@@ -230,22 +230,28 @@ def reachable_storages(engine) -> dict[int, int]:
     return found
 
 
+def _deepspeed_config(spec, world: int, total_steps: int) -> dict:
+    """The DeepSpeed config a CPU worker of `spec` gets, sized from the spec's parameter counts."""
+    from orchestrator.planning.architectures import architecture_for
+    from orchestrator.planning.deepspeed import deepspeed_config
+    from orchestrator.planning.parameters import count_params
+
+    counts = count_params(architecture_for(spec), spec)
+    return deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=total_steps,
+                            trainable_params=counts.trainable, largest_param=counts.largest)
+
+
 def _run_case(case: dict, rank: int, world: int) -> dict:
     import deepspeed
     import torch
 
     from orchestrator.models.adapters import trainable_model
-    from orchestrator.planning.architectures import architecture_for
-    from orchestrator.planning.deepspeed import deepspeed_config
-    from orchestrator.planning.parameters import count_params
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate(case["spec"])
     stage = spec.distributed.deepspeed.stage
     torch.manual_seed(0)
-    counts = count_params(architecture_for(spec), spec)
-    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=10,
-                              trainable_params=counts.trainable, largest_param=counts.largest)
+    config = _deepspeed_config(spec, world, total_steps=10)
     model = trainable_model(spec, spec.model.base, "cpu", config)  # as the worker builds it
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
@@ -374,15 +380,10 @@ def _peak_worker(rank: int, world: int, port: int, spec_dump: dict, out_dir: str
     import transformers  # noqa: F401
 
     from orchestrator.models.adapters import trainable_model
-    from orchestrator.planning.architectures import architecture_for
-    from orchestrator.planning.deepspeed import deepspeed_config
-    from orchestrator.planning.parameters import count_params
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate(spec_dump)
-    counts = count_params(architecture_for(spec), spec)
-    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2,
-                              trainable_params=counts.trainable, largest_param=counts.largest)
+    config = _deepspeed_config(spec, world, total_steps=2)
     # Autograd's engine and its threads start on the first backward: runtime, not model state.
     layer = torch.nn.Linear(8, 8)
     layer(torch.ones(2, 8)).sum().backward()
