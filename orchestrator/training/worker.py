@@ -179,11 +179,12 @@ GENERATION_TOKENS = 24
 
 def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int, later):
     """Rank 0's `log(step)`: complete the fixed eval prompts with the model as it is now and
-    append (step, prompt, reference, output) rows to the run's generations table (through `later`,
-    the metric logger's sender thread: the training thread does not wait for MLflow); None where
-    nothing is logged. Not under ZeRO-3: there each rank holds a slice of every weight, and
-    generating on rank 0 alone would wait forever on the others' gathers. An unreachable MLflow
-    costs the rows, never the run."""
+    append (step, prompt, reference, output) rows to the run's generations table; None where
+    nothing is logged. The first table is sent from the training thread (at step 0, beside the
+    base evaluation: it imports MLflow's artifact code), later ones through `later`, the metric
+    logger's sender thread, so the training thread does not wait for MLflow. Not under ZeRO-3:
+    there each rank holds a slice of every weight, and generating on rank 0 alone would wait
+    forever on the others' gathers. An unreachable MLflow costs the rows, never the run."""
     if rank != 0 or not job.generation_records or spec.distributed.deepspeed.stage == 3:
         return None
     import logging
@@ -198,7 +199,7 @@ def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int, later):
     prompts = [p for p in prompts if p[2] is not None]  # text records have nothing to complete
     loaded = Loaded(model=engine.module, tokenizer=tokenizer, spec=spec)
 
-    failed = []
+    failed, sent = [], []
 
     def log(step: int) -> None:
         if failed:
@@ -219,7 +220,11 @@ def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int, later):
             except Exception as e:  # MLflow unreachable: training goes on
                 logging.getLogger(__name__).warning("generations at step %d not logged: %s", step, e)
 
-        later(send)
+        if sent:
+            later(send)
+        else:
+            send()
+            sent.append(step)
 
     return log if prompts else None
 
@@ -286,7 +291,9 @@ def train_loop_per_worker(config: dict) -> None:
             # worker at 15 yields the CPU to everything else on the node (launch.TRAINING_WORKER_ENV).
             logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss,
                            "worker_niceness": float(os.nice(0))})
-            logger.send()
+            # On this thread: the first send imports MLflow's store, most of a CPU-second that
+            # would otherwise slow the first steps beside it (docs/benchmarks.md).
+            logger.flush()
         progress(0, {"eval_loss": state.base_eval_loss})
     elif logger:
         logger.log(state.step, {"resumed_from_step": state.step})
