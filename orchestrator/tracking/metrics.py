@@ -25,10 +25,12 @@ class MetricLogger:
     has for a metric (logged before a worker failure or a driver restart) is not sent again, so
     each step appears once.
 
-    With `background=True` (the training worker's) every send, and whatever `later` is given,
-    runs on the logger's own thread, in order: the training thread never waits for MLflow (its
-    import, a database write or an HTTP request: most of a second before the first step, in
-    docs/benchmarks.md). `close` waits for that thread and sends what is left.
+    With `background=True` (the training worker's) `send`, and whatever `later` is given, run on
+    the logger's own thread, in order: the training thread does not wait for a database write or
+    an HTTP request (a slow or hanging server costs it nothing). `flush` always sends on the
+    calling thread: the worker's first send (which imports MLflow's store, most of a CPU-second
+    that would otherwise slow the first steps beside it: docs/benchmarks.md) and the one before
+    each checkpoint. `close` waits for the logger's thread and sends what is left.
     """
 
     def __init__(self, uri: str, run_id: str, flush_interval_s: float = 10.0, fail_fast: bool = True,
