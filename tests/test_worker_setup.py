@@ -104,9 +104,11 @@ def test_metric_logger_sends_on_its_interval_and_on_flush(tmp_path):
 
 
 def test_metric_logger_in_the_background_never_makes_the_training_thread_wait(tmp_path):
-    """The training worker's logger sends on its own thread: with that thread held up (a slow
-    MLflow server), `log` and `send` return at once and nothing is sent yet; what is given to
-    `later` runs after the sends queued before it; `close` waits for the thread and sends the rest."""
+    """Before `start_background` a send is made on the calling thread (the worker's sends before
+    its first step, which pay MLflow's imports there). After it the logger sends on its own
+    thread: with that thread held up (a slow MLflow server), `log` and `send` return at once and
+    nothing is sent yet; what is given to `later` runs after the sends queued before it; `close`
+    waits for the thread and sends the rest."""
     import threading
 
     import mlflow
@@ -120,20 +122,23 @@ def test_metric_logger_in_the_background_never_makes_the_training_thread_wait(tm
     def sent() -> list[int]:
         return sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
 
-    logger = MetricLogger(uri, run_id, flush_interval_s=0, background=True)
+    logger = MetricLogger(uri, run_id, flush_interval_s=0)
+    logger.log(0, {"train_loss": 2.0})  # past its interval: sent now, on this thread
+    assert sent() == [0]
+    logger.start_background()
     held = threading.Event()
     logger.later(lambda: held.wait(10))  # the sender thread is busy until `held` is set
     for step in range(1, 4):
         logger.log(step, {"train_loss": 1.0 / step})  # past its interval: a send is queued
     logger.send()
-    assert sent() == []  # the training thread returned without sending anything
+    assert sent() == [0]  # the training thread returned without sending anything
     seen_by_later: list[list[int]] = []
     ran = threading.Event()
     logger.later(lambda: (seen_by_later.append(sent()), ran.set()))
     held.set()
-    assert ran.wait(30) and seen_by_later == [[1, 2, 3]]  # the send queued before it had arrived
+    assert ran.wait(30) and seen_by_later == [[0, 1, 2, 3]]  # the send queued before it had arrived
     logger.log(4, {"train_loss": 0.25})
-    assert logger.close(timeout_s=30) == [] and sent() == [1, 2, 3, 4]
+    assert logger.close(timeout_s=30) == [] and sent() == [0, 1, 2, 3, 4]
 
 
 def test_attention_kernel_is_the_specs_and_flash_attention_is_checked(tiny_base):

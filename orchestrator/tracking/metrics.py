@@ -25,16 +25,17 @@ class MetricLogger:
     has for a metric (logged before a worker failure or a driver restart) is not sent again, so
     each step appears once.
 
-    With `background=True` (the training worker's) `send`, and whatever `later` is given, run on
-    the logger's own thread, in order: the training thread does not wait for a database write or
-    an HTTP request (a slow or hanging server costs it nothing). `flush` always sends on the
-    calling thread: the worker's first send (which imports MLflow's store, most of a CPU-second
-    that would otherwise slow the first steps beside it: docs/benchmarks.md) and the one before
-    each checkpoint. `close` waits for the logger's thread and sends what is left.
+    After `start_background()` (the training worker calls it before its first step) `send`, and
+    whatever `later` is given, run on the logger's own thread, in order: the training thread does
+    not wait for a database write or an HTTP request (a slow or hanging server costs it nothing).
+    Before it they run on the calling thread, so the first sends' imports of MLflow's store and
+    artifact code (most of a CPU-second, which would otherwise slow the first steps beside them:
+    docs/benchmarks.md) are paid before training starts. `flush` always sends on the calling
+    thread (the worker's send before each checkpoint). `close` waits for the logger's thread and
+    sends what is left.
     """
 
-    def __init__(self, uri: str, run_id: str, flush_interval_s: float = 10.0, fail_fast: bool = True,
-                 background: bool = False):
+    def __init__(self, uri: str, run_id: str, flush_interval_s: float = 10.0, fail_fast: bool = True):
         self.uri, self.run_id, self.flush_interval_s = uri, run_id, flush_interval_s
         self._last_flush = time.monotonic()
         self._buffer: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
@@ -42,7 +43,7 @@ class MetricLogger:
         self._send_lock = threading.Lock()  # one send at a time
         self._logged: dict[str, set[int]] = {}  # metric -> steps the run has, fetched once per metric
         self.last_error: Exception | None = None
-        self._queue: queue.Queue | None = queue.Queue() if background else None
+        self._queue: queue.Queue | None = None  # the sender thread's work, once started
         self._sender: threading.Thread | None = None
         self._send_waiting = threading.Event()
         if fail_fast:  # in a worker process, whose only MLflow calls are these
@@ -61,8 +62,16 @@ class MetricLogger:
         with self._buffer_lock:
             self._buffer += [(m["key"], m["value"], m["timestamp"], m["step"]) for m in pending]
 
+    def start_background(self) -> None:
+        """From now on `send` and `later` run on the logger's own thread (until `close`)."""
+        if self._sender is None:
+            self._queue = queue.Queue()
+            self._sender = threading.Thread(target=self._drain, args=(self._queue,), name="mlflow-sender",
+                                            daemon=True)
+            self._sender.start()
+
     def send(self) -> None:
-        """Send what is buffered: on the sender thread without waiting (background), else now.
+        """Send what is buffered: on the sender thread without waiting (once started), else now.
         A send already waiting there takes these metrics too (no queue of sends behind an
         unreachable server)."""
         self._last_flush = time.monotonic()
@@ -77,17 +86,14 @@ class MetricLogger:
 
     def later(self, fn: Callable[[], object]) -> None:
         """Run `fn` (an MLflow call) after the sends queued before it: on the sender thread
-        (background), else now."""
+        (once started), else now."""
         if self._queue is None:
             fn()
             return
-        if self._sender is None:
-            self._sender = threading.Thread(target=self._drain, name="mlflow-sender", daemon=True)
-            self._sender.start()
         self._queue.put(fn)
 
-    def _drain(self) -> None:
-        while (fn := self._queue.get()) is not None:
+    def _drain(self, work: queue.Queue) -> None:
+        while (fn := work.get()) is not None:
             try:
                 fn()
             except Exception as e:  # `flush` never raises; anything else given to `later` must not stop the sends
@@ -135,7 +141,7 @@ class MetricLogger:
         if self._sender is not None:
             self._queue.put(None)
             self._sender.join()
-            self._sender = None
+            self._sender = self._queue = None
         while not self.flush() and time.monotonic() < deadline:
             time.sleep(interval_s)
         with self._buffer_lock:

@@ -180,9 +180,8 @@ GENERATION_TOKENS = 24
 def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int, later):
     """Rank 0's `log(step)`: complete the fixed eval prompts with the model as it is now and
     append (step, prompt, reference, output) rows to the run's generations table; None where
-    nothing is logged. The first table is sent from the training thread (at step 0, beside the
-    base evaluation: it imports MLflow's artifact code), later ones through `later`, the metric
-    logger's sender thread, so the training thread does not wait for MLflow. Not under ZeRO-3:
+    nothing is logged. Tables are sent through `later`, the metric logger's: on the training
+    thread before the first step, on the logger's sender thread after it. Not under ZeRO-3:
     there each rank holds a slice of every weight, and generating on rank 0 alone would wait
     forever on the others' gathers. An unreachable MLflow costs the rows, never the run."""
     if rank != 0 or not job.generation_records or spec.distributed.deepspeed.stage == 3:
@@ -199,7 +198,7 @@ def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int, later):
     prompts = [p for p in prompts if p[2] is not None]  # text records have nothing to complete
     loaded = Loaded(model=engine.module, tokenizer=tokenizer, spec=spec)
 
-    failed, sent = [], []
+    failed = []
 
     def log(step: int) -> None:
         if failed:
@@ -220,11 +219,7 @@ def generation_logger(spec: JobSpec, job: WorkerJob, engine, rank: int, later):
             except Exception as e:  # MLflow unreachable: training goes on
                 logging.getLogger(__name__).warning("generations at step %d not logged: %s", step, e)
 
-        if sent:
-            later(send)
-        else:
-            send()
-            sent.append(step)
+        later(send)
 
     return log if prompts else None
 
@@ -257,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
         engine = setup_engine(spec, job, device)
         state = restore_state(engine, rank) or TrainState()
     # Rank 0 logs; steps the run already has (logged before a failure) are not logged again.
-    logger = MetricLogger(job.tracking_uri, job.run_id, background=True) if rank == 0 else None
+    logger = MetricLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     progress = ProgressSender(job, rank)
     eval_pass = dataset_examples(functools.partial(job.data.row_batches, "eval"), eval_rows=True)
     if spec.data.packing:
@@ -291,9 +286,6 @@ def train_loop_per_worker(config: dict) -> None:
             # worker at 15 yields the CPU to everything else on the node (launch.TRAINING_WORKER_ENV).
             logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss,
                            "worker_niceness": float(os.nice(0))})
-            # On this thread: the first send imports MLflow's store, most of a CPU-second that
-            # would otherwise slow the first steps beside it (docs/benchmarks.md).
-            logger.flush()
         progress(0, {"eval_loss": state.base_eval_loss})
     elif logger:
         logger.log(state.step, {"resumed_from_step": state.step})
@@ -302,6 +294,12 @@ def train_loop_per_worker(config: dict) -> None:
                pending=logger.close(job.final_flush_timeout_s) if logger else [], total_steps=job.total_steps)
         return
 
+    if logger:
+        # The first send on this thread, before training: it imports MLflow's store, most of a
+        # CPU-second that would slow the first steps beside it (docs/benchmarks.md). From here on
+        # sends leave the training thread.
+        logger.send()
+        logger.start_background()
     tokens = 0.0
     for step in range(state.step + 1, job.total_steps + 1):
         with watch("steps"):
