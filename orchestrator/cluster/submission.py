@@ -202,7 +202,7 @@ def package_files(spec: JobSpec) -> tuple[JobSpec, dict[str, Path]]:
     and the local files to put beside it: {name in the package: local path}. A data source in
     remote storage (s3://, gs://) is read where it is and not packaged; a directory or glob
     travels as a directory of its files, in their order."""
-    from orchestrator.data.sources import is_uri, resolve_source
+    from orchestrator.data.sources import resolve_source
 
     packaged = spec.model_copy(deep=True)
     files: dict[str, Path] = {}

@@ -115,7 +115,7 @@ def shared(data: TokenizedData, storage_path: str) -> TokenizedData:
     import pyarrow.fs as pafs
 
     from orchestrator.data.pipeline import SPLITS
-    from orchestrator.data.sources import is_uri
+    from orchestrator.spec.checks import is_uri
 
     if is_uri(data.path):
         return data

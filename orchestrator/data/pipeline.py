@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orchestrator.data.records import Example, in_eval
-from orchestrator.data.sources import Source, is_uri, iter_records, resolve_source, source_bytes
+from orchestrator.data.sources import Source, iter_records, resolve_source, source_bytes
 from orchestrator.spec import DataSpec, SpecError
+from orchestrator.spec.checks import is_uri
 
 # Sources up to this size are tokenized on the driver (the quickstart's 0.4 MB take about a
 # second); larger ones by Ray Data across the cluster's CPUs.

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from orchestrator.data.records import _data_error, parse_line, scan_jsonl
-from orchestrator.spec.checks import is_glob, is_uri  # noqa: F401  (is_uri: the data layer's callers import it from here)
+from orchestrator.spec.checks import is_glob, is_uri
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")

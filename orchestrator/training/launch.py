@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.data.sources import is_uri
 from orchestrator.planning.resources import Resources
+from orchestrator.spec.checks import is_uri
 from orchestrator.training.checkpoint import ADAPTER_DIR, TRAIN_STATE_FILE
 from orchestrator.training.worker import WorkerJob, train_loop_per_worker
 
