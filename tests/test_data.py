@@ -67,6 +67,22 @@ def plain_tokenizer(tiny_base):
     return tok
 
 
+@pytest.mark.parametrize("offsets, spans, expected", [
+    # BOS (no characters), "[user]", " hi", " [assistant]", " wo", "of", EOS-like token with no characters
+    ([(0, 0), (0, 6), (6, 9), (9, 21), (21, 24), (24, 26), (26, 26)], [(22, 26)],
+     [False, False, False, False, True, True, False]),  # " wo" starts on the prompt's space: trained
+    ([(0, 3), (3, 6), (6, 9)], [(3, 6)], [False, True, False]),  # touching a span's edge is not overlapping it
+    ([(0, 3), (3, 6), (6, 9), (9, 12)], [(0, 2), (7, 12)], [True, False, True, True]),  # several spans
+    ([(0, 3), (3, 6)], [], [False, False]),  # nothing to train
+    ([(0, 3), (3, 3), (3, 6)], [(0, 6)], [True, False, True]),  # no characters (a special token): never trained
+    ([], [(0, 5)], []),
+])
+def test_a_token_is_trained_when_it_has_characters_in_a_span(offsets, spans, expected):
+    from orchestrator.data.tokenize import trained_mask
+
+    assert trained_mask(offsets, spans).tolist() == expected
+
+
 def test_chat_without_a_template_is_a_clean_error(plain_tokenizer):
     with pytest.raises(SpecError, match=r"data.chat_template: the tokenizer of the base .* has no chat template.*"
                                         r"Fix: set data.chat_template"):

@@ -22,7 +22,7 @@ class Example:
 
     @property
     def num_trained_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 @dataclass
