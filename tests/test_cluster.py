@@ -286,6 +286,59 @@ def test_without_the_right_token_the_cluster_refuses_with_the_fix(cluster, tmp_p
     assert from_file.returncode == 0, from_file.stderr
 
 
+# A driver on the cluster's head that tokenizes a directory of JSONL files with Ray Data (as a
+# source over 16 MB is) and says where its job ran and what it wrote.
+_TOKENIZE_ON_THE_CLUSTER = """
+import json, sys
+import pyarrow.dataset as pads
+import ray
+from orchestrator.data.pipeline import tokenize_to_parquet
+from orchestrator.spec import DataSpec
+gcs, source, base, out = sys.argv[1:]
+ray.init(address=gcs, logging_level="ERROR")
+tokenize_to_parquet(DataSpec(train=source), 0, (base, False, None, None), __import__("pathlib").Path(out), use_ray=True)
+rows = pads.dataset(out + "/train", format="parquet").count_rows()
+ctx = ray.get_runtime_context()
+print(json.dumps({"job_id": ctx.get_job_id(), "node_id": ctx.get_node_id(), "rows": rows}))
+"""
+
+
+def test_ray_data_writes_the_tokenized_files_on_the_drivers_node(cluster, tiny_base, tmp_path):
+    """The tokenized Parquet files go to the driver's disk (its cache), so Ray Data's write tasks
+    must run on the driver's node: on a cluster, Ray Data writes each task's files on the node the
+    task runs on, and another node's share would be missing from the driver's directory (here both
+    nodes share one disk, so the files alone cannot show it; the tasks' nodes can)."""
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    lines = (REPO / "jobs" / "data" / "quickstart" / "train.jsonl").read_text().splitlines()
+    source = tmp_path / "train"
+    source.mkdir()
+    for i in range(4):  # several files: several read, tokenize and write tasks
+        (source / f"part-{i}.jsonl").write_text("\n".join(lines[i::4]) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: 127.0.0.1 stays the nodes' address (tests/local_cluster.py).
+    env.update(RAY_AUTH_TOKEN=TOKEN, RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-c", _TOKENIZE_ON_THE_CLUSTER, f"127.0.0.1:{cluster.gcs_port}",
+                          str(source), str(tiny_base), str(tmp_path / "out")],
+                         env=env, text=True, capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    driver = json.loads(run.stdout.strip().splitlines()[-1])
+    assert driver["rows"] == len([line for line in lines if line.strip()])
+
+    client = StateApiClient(cluster.address, headers={"Authorization": f"Bearer {TOKEN}",
+                                                      "Content-Type": "application/json"})
+
+    def tasks() -> list:
+        found = client.list(StateResource.TASKS, options=ListApiOptions(
+            filters=[("job_id", "=", driver["job_id"])], limit=10_000), raise_on_missing_output=False)
+        return [t for t in found if t.node_id and t.state == "FINISHED"]
+
+    writes = wait_for(lambda: [t for t in tasks() if "Write" in t.name], "the write tasks' events")
+    assert {t.node_id for t in writes} == {driver["node_id"]}, [(t.name, t.node_id) for t in writes]
+
+
 def test_node_local_storage_and_local_tracking_are_refused_before_submission(cluster, tiny_base):
     before = json.loads(orchestrator("jobs", "list", "--address", cluster.address, "--json").stdout)
     refused = orchestrator("submit", "jobs/quickstart.yaml", "--address", cluster.address,

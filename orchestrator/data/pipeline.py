@@ -138,18 +138,25 @@ def quiet_data_context():
 
 def _tokenize_with_ray(source: Source, data: DataSpec, seed: int, tokenizer_args: tuple, target: Path,
                        all_eval: bool) -> None:
+    import ray
     import ray.data
 
     quiet_data_context()
     fs = source.filesystem()
     jsonl = source.format == "jsonl"
     read = ray.data.read_text if jsonl else ray.data.read_parquet
-    ds = read(list(source.files), filesystem=fs)
+    # `target` is on the driver's disk, so the write tasks run on the driver's node: on a cluster of
+    # several nodes Ray Data would otherwise write each node's share of the files to that node's
+    # own disk. A local source is read there too (only the driver's node is known to have it). The
+    # tokenizing between them runs on any node. (Ray's own `ray.io/node-id` label: what Ray Data
+    # itself uses to keep a task on the driver's node.)
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    ds = read(list(source.files), filesystem=fs, label_selector=None if source.remote else here)
     ds = ds.map_batches(_tokenize_ray_batch, batch_format="pyarrow", batch_size=BATCH_RECORDS, fn_kwargs={
         "data_json": data.model_dump(mode="json"), "tokenizer_args": tokenizer_args, "seed": seed,
         "all_eval": all_eval, "label": source.value, "field_path": source.field_path, "jsonl": jsonl})
     try:
-        ds.write_parquet(str(target))
+        ds.write_parquet(str(target), ray_remote_args={"label_selector": here})
     except Exception as e:  # a record's problem raised in a Ray worker: the person's error, not ours
         problem = _spec_error_in(e)
         if problem is None:
