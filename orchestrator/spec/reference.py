@@ -61,7 +61,8 @@ Records are formatted and tokenized in batches with the base's fast tokenizer, o
 ids are cached as Parquet under `~/.cache/orchestrator/tokenized/`, keyed by the data files, the
 `data` section, the seed and the tokenizer, so a job run again tokenizes nothing. Sources over
 16 MiB (and remote ones) are tokenized by Ray Data in parallel over the cluster's CPUs (a local
-source is read, and the cache written, on the driver's node), smaller ones on the driver (problems are then named by file and line before Ray starts). Neither the
+source is read, and the cache written, on the driver's node), smaller ones on the driver
+(problems are then named by file and line before Ray starts). Neither the
 driver nor any worker holds the whole data set: each worker streams the cached Parquet rows
 straight from their files, a batch at a time. When the job's workers may run on other nodes, the
 cached rows are first copied once into `storage.path` (`tokenized/<key>/`, beside the
