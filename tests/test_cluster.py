@@ -97,14 +97,18 @@ class LocalCluster:
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: len(self.node_ids()) == 2, "two-node ray cluster", timeout=120, proc=self.proc)
 
-    def node_ids(self) -> set[str]:
+    def state(self):
+        """The cluster's state API (nodes, tasks), with the cluster's token."""
         from ray.util.state import StateApiClient
+
+        return StateApiClient(self.address, headers={"Authorization": f"Bearer {TOKEN}",
+                                                     "Content-Type": "application/json"})
+
+    def node_ids(self) -> set[str]:
         from ray.util.state.common import ListApiOptions, StateResource
 
-        client = StateApiClient(self.address, headers={"Authorization": f"Bearer {TOKEN}",
-                                                       "Content-Type": "application/json"})
-        nodes = client.list(StateResource.NODES, options=ListApiOptions(filters=[("state", "=", "ALIVE")]),
-                            raise_on_missing_output=False)
+        nodes = self.state().list(StateResource.NODES, options=ListApiOptions(filters=[("state", "=", "ALIVE")]),
+                                  raise_on_missing_output=False)
         return {n.node_id for n in nodes}
 
     def stop(self) -> None:
@@ -290,13 +294,14 @@ def test_without_the_right_token_the_cluster_refuses_with_the_fix(cluster, tmp_p
 # source over 16 MB is) and says where its job ran and what it wrote.
 _TOKENIZE_ON_THE_CLUSTER = """
 import json, sys
+from pathlib import Path
 import pyarrow.dataset as pads
 import ray
 from orchestrator.data.pipeline import tokenize_to_parquet
 from orchestrator.spec import DataSpec
 gcs, source, base, out = sys.argv[1:]
 ray.init(address=gcs, logging_level="ERROR")
-tokenize_to_parquet(DataSpec(train=source), 0, (base, False, None, None), __import__("pathlib").Path(out), use_ray=True)
+tokenize_to_parquet(DataSpec(train=source), 0, (base, False, None, None), Path(out), use_ray=True)
 rows = pads.dataset(out + "/train", format="parquet").count_rows()
 ctx = ray.get_runtime_context()
 print(json.dumps({"job_id": ctx.get_job_id(), "node_id": ctx.get_node_id(), "rows": rows}))
@@ -308,7 +313,6 @@ def test_ray_data_writes_the_tokenized_files_on_the_drivers_node(cluster, tiny_b
     must run on the driver's node: on a cluster, Ray Data writes each task's files on the node the
     task runs on, and another node's share would be missing from the driver's directory (here both
     nodes share one disk, so the files alone cannot show it; the tasks' nodes can)."""
-    from ray.util.state import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
     lines = (REPO / "jobs" / "data" / "quickstart" / "train.jsonl").read_text().splitlines()
@@ -327,11 +331,8 @@ def test_ray_data_writes_the_tokenized_files_on_the_drivers_node(cluster, tiny_b
     driver = json.loads(run.stdout.strip().splitlines()[-1])
     assert driver["rows"] == len([line for line in lines if line.strip()])
 
-    client = StateApiClient(cluster.address, headers={"Authorization": f"Bearer {TOKEN}",
-                                                      "Content-Type": "application/json"})
-
     def tasks() -> list:
-        found = client.list(StateResource.TASKS, options=ListApiOptions(
+        found = cluster.state().list(StateResource.TASKS, options=ListApiOptions(
             filters=[("job_id", "=", driver["job_id"])], limit=10_000), raise_on_missing_output=False)
         return [t for t in found if t.node_id and t.state == "FINISHED"]
 
