@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The benchmarks against HF Trainer and a plain script (2 cores: 15 minutes, 889 s on 2026-12-06),
-# and data at scale (300,000 generated records; about 10 minutes); both rewrite their part of docs/benchmarks.md.
+# and data at scale (300,000 generated records; about 7 minutes, 6.5 on 2026-12-06); both rewrite their part of docs/benchmarks.md.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/data_scale.py

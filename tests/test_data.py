@@ -238,9 +238,15 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, mon
     assert max(len(e.input_ids) for e in other.examples("train")) > 8  # the seed-4 split, at the full length
     with path.open("a") as f:
         f.write(json.dumps({"instruction": "Repeat 6.", "input": "", "output": "word 6"}) + "\n")
+    # What a run stopped while tokenizing left (its process gone) goes; a live process's stays.
+    import os
+
+    (cache / ".tokenizing-999999999-x" / "train").mkdir(parents=True)
+    (cache / f".tokenizing-{os.getpid()}-y").mkdir()
     grown, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
     assert hit is None and grown.stats["train_examples"] + grown.stats["eval_examples"] == 7
     assert len(entries()) == 4
+    assert sorted(d.name for d in cache.iterdir() if d.name.startswith(".")) == [f".tokenizing-{os.getpid()}-y"]
 
 
 QUICKSTART = {"train": "jobs/data/quickstart/train.jsonl", "eval": "jobs/data/quickstart/eval.jsonl"}
@@ -284,6 +290,71 @@ def test_a_pass_started_early_streams_the_same_examples_as_a_plain_one(tmp_path,
     assert len(plain) > 1024  # more than the one batch of rows the thread reads ahead
     assert [(e.input_ids, e.labels) for e in early()] == plain
     assert [(e.input_ids, e.labels) for e in early()] == plain  # later passes start when asked
+
+
+def test_readers_follow_the_parts_while_they_are_written(tmp_path, tiny_base):
+    """Data still being written (`complete` False) is read part by part as each appears whole:
+    the first rows come while the writer is held before its second table, all rows come in
+    order, and the reading ends at the split's `_done`."""
+    import threading
+
+    from conftest import REPO
+
+    from orchestrator.data.cache import prepare_datasets
+    from orchestrator.data.pipeline import BATCH_RECORDS, TokenizedData, write_parts
+
+    spec = DataSpec(**{k: str(REPO / v) for k, v in QUICKSTART.items()}, format="alpaca", max_seq_len=128)
+    done, _ = prepare_datasets(spec, 42, str(tiny_base), cache_dir=tmp_path / "cache")
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(done.files("train"), format="parquet").to_table()
+    assert table.num_rows > BATCH_RECORDS
+    held, released = threading.Event(), threading.Event()
+
+    def tables():
+        yield table.slice(0, BATCH_RECORDS)  # part 0 (BATCH_RECORDS rows) closes here
+        held.set()
+        assert released.wait(60)
+        yield table.slice(BATCH_RECORDS)
+
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    writer = threading.Thread(target=write_parts, args=(tables(), tmp_path / "out" / "train"))
+    writer.start()
+    growing = TokenizedData(path=str(tmp_path / "out"), stats={}, pad_id=done.pad_id, complete=False)
+    assert growing.train_examples is None
+    rows = growing.row_batches("train", batch_size=256)
+    first = [next(rows) for _ in range(BATCH_RECORDS // 256)]
+    assert held.is_set() and not released.is_set()  # read before the writer went on
+    assert not (tmp_path / "out" / "train" / "_done").exists()
+    released.set()
+    rest = list(rows)
+    writer.join()
+    got = [ids for batch in first + rest for ids in batch["input_ids"]]
+    assert got == table.column("input_ids").to_pylist()
+
+
+def test_a_problem_met_while_tokenizing_stops_the_readers_with_it(tmp_path, tiny_base):
+    """A bad record after the first part, tokenized in the background: readers get the rows
+    written before it, then the problem; `wait()` raises it, and nothing is cached."""
+    from conftest import REPO
+
+    from orchestrator.data.cache import start_tokenizing
+    from orchestrator.data.pipeline import BATCH_RECORDS
+
+    lines = (REPO / QUICKSTART["train"]).read_text().splitlines()
+    source = tmp_path / "train.jsonl"
+    source.write_text("\n".join(lines[:BATCH_RECORDS + 100] + ["{not json"]) + "\n")
+    cache = tmp_path / "cache"
+    job = start_tokenizing(DataSpec(train=str(source), eval=None), 0, str(tiny_base), cache_dir=cache, use_ray=False)
+    read = 0
+    where = f"{source}:{BATCH_RECORDS + 101}: malformed JSON"
+    with pytest.raises(RuntimeError, match=f"(?s)tokenizing the data failed: .*{where}"):
+        for batch in job.data.row_batches("train"):
+            read += len(batch["input_ids"])
+    assert read == BATCH_RECORDS
+    with pytest.raises(SpecError, match=where):
+        job.wait()
+    assert job.close() is None and list(cache.iterdir()) == []
 
 
 def test_data_shared_with_other_nodes_is_read_from_a_bucket(tmp_path, tiny_base, monkeypatch):
@@ -345,3 +416,73 @@ def test_parquet_directories_and_globs_are_sources(tmp_path, tiny_base, tokenize
         results.append([(e.input_ids, e.labels) for split in ("train", "eval") for e in tokenized.examples(split)])
         assert tokenized.stats["eval_examples"] > 0 and len(tokenized.files_sha256["train_sha256"]) == 64
     assert results[0] == results[1] and len(results[0]) == 40
+
+
+def test_a_run_training_while_its_data_is_tokenized_trains_as_one_that_waited(tmp_path, ray_local, tiny_base,
+                                                                              monkeypatch):
+    """A large source (here: every source, the size limit set to 0) with training.max_steps set
+    is tokenized by Ray Data while the job trains (one worker leaves a CPU free): the workers
+    follow the Parquet parts as they are written. The run's counts come at its end, its data goes
+    into the cache, and a run reading that cache entry gives the same evaluations, step for step."""
+    from mlflow import MlflowClient
+    from conftest import REPO
+    from test_end_to_end import quickstart
+
+    import orchestrator.data.cache as cache
+    import orchestrator.data.pipeline as pipeline
+    from orchestrator.training.recipe import run_job
+
+    monkeypatch.setattr(pipeline, "DRIVER_MAX_BYTES", 0)
+    monkeypatch.setattr(cache, "cache_root", lambda: tmp_path / "cache")  # this test's own tokenized-data cache
+    lines = (REPO / QUICKSTART["train"]).read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(lines) + "\n")
+    sets = {"data.train": str(train), "data.eval": 0.05, "training.max_steps": 8, "training.eval_every": 4,
+            "training.eval_batches": 2, "distributed.num_workers": 1, "registry.mode": "adapter"}
+
+    def run(name: str, **more):
+        said: list[str] = []
+        summary = run_job(quickstart(tmp_path, name=name, **sets, **more), status=said.append, register=False)
+        history = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "eval_loss")
+        return summary, said, [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
+
+    streamed, said, evals = run("while-tokenizing")
+    assert any(s.startswith(f"Tokenizing {train} while training (data.train_while_tokenizing): Ray Data")
+               for s in said), said
+    assert streamed.data["train_examples"] + streamed.data["eval_examples"] == len(lines)
+    waited, said_again, evals_again = run("after-tokenizing", **{"data.train_while_tokenizing": "false"})
+    assert any(s.startswith("Tokenized data from the cache") for s in said_again), said_again
+    assert waited.data == streamed.data
+    assert [step for step, _ in evals] == [0, 4, 8]
+    assert [v for _, v in evals] == pytest.approx([v for _, v in evals_again], abs=1e-4)
+
+
+def test_a_bad_record_found_while_the_job_trains_fails_the_run_with_its_problem(tmp_path, ray_local, tiny_base,
+                                                                                monkeypatch):
+    """The workers stop when tokenizing does, and the run raises the record's problem (not Ray
+    Train's failure); the MLflow run is marked FAILED and nothing is cached."""
+    from mlflow import MlflowClient
+    from conftest import REPO
+    from test_end_to_end import quickstart
+
+    import orchestrator.data.cache as cache
+    import orchestrator.data.pipeline as pipeline
+    from orchestrator.training.recipe import run_job
+
+    monkeypatch.setattr(pipeline, "DRIVER_MAX_BYTES", 0)
+    monkeypatch.setattr(cache, "cache_root", lambda: tmp_path / "cache")
+    lines = (REPO / QUICKSTART["train"]).read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join([*lines, '{"instruction": "Say owl."}']) + "\n")
+    spec = quickstart(tmp_path, name="bad-record-while-training", **{
+        "data.train": str(train), "data.eval": 0.05, "training.max_steps": 8, "training.eval_batches": 2,
+        "distributed.num_workers": 1})
+    said: list[str] = []
+    with pytest.raises(SpecError, match=f"{train}: the record beginning .*Say owl.* lacks output") as raised:
+        run_job(spec, status=said.append, register=False)
+    assert any("while training" in s for s in said), said
+    assert raised.value.problems[0].path == "data.train"
+    [run] = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
+        [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not [d for d in (tmp_path / "cache" / "tokenized").iterdir() if not d.name.startswith(".")]

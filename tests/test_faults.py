@@ -80,9 +80,26 @@ def test_micro_batches_resume_exactly_where_they_stopped(start):
             batches = lambda start=0: micro_batches(one_pass, 9, 2, rank, 2, seed=5, start=start, window=window)
             uninterrupted = list(itertools.islice(batches(), start, start + 6))
             assert list(itertools.islice(batches(start), 6)) == uninterrupted
+            # Without the count (a run training while its data is tokenized): the same batches,
+            # a resumed run reading its way to where it stopped.
+            uncounted = micro_batches(one_pass, None, 2, rank, 2, seed=5, start=start, window=window)
+            assert list(itertools.islice(uncounted, 6)) == uninterrupted
     # Each epoch a fresh order; the ranks' batches are disjoint within an epoch.
     epoch = [b for rank in (0, 1) for b in itertools.islice(micro_batches(one_pass, 9, 2, rank, 2, seed=5), 2)]
     assert len({x for b in epoch for x in b}) == 8
+
+
+@pytest.mark.parametrize("count", [3, None])
+def test_too_few_examples_for_a_micro_batch_stop_the_stream(count):
+    from orchestrator.data.records import Example
+    from orchestrator.training.steps import micro_batches, packed_micro_batches
+
+    too_few = "rank 1 of 2 got too few training examples for one micro batch of 2"
+    with pytest.raises(ValueError, match=too_few):
+        next(micro_batches(lambda: iter(range(3)), count, 2, 1, 2, seed=5))
+    examples = lambda: iter([Example(input_ids=[1, 2, 3], labels=[1, 2, 3])] * 3)  # noqa: E731
+    with pytest.raises(ValueError, match=too_few):  # rank 1's one example fills one packed row, not two
+        next(packed_micro_batches(examples, 2, 1, 2, seed=5, max_seq_len=8))
 
 
 def test_rng_states_round_trip():

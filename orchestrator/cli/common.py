@@ -102,7 +102,7 @@ def _progress_bar():
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
     tasks: dict[str, int] = {}
 
-    def on_progress(label: str, done: int, total: int, metrics: dict) -> None:
+    def on_progress(label: str, done: int, total: int | None, metrics: dict) -> None:
         if label not in tasks:
             bar.start()
             tasks[label] = bar.add_task(label, total=total, info="")

@@ -22,13 +22,13 @@ CACHE_KEEP = 16  # the most recently used data sets the cache keeps
 
 
 # Data settings applied as the workers read the rows, not when they are tokenized.
-_READ_TIME = {"packing"}
+_READ_TIME = {"packing", "train_while_tokenizing"}
 
 
 def tokenized_cache_key(data: DataSpec, seed: int, base_path: str, files_sha256: dict[str, str],
                         trust_remote_code: bool = False) -> str:
     """sha256 of everything the tokenized data sets depend on: the spec's data section (but
-    `packing`, done as the workers read), the seed
+    `packing`, done as the workers read, and `train_while_tokenizing`), the seed
     (it splits off an eval fraction), the data files (`files_sha256`), the base's files other than
     weights (the tokenizer, its chat template), the code that formats and tokenizes, and the
     transformers and tokenizers versions. Raises OSError when a file cannot be read."""
@@ -54,12 +54,135 @@ def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_cod
     data, base and settings skips loading the tokenizer (and importing transformers) and
     tokenizing; problems with the data are raised as `pipeline` raises them (only data that
     tokenized without one is cached). `use_ray`, `connect`: as `tokenize_to_parquet` takes them."""
+    job = start_tokenizing(data, seed, base_path, trust_remote_code, cache_dir, revision, use_ray, connect,
+                           background=False)
+    try:
+        job.wait()
+    finally:
+        done = job.close()  # into the cache; after a problem, the files are removed
+    return done, job.cached
+
+
+class Tokenizing:
+    """The job's tokenized data, from the cache or being written (`start_tokenizing`).
+
+    `data` can be read at once: while the parts are written its `complete` is False and readers
+    follow them (a run trains while its data is tokenized). `wait()` gives the finished data with
+    its counts (or raises the problem tokenizing met); `close()`, once nothing reads `data` any
+    more, moves the finished files into the cache (or removes them after a failure)."""
+
+    def __init__(self, data: TokenizedData, cached: Path | None = None, entry: Path | None = None):
+        import threading
+
+        from orchestrator.data.pipeline import new_stats
+
+        self.data, self.cached, self.entry = data, cached, entry  # `entry`: where the cache keeps it
+        self.counts = new_stats()  # as tokenizing goes (its thread adds to them)
+        self._done = data if cached is not None else None
+        self._error: BaseException | None = None
+        self._thread = None
+        self._lock = threading.Lock()
+        self._closed = False  # close() came while tokenizing ran: the thread finishes the job
+
+    def run(self, tokenize, background: bool) -> "Tokenizing":
+        """Tokenize into `data.path` (`tokenize()` returns the meta: counts and padding id), in a
+        thread when `background`. The meta, with how long it took, is written last."""
+        import threading
+        import time
+
+        def go() -> None:
+            started = time.perf_counter()
+            try:
+                meta = {**tokenize(), "tokenize_s": round(time.perf_counter() - started, 2)}
+                (Path(self.data.path) / _META).write_text(json.dumps(meta), encoding="utf-8")
+                self._done = replace(self.data, stats=meta["stats"], complete=True)
+            except BaseException as e:  # raised by wait()
+                self._error = e
+            with self._lock:
+                if self._closed:
+                    self._finish()
+
+        if background:
+            self._thread = threading.Thread(target=go, name="tokenizing", daemon=True)
+            self._thread.start()
+        else:
+            go()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def problem(self) -> BaseException | None:
+        """The problem tokenizing stopped with, if it did (its readers stop on it a moment later:
+        the `_failed` file is written just before)."""
+        return self._error
+
+    @property
+    def records(self) -> int:
+        """Records tokenized so far."""
+        c = self.counts
+        return c["train_examples"] + c["eval_examples"] + c["dropped_examples"]
+
+    def wait(self, on_progress=None) -> TokenizedData:
+        """The finished data (raises the problem tokenizing met); `on_progress(records)` is
+        called about twice a second while it runs."""
+        waited = self.running
+        while self.running:
+            if on_progress is not None:
+                on_progress(self.records)
+            self._thread.join(0.5)
+        if waited and on_progress is not None:
+            on_progress(self.records)  # the last count
+        if self._error is not None:
+            raise self._error
+        return self._done
+
+    def close(self) -> TokenizedData | None:
+        """The finished data in its cache entry (or where it was written when it has none); None
+        after a failure, whose files are removed. Call once nothing reads `data`; called while
+        tokenizing still runs (training stopped first), the thread does this when it ends."""
+        with self._lock:
+            if self.running:
+                self._closed = True
+                return None
+            return self._finish()
+
+    def _finish(self) -> TokenizedData | None:
+        import contextlib
+        import os
+        import shutil
+
+        if self.cached is not None:
+            return self._done
+        work = Path(self.data.path)
+        if self._done is None:
+            shutil.rmtree(work, ignore_errors=True)
+            return None
+        final = work
+        if self.entry is not None and Path(self._done.path) == work:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self.entry, ignore_errors=True)  # a damaged entry
+                os.replace(work, self.entry)  # atomic: a concurrent run sees the whole entry or none
+                final = self.entry
+                _evict(self.entry.parent)
+        self._done = replace(self._done, path=str(final))
+        return self._done
+
+
+def start_tokenizing(data: DataSpec, seed: int, base_path: str, trust_remote_code: bool = False,
+                     cache_dir: Path | None = None, revision: str | None = None, use_ray: bool | None = None,
+                     connect=None, background: bool = True) -> Tokenizing:
+    """The job's tokenized data from the cache, or tokenized now (in a thread when `background`:
+    readers follow the parts as they are written). The tokenizer is loaded and the chat template
+    checked before this returns, so those problems are raised here; a record's problem comes
+    from `Tokenizing.wait()`. `use_ray`, `connect`: as `tokenize_to_parquet` takes them."""
     import contextlib
     import os
     import shutil
     import tempfile
 
-    from orchestrator.data.pipeline import tokenize_to_parquet, tokenized_stats
+    from orchestrator.data.pipeline import make_split_dirs, tokenize_to_parquet
 
     cache_dir = cache_dir or cache_root() / "tokenized"
     try:
@@ -74,8 +197,8 @@ def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_cod
         try:
             meta = json.loads((path / _META).read_text(encoding="utf-8"))
             os.utime(path)  # recently used: kept
-            return TokenizedData(path=str(path), stats=meta["stats"], pad_id=meta["pad_id"],
-                                 files_sha256=files_sha256), path
+            return Tokenizing(TokenizedData(path=str(path), stats=meta["stats"], pad_id=meta["pad_id"],
+                                            files_sha256=files_sha256), cached=path)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # damaged or from another version: tokenized again and rewritten
     from orchestrator.data.tokenize import check_chat_template, load_tokenizer
@@ -84,24 +207,21 @@ def prepare_datasets(data: DataSpec, seed: int, base_path: str, trust_remote_cod
     check_chat_template(data, tokenizer)  # before any record is read
     parent = path.parent if path is not None else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=parent, prefix=".tokenizing-"))
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_WORK_PREFIX}{os.getpid()}-"))
     try:
-        tokenize_to_parquet(data, seed, (base_path, trust_remote_code, revision, data.chat_template), work,
-                            use_ray=use_ray, connect=connect)
-        meta = {"stats": tokenized_stats(work), "pad_id": tokenizer.pad_token_id}
-        (work / _META).write_text(json.dumps(meta), encoding="utf-8")
-    except BaseException:
+        make_split_dirs(data, work)  # readers of the data being written know its splits from the start
+    except BaseException:  # a source with no files
         shutil.rmtree(work, ignore_errors=True)
         raise
-    final = work
-    if path is not None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(path, ignore_errors=True)  # a damaged entry
-            os.replace(work, path)  # atomic: a concurrent run sees the whole entry or none
-            final = path
-            _evict(cache_dir)
-    return TokenizedData(path=str(final), stats=meta["stats"], pad_id=meta["pad_id"],
-                         files_sha256=files_sha256 or {}), None
+    job = Tokenizing(TokenizedData(path=str(work), stats={}, pad_id=tokenizer.pad_token_id,
+                                   files_sha256=files_sha256 or {}, complete=False), entry=path)
+
+    def tokenize() -> dict:
+        stats = tokenize_to_parquet(data, seed, (base_path, trust_remote_code, revision, data.chat_template), work,
+                                    use_ray=use_ray, connect=connect, stats=job.counts)
+        return {"stats": stats, "pad_id": tokenizer.pad_token_id}
+
+    return job.run(tokenize, background)
 
 
 _META = "meta.json"  # written last: an entry without it is incomplete
@@ -134,10 +254,30 @@ def shared(data: TokenizedData, storage_path: str) -> TokenizedData:
     return target
 
 
+_WORK_PREFIX = ".tokenizing-"  # + the writing process's id: data being tokenized, not yet an entry
+
+
 def _evict(cache_dir: Path) -> None:
-    """Keep the `CACHE_KEEP` most recently used entries."""
+    """Keep the `CACHE_KEEP` most recently used entries; remove what runs that were stopped while
+    tokenizing left behind (their process is gone)."""
     import shutil
 
     entries = [d for d in cache_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
     for old in sorted(entries, key=lambda d: d.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
+    for work in cache_dir.glob(f"{_WORK_PREFIX}*"):
+        pid = work.name[len(_WORK_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True

@@ -1,10 +1,13 @@
 """The tokenized data set as Parquet: records -> format + tokenize (batched, the fast tokenizer)
 -> int32 columns, written once per cache key and read straight from its files by every worker.
 
-A source larger than `DRIVER_MAX_BYTES` (or remote) is tokenized by Ray Data: read -> `map_batches`
-in parallel over the cluster's CPUs -> `write_parquet`; a small one is streamed through the same
-batch function on the driver (no Ray needed: its problems are found before Ray starts). Neither
-holds the whole data set: at most one batch of records at a time.
+A source larger than `DRIVER_MAX_BYTES` (or remote) is tokenized by Ray Data (read -> `map_batches`
+in parallel over the cluster's CPUs); a small one is streamed through the same batch function on
+the driver (no Ray needed: its problems are found before Ray starts). Either way the driver writes
+the tokenized tables as numbered Parquet parts (`write_parts`), each appearing whole, so that
+training can read a split while it is still being written (`TokenizedData.complete` False: the
+readers follow the parts until the split's `_done` marker). Nothing holds the whole data set: at
+most a few batches of records at a time.
 
 Each row: `input_ids`, `labels` (list<int32>), `eval` (held out for evaluation), `truncated`,
 `trained` (trained tokens; 0: the example trains nothing and is skipped, counted as dropped).
@@ -28,6 +31,16 @@ from orchestrator.spec.checks import is_uri
 DRIVER_MAX_BYTES = 16 << 20
 BATCH_RECORDS = 1024  # records formatted and tokenized per call (one Parquet row group each)
 SPLITS = ("train", "eval")
+# Part k of a split holds up to BATCH_RECORDS x 2**k rows, at most PART_MAX_ROWS: the first parts
+# are small, so that a run training while its data is tokenized starts after a batch of records.
+PART_MAX_ROWS = 64 * BATCH_RECORDS
+DONE = "_done"  # in a split's directory, written after its last part
+FAILED = "_failed"  # in the data's directory: tokenizing stopped with this problem; readers stop too
+FOLLOW_POLL_S = 0.2  # how often a reader looks for the next part of a split still being written
+
+
+def part_name(k: int) -> str:
+    return f"part-{k:06d}.parquet"
 
 
 def _schema():
@@ -78,6 +91,11 @@ def _tokenize_ray_batch(batch, *, data_json: dict, tokenizer_args: tuple, seed: 
                            all_eval=all_eval)
 
 
+def is_large(source: Source) -> bool:
+    """Tokenized by Ray Data (by size, when not told): over `DRIVER_MAX_BYTES`, or remote."""
+    return source.remote or source_bytes(source) > DRIVER_MAX_BYTES
+
+
 def _sources(data: DataSpec) -> dict[str, Source]:
     sources = {"train": resolve_source(data.train, "data.train")}
     if isinstance(data.eval, str):
@@ -86,38 +104,84 @@ def _sources(data: DataSpec) -> dict[str, Source]:
 
 
 def tokenize_to_parquet(data: DataSpec, seed: int, tokenizer_args: tuple, out_dir: Path,
-                        use_ray: bool | None = None, connect=None) -> None:
-    """Write the job's tokenized sources under `out_dir/<split>/` as Parquet. `tokenizer_args`:
-    (base path, trust_remote_code, revision, chat_template). `use_ray`: None decides by size;
-    `connect()` is called before Ray Data is first used (the driver joins or starts Ray then)."""
-    for split, source in _sources(data).items():
-        target = out_dir / split
-        target.mkdir(parents=True)
-        ray_it = use_ray if use_ray is not None else (source.remote or source_bytes(source) > DRIVER_MAX_BYTES)
-        if ray_it:
-            if connect is not None:
+                        use_ray: bool | None = None, connect=None, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the job's tokenized sources under `out_dir/<split>/` as Parquet parts (`write_parts`)
+    and return their counts (`new_stats`). `tokenizer_args`: (base path, trust_remote_code,
+    revision, chat_template). `use_ray`: None decides by size; `connect()` is called before Ray
+    Data is first used (the driver joins or starts Ray then). The eval source (if any) is written
+    first: a run that trains while its data is tokenized evaluates the base before its first step.
+    On a problem the data's directory gets a `_failed` file with it (readers stop), and it is raised.
+    `stats`: counts (`new_stats`) to add to as the tables are written (another thread may read them)."""
+    sources = make_split_dirs(data, out_dir)
+    stats = new_stats() if stats is None else stats
+    try:
+        for split in sorted(sources, key=SPLITS.index, reverse=True):
+            source = sources[split]
+            ray_it = use_ray if use_ray is not None else is_large(source)
+            if ray_it and connect is not None:
                 connect()
-            _tokenize_with_ray(source, data, seed, tokenizer_args, target, all_eval=split == "eval")
-        else:
-            _tokenize_on_driver(source, data, seed, _tokenizer(*tokenizer_args), target, all_eval=split == "eval")
+            tables = (_tables_from_ray(source, data, seed, tokenizer_args, all_eval=split == "eval") if ray_it else
+                      _tables_on_driver(source, data, seed, _tokenizer(*tokenizer_args), all_eval=split == "eval"))
+            write_parts(tables, out_dir / split, stats)
+    except BaseException as e:
+        (out_dir / FAILED).write_text(str(e) or type(e).__name__, encoding="utf-8")
+        raise
+    return finish_stats(stats)
 
 
-def _tokenize_on_driver(source: Source, data: DataSpec, seed: int, tokenizer, target: Path, all_eval: bool) -> None:
+def make_split_dirs(data: DataSpec, out_dir: Path) -> dict[str, Source]:
+    """The job's sources by split, each with its (empty) directory under `out_dir`: made before
+    any part is written, so that readers know which splits there are."""
+    sources = _sources(data)
+    for split in sources:
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+    return sources
+
+
+def write_parts(tables, target: Path, stats: dict[str, Any] | None = None) -> None:
+    """Write an iterable of tokenized tables into `target` as numbered Parquet parts, each written
+    under a temporary name and renamed (a reader sees a part whole or not at all), then `_done`.
+    `stats` (from `new_stats`) counts the rows as they pass."""
+    import os
+
     import pyarrow.parquet as pq
 
-    def flush(batch: list) -> None:
-        writer.write_table(tokenized_table([r for _, r in batch], [f"{w}: the record" for w, _ in batch], data,
-                                           tokenizer, source.field_path, seed=seed, all_eval=all_eval))
+    k, rows, writer, temp = 0, 0, None, target / ".part.tmp"
 
-    with pq.ParquetWriter(target / "part-000000.parquet", _schema()) as writer:
-        batch = []
-        for where, record in iter_records(source):
-            batch.append((where, record))
-            if len(batch) == BATCH_RECORDS:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
+    def close() -> None:
+        nonlocal k, rows, writer
+        writer.close()
+        os.replace(temp, target / part_name(k))
+        k, rows, writer = k + 1, 0, None
+
+    for table in tables:
+        if writer is None:
+            writer = pq.ParquetWriter(temp, _schema())
+        writer.write_table(table)
+        rows += table.num_rows
+        if stats is not None:
+            add_stats(stats, table)
+        if rows >= min(BATCH_RECORDS << k, PART_MAX_ROWS):
+            close()
+    if writer is not None:
+        close()
+    (target / DONE).touch()
+
+
+def _tables_on_driver(source: Source, data: DataSpec, seed: int, tokenizer, all_eval: bool):
+    batch = []
+    for where, record in iter_records(source):
+        batch.append((where, record))
+        if len(batch) == BATCH_RECORDS:
+            yield _driver_table(batch, data, seed, tokenizer, source.field_path, all_eval)
+            batch = []
+    if batch:
+        yield _driver_table(batch, data, seed, tokenizer, source.field_path, all_eval)
+
+
+def _driver_table(batch: list, data: DataSpec, seed: int, tokenizer, field_path: str, all_eval: bool):
+    return tokenized_table([r for _, r in batch], [f"{w}: the record" for w, _ in batch], data, tokenizer, field_path,
+                           seed=seed, all_eval=all_eval)
 
 
 def quiet_data_context():
@@ -136,8 +200,10 @@ def quiet_data_context():
     return ctx
 
 
-def _tokenize_with_ray(source: Source, data: DataSpec, seed: int, tokenizer_args: tuple, target: Path,
-                       all_eval: bool) -> None:
+def _tables_from_ray(source: Source, data: DataSpec, seed: int, tokenizer_args: tuple, all_eval: bool):
+    """The source's tokenized tables, in order, from Ray Data: read -> `map_batches` over the
+    cluster's CPUs, streamed to the driver, which writes them (so the files land on the driver's
+    disk however many nodes tokenized)."""
     import ray
     import ray.data
 
@@ -145,18 +211,16 @@ def _tokenize_with_ray(source: Source, data: DataSpec, seed: int, tokenizer_args
     fs = source.filesystem()
     jsonl = source.format == "jsonl"
     read = ray.data.read_text if jsonl else ray.data.read_parquet
-    # `target` is on the driver's disk, so the write tasks run on the driver's node: on a cluster of
-    # several nodes Ray Data would otherwise write each node's share of the files to that node's
-    # own disk. A local source is read there too (only the driver's node is known to have it). The
-    # tokenizing between them runs on any node. (Ray's own `ray.io/node-id` label: what Ray Data
-    # itself uses to keep a task on the driver's node.)
+    # Only the driver's node is known to have a local source: it is read there (Ray's own
+    # `ray.io/node-id` label, what Ray Data itself uses to keep a task on the driver's node).
+    # The tokenizing runs on any node.
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     ds = read(list(source.files), filesystem=fs, label_selector=None if source.remote else here)
     ds = ds.map_batches(_tokenize_ray_batch, batch_format="pyarrow", batch_size=BATCH_RECORDS, fn_kwargs={
         "data_json": data.model_dump(mode="json"), "tokenizer_args": tokenizer_args, "seed": seed,
         "all_eval": all_eval, "label": source.value, "field_path": source.field_path, "jsonl": jsonl})
     try:
-        ds.write_parquet(str(target), ray_remote_args={"label_selector": here})
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     except Exception as e:  # a record's problem raised in a Ray worker: the person's error, not ours
         problem = _spec_error_in(e)
         if problem is None:
@@ -178,30 +242,29 @@ def _spec_error_in(error: BaseException) -> SpecError | None:
     return None
 
 
-def tokenized_stats(out_dir: Path) -> dict[str, Any]:
-    """Counts of the tokenized data, streamed batch by batch: examples, tokens, truncated and
-    dropped examples (no trained token left, e.g. a response truncated away)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+def new_stats() -> dict[str, Any]:
+    """Counts of tokenized data, added to table by table (`add_stats`): examples, tokens,
+    truncated and dropped examples (no trained token left, e.g. a response truncated away)."""
+    return {"train_examples": 0, "eval_examples": 0, "train_tokens": 0, "truncated_examples": 0,
+            "dropped_examples": 0}
 
-    stats = {"train_examples": 0, "eval_examples": 0, "train_tokens": 0, "truncated_examples": 0,
-             "dropped_examples": 0}
+
+def add_stats(stats: dict[str, Any], table) -> None:
+    import pyarrow.compute as pc
+
     count = lambda mask: pc.sum(mask).as_py() or 0  # noqa: E731
-    for split in SPLITS:
-        if not (out_dir / split).is_dir():
-            continue
-        dataset = pads.dataset(str(out_dir / split), format="parquet")
-        for batch in dataset.to_batches(columns=["input_ids", "eval", "truncated", "trained"], batch_size=4096):
-            kept, held = pc.greater(batch.column("trained"), 0), batch.column("eval")
-            train = pc.and_(kept, pc.invert(held))
-            stats["train_examples"] += count(train)
-            stats["eval_examples"] += count(pc.and_(kept, held))
-            stats["truncated_examples"] += count(batch.column("truncated"))
-            stats["dropped_examples"] += count(pc.invert(kept))
-            lengths = pc.list_value_length(batch.column("input_ids"))
-            stats["train_tokens"] += pc.sum(pc.filter(lengths, train)).as_py() or 0
-    stats["mean_seq_len"] = round(stats["train_tokens"] / max(1, stats["train_examples"]), 1)
-    return stats
+    kept, held = pc.greater(table.column("trained"), 0), table.column("eval")
+    train = pc.and_(kept, pc.invert(held))
+    stats["train_examples"] += count(train)
+    stats["eval_examples"] += count(pc.and_(kept, held))
+    stats["truncated_examples"] += count(table.column("truncated"))
+    stats["dropped_examples"] += count(pc.invert(kept))
+    lengths = pc.list_value_length(table.column("input_ids"))
+    stats["train_tokens"] += pc.sum(pc.filter(lengths, train)).as_py() or 0
+
+
+def finish_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    return {**stats, "mean_seq_len": round(stats["train_tokens"] / max(1, stats["train_examples"]), 1)}
 
 
 @dataclass
@@ -210,13 +273,16 @@ class TokenizedData:
     id and the data files' sha256 (lineage). Small: the driver passes it around, never the rows."""
 
     path: str  # a directory with train/ (and eval/ when data.eval names a source)
-    stats: dict[str, Any]
+    stats: dict[str, Any]  # empty while the data is being written
     pad_id: int | None
     files_sha256: dict[str, str] = field(default_factory=dict)
+    # False: the parts are still being written (training beside tokenizing); readers follow them.
+    complete: bool = True
 
     @property
-    def train_examples(self) -> int:
-        return int(self.stats["train_examples"])
+    def train_examples(self) -> int | None:
+        """None while the data is being written."""
+        return int(self.stats["train_examples"]) if self.complete else None
 
     def files(self, split: str, located=None) -> list[str]:
         """The Parquet files that hold `split`'s rows, in their order (eval rows of a held-out
@@ -224,11 +290,45 @@ class TokenizedData:
         `located`, a `filesystem()` the caller already has)."""
         import pyarrow.fs as pafs
 
-        fs, root = located or self.filesystem()
+        fs, _ = located = located or self.filesystem()
+        folder = self._folder(split, located)
+        return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.path.endswith(".parquet"))
+
+    def _folder(self, split: str, located) -> str:
+        import pyarrow.fs as pafs
+
+        fs, root = located
         folder = f"{root}/{split}"
         if split == "eval" and fs.get_file_info(folder).type != pafs.FileType.Directory:
             folder = f"{root}/train"
-        return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.path.endswith(".parquet"))
+        return folder
+
+    def following(self, split: str, located=None, poll_s: float = FOLLOW_POLL_S) -> Iterator[str]:
+        """`split`'s parts in order as they are written: each part once it is whole, waiting for
+        the next until the split's `_done` marker. Raises `RuntimeError` with the problem when
+        tokenizing failed (or the data's directory was removed)."""
+        import time
+
+        import pyarrow.fs as pafs
+
+        fs, root = located = located or self.filesystem()
+        folder = self._folder(split, located)
+        k = 0
+        while True:
+            part, done, failed = fs.get_file_info([f"{folder}/{part_name(k)}", f"{folder}/{DONE}", f"{root}/{FAILED}"])
+            if part.type == pafs.FileType.File:
+                yield part.path
+                k += 1
+            elif done.type == pafs.FileType.File:
+                if fs.get_file_info(part.path).type != pafs.FileType.File:  # not written just before `_done`
+                    return
+            elif failed.type == pafs.FileType.File:
+                with fs.open_input_stream(failed.path) as fh:
+                    raise RuntimeError(f"tokenizing the data failed: {fh.read().decode()}")
+            elif fs.get_file_info(folder).type != pafs.FileType.Directory:
+                raise RuntimeError(f"the tokenized data at {folder} was removed while it was being read")
+            else:
+                time.sleep(poll_s)
 
     def filesystem(self):
         """(pyarrow filesystem, the data's directory in it): the local disk, or shared storage
@@ -252,7 +352,7 @@ class TokenizedData:
 
         located = self.filesystem()
         fs, _ = located
-        for path in self.files(split, located):
+        for path in self.files(split, located) if self.complete else self.following(split, located):
             with fs.open_input_file(path) as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_size):
                     yield batch.to_pydict()

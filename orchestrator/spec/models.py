@@ -125,6 +125,13 @@ class DataSpec(_Section):
     packing: bool = Field(
         False, description="pack several examples into each max_seq_len row (positions restart and attention "
                            "stays within each example); micro_batch_size then counts rows")
+    # The first step need not wait for a large data set's tokenizing (a run with max_steps needs
+    # no count up front); the readers follow the Parquet parts as they are written.
+    train_while_tokenizing: bool = Field(
+        True, description="with training.max_steps set, a large source (over 16 MB, or remote) not yet in the cache "
+                          "is tokenized while the job trains: the first step waits for the first rows, not the "
+                          "whole file (the run's data counts come at its end; one node only); false: tokenize "
+                          "it all first")
     # A tokenizer without a chat template (a base model's, often) cannot render chat records.
     chat_template: str | None = Field(
         None, description="format chat: a Jinja chat template, or a file holding one (relative to the job file; "

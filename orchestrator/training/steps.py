@@ -90,33 +90,53 @@ def packed_micro_batches(one_pass, micro: int, rank: int, world: int, seed: int,
     while True:
         mine = itertools.islice(_shuffled(one_pass(), seed, epoch, window), rank, None, world)
         rows = pack_examples(mine, max_seq_len)
+        yielded = False
         while batch := list(itertools.islice(rows, micro)):
             if len(batch) < micro:
                 break
+            yielded = True
             if start:
                 start -= 1
                 continue
             yield batch
+        if not yielded:
+            raise _too_few(rank, world, micro)
         epoch += 1
 
 
-def micro_batches(one_pass, num_examples: int, micro: int, rank: int, world: int, seed: int, start: int = 0,
+def _too_few(rank: int, world: int, micro: int) -> ValueError:
+    """A pass gave this rank no full micro batch: the stream would never yield one."""
+    return ValueError(f"rank {rank} of {world} got too few training examples for one micro batch of {micro}")
+
+
+def micro_batches(one_pass, num_examples: int | None, micro: int, rank: int, world: int, seed: int, start: int = 0,
                   window: int = SHUFFLE_WINDOW):
     """An endless stream of this rank's micro batches. `one_pass()` streams the training examples
-    in a fixed order (`num_examples` of them); each epoch shuffles them within windows (seeded by
-    the epoch) and deals them round-robin across ranks (as `DistributedSampler` does). `start`
-    skips that many batches, so a resumed run sees exactly the batches an uninterrupted one would."""
-    per_epoch = len(range(rank, num_examples, world)) // micro
+    in a fixed order (`num_examples` of them; None: not known yet, the data still being
+    tokenized); each epoch shuffles them within windows (seeded by the epoch) and deals them
+    round-robin across ranks (as `DistributedSampler` does), and a rank's last partial batch of an
+    epoch is left out. `start` skips that many batches, so a resumed run sees exactly the batches
+    an uninterrupted one would: located by the count, or read and passed over without it."""
+    per_epoch = None if num_examples is None else len(range(rank, num_examples, world)) // micro
     epoch, skip = divmod(start, per_epoch) if per_epoch else (0, 0)
+    skip_read = start if per_epoch is None else 0
     while True:
         mine = itertools.islice(_shuffled(one_pass(), seed, epoch, window), rank, None, world)
-        batch = []
-        for i, example in enumerate(itertools.islice(mine, per_epoch * micro)):
+        if per_epoch is not None:
+            mine = itertools.islice(mine, per_epoch * micro)
+        batch, yielded = [], False
+        for i, example in enumerate(mine):
             if i >= skip * micro:
                 batch.append(example)
                 if len(batch) == micro:
-                    yield batch
+                    yielded = True
+                    if skip_read:
+                        skip_read -= 1
+                    else:
+                        yield batch
                     batch = []
+        if not yielded:
+            raise _too_few(rank, world, micro)
         epoch, skip = epoch + 1, 0
 
 

@@ -40,8 +40,8 @@ class WorkerJob:
     # Where the tokenized rows are (a `TokenizedData`: their directory, local or shared storage,
     # and counts); each worker reads them from there, never from this object.
     data: Any
-    train_examples: int
-    eval_examples: int
+    train_examples: int | None  # None: not known yet (the data is tokenized while the run trains)
+    eval_examples: int | None
     pad_id: int
     use_gpu: bool
     tracking_uri: str
@@ -268,12 +268,15 @@ def train_loop_per_worker(config: dict) -> None:
     # evaluation scores the same ones, at most `eval_batches` micro batches, so holding them costs
     # little and spares each later evaluation a pass over the files.
     eval_set: list = []
+    eval_read = job.eval_examples == 0  # none to read (None: not counted yet, read to find out)
 
     def run_eval(step: int) -> float:
+        nonlocal eval_read
         with watch("eval"):
-            if job.eval_examples and not eval_set:
+            if not eval_read:
                 eval_set.extend(eval_batches(eval_pass(), t.micro_batch_size, rank, world,
                                              t.eval_batches or DEFAULT_EVAL_BATCHES))
+                eval_read = True
             loss = evaluate_batches(engine, eval_set, job.pad_id, device)
             if log_generations:
                 log_generations(step)
