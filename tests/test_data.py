@@ -238,15 +238,17 @@ def test_tokenized_data_is_cached_by_what_it_depends_on(tmp_path, tiny_base, mon
     assert max(len(e.input_ids) for e in other.examples("train")) > 8  # the seed-4 split, at the full length
     with path.open("a") as f:
         f.write(json.dumps({"instruction": "Repeat 6.", "input": "", "output": "word 6"}) + "\n")
-    # What a run stopped while tokenizing left (its process gone) goes; a live process's stays.
-    import os
+    # What a run on this machine stopped while tokenizing left (its process gone) goes; a live
+    # process's stays, and so does another machine's (a cache on a shared disk).
+    from orchestrator.data.cache import _work_prefix
 
-    (cache / ".tokenizing-999999999-x" / "train").mkdir(parents=True)
-    (cache / f".tokenizing-{os.getpid()}-y").mkdir()
+    left = [_work_prefix(999_999_999) + "x", _work_prefix() + "y", ".tokenizing-999999999@elsewhere-z"]
+    for name in left:
+        (cache / name / "train").mkdir(parents=True)
     grown, hit = prepare_datasets(spec, 3, str(tiny_base), cache_dir=cache)
     assert hit is None and grown.stats["train_examples"] + grown.stats["eval_examples"] == 7
     assert len(entries()) == 4
-    assert sorted(d.name for d in cache.iterdir() if d.name.startswith(".")) == [f".tokenizing-{os.getpid()}-y"]
+    assert sorted(d.name for d in cache.iterdir() if d.name.startswith(".")) == sorted(left[1:])
 
 
 QUICKSTART = {"train": "jobs/data/quickstart/train.jsonl", "eval": "jobs/data/quickstart/eval.jsonl"}
@@ -357,6 +359,30 @@ def test_a_problem_met_while_tokenizing_stops_the_readers_with_it(tmp_path, tiny
     assert job.close() is None and list(cache.iterdir()) == []
 
 
+def test_a_run_that_ends_first_stops_its_tokenizing_and_caches_nothing(tmp_path, tiny_base):
+    """`close()` while tokenizing runs (the run failed, or its checks did): the writer stops at
+    its next table and its files are removed; a reader then stops too."""
+    from conftest import REPO
+
+    from orchestrator.data.cache import start_tokenizing
+    from orchestrator.data.pipeline import Stopped
+
+    lines = (REPO / QUICKSTART["train"]).read_text().splitlines()
+    source = tmp_path / "train.jsonl"
+    source.write_text("\n".join(lines * 20) + "\n")  # 40,000 records: seconds of tokenizing
+    cache = tmp_path / "cache"
+    job = start_tokenizing(DataSpec(train=str(source), eval=None), 0, str(tiny_base), cache_dir=cache, use_ray=False)
+    rows = job.data.row_batches("train")
+    assert len(next(rows)["input_ids"]) > 0
+    assert job.close() is None  # still running: it stops at its next table
+    with pytest.raises(Stopped):
+        job.wait()
+    assert job.records < len(lines) * 20
+    assert list(cache.iterdir()) == []
+    with pytest.raises(RuntimeError, match="tokenizing the data failed: tokenizing was stopped|was removed"):
+        list(rows)
+
+
 def test_data_shared_with_other_nodes_is_read_from_a_bucket(tmp_path, tiny_base, monkeypatch):
     """A job whose workers may run on other nodes reads its tokenized data from shared storage
     (`cache.shared`): copied once into a bucket on a real S3 server (moto's, on 127.0.0.1), or a
@@ -460,7 +486,8 @@ def test_a_run_training_while_its_data_is_tokenized_trains_as_one_that_waited(tm
 def test_a_bad_record_found_while_the_job_trains_fails_the_run_with_its_problem(tmp_path, ray_local, tiny_base,
                                                                                 monkeypatch):
     """The workers stop when tokenizing does, and the run raises the record's problem (not Ray
-    Train's failure); the MLflow run is marked FAILED and nothing is cached."""
+    Train's failure), also when Ray Train restarts failed workers; the MLflow run is marked
+    FAILED and nothing is cached."""
     from mlflow import MlflowClient
     from conftest import REPO
     from test_end_to_end import quickstart
@@ -474,9 +501,10 @@ def test_a_bad_record_found_while_the_job_trains_fails_the_run_with_its_problem(
     lines = (REPO / QUICKSTART["train"]).read_text().splitlines()
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join([*lines, '{"instruction": "Say owl."}']) + "\n")
+    # Restarting the workers forever after a failure: a data problem must still end the run.
     spec = quickstart(tmp_path, name="bad-record-while-training", **{
         "data.train": str(train), "data.eval": 0.05, "training.max_steps": 8, "training.eval_batches": 2,
-        "distributed.num_workers": 1})
+        "distributed.num_workers": 1, "distributed.max_failures": -1})
     said: list[str] = []
     with pytest.raises(SpecError, match=f"{train}: the record beginning .*Say owl.* lacks output") as raised:
         run_job(spec, status=said.append, register=False)

@@ -69,7 +69,8 @@ class Tokenizing:
     `data` can be read at once: while the parts are written its `complete` is False and readers
     follow them (a run trains while its data is tokenized). `wait()` gives the finished data with
     its counts (or raises the problem tokenizing met); `close()`, once nothing reads `data` any
-    more, moves the finished files into the cache (or removes them after a failure)."""
+    more, moves the finished files into the cache, or stops tokenizing that still runs (the run
+    stopped first) and removes its files, as after a failure."""
 
     def __init__(self, data: TokenizedData, cached: Path | None = None, entry: Path | None = None):
         import threading
@@ -78,11 +79,13 @@ class Tokenizing:
 
         self.data, self.cached, self.entry = data, cached, entry  # `entry`: where the cache keeps it
         self.counts = new_stats()  # as tokenizing goes (its thread adds to them)
+        self.stop = threading.Event()  # set by close(): the writer stops at its next table
         self._done = data if cached is not None else None
         self._error: BaseException | None = None
         self._thread = None
         self._lock = threading.Lock()
-        self._closed = False  # close() came while tokenizing ran: the thread finishes the job
+        self._ended = False  # the thread has set its outcome (under the lock)
+        self._closed = False  # close() came while tokenizing ran: the thread cleans up when it ends
 
     def run(self, tokenize, background: bool) -> "Tokenizing":
         """Tokenize into `data.path` (`tokenize()` returns the meta: counts and padding id), in a
@@ -95,10 +98,11 @@ class Tokenizing:
             try:
                 meta = {**tokenize(), "tokenize_s": round(time.perf_counter() - started, 2)}
                 (Path(self.data.path) / _META).write_text(json.dumps(meta), encoding="utf-8")
-                self._done = replace(self.data, stats=meta["stats"], complete=True)
+                done, error = replace(self.data, stats=meta["stats"], complete=True), None
             except BaseException as e:  # raised by wait()
-                self._error = e
+                done, error = None, e
             with self._lock:
+                self._done, self._error, self._ended = done, error, True
                 if self._closed:
                     self._finish()
 
@@ -111,18 +115,18 @@ class Tokenizing:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def problem(self) -> BaseException | None:
-        """The problem tokenizing stopped with, if it did (its readers stop on it a moment later:
-        the `_failed` file is written just before)."""
-        return self._error
+        return self._thread is not None and not self._ended
 
     @property
     def records(self) -> int:
         """Records tokenized so far."""
         c = self.counts
         return c["train_examples"] + c["eval_examples"] + c["dropped_examples"]
+
+    def problem(self) -> BaseException | None:
+        """The problem tokenizing stopped with, if it did (its readers stop on it a moment later:
+        the `_failed` file is written just before)."""
+        return self._error
 
     def wait(self, on_progress=None) -> TokenizedData:
         """The finished data (raises the problem tokenizing met); `on_progress(records)` is
@@ -141,10 +145,12 @@ class Tokenizing:
     def close(self) -> TokenizedData | None:
         """The finished data in its cache entry (or where it was written when it has none); None
         after a failure, whose files are removed. Call once nothing reads `data`; called while
-        tokenizing still runs (training stopped first), the thread does this when it ends."""
+        tokenizing still runs (the run stopped first), it stops it, and the thread removes the
+        files when it ends."""
         with self._lock:
             if self.running:
                 self._closed = True
+                self.stop.set()
                 return None
             return self._finish()
 
@@ -162,8 +168,11 @@ class Tokenizing:
         final = work
         if self.entry is not None and Path(self._done.path) == work:
             with contextlib.suppress(OSError):
-                shutil.rmtree(self.entry, ignore_errors=True)  # a damaged entry
-                os.replace(work, self.entry)  # atomic: a concurrent run sees the whole entry or none
+                if (self.entry / _META).is_file():  # another run of the same data cached it meanwhile
+                    shutil.rmtree(work, ignore_errors=True)
+                else:
+                    shutil.rmtree(self.entry, ignore_errors=True)  # a damaged entry
+                    os.replace(work, self.entry)  # atomic: a concurrent run sees the whole entry or none
                 final = self.entry
                 _evict(self.entry.parent)
         self._done = replace(self._done, path=str(final))
@@ -172,11 +181,12 @@ class Tokenizing:
 
 def start_tokenizing(data: DataSpec, seed: int, base_path: str, trust_remote_code: bool = False,
                      cache_dir: Path | None = None, revision: str | None = None, use_ray: bool | None = None,
-                     connect=None, background: bool = True) -> Tokenizing:
+                     connect=None, background: bool = True, ray_cpus: float | None = None) -> Tokenizing:
     """The job's tokenized data from the cache, or tokenized now (in a thread when `background`:
     readers follow the parts as they are written). The tokenizer is loaded and the chat template
     checked before this returns, so those problems are raised here; a record's problem comes
-    from `Tokenizing.wait()`. `use_ray`, `connect`: as `tokenize_to_parquet` takes them."""
+    from `Tokenizing.wait()`. `use_ray`, `connect`, `ray_cpus`: as `tokenize_to_parquet`
+    takes them."""
     import contextlib
     import os
     import shutil
@@ -207,7 +217,7 @@ def start_tokenizing(data: DataSpec, seed: int, base_path: str, trust_remote_cod
     check_chat_template(data, tokenizer)  # before any record is read
     parent = path.parent if path is not None else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_WORK_PREFIX}{os.getpid()}-"))
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=_work_prefix()))
     try:
         make_split_dirs(data, work)  # readers of the data being written know its splits from the start
     except BaseException:  # a source with no files
@@ -218,7 +228,8 @@ def start_tokenizing(data: DataSpec, seed: int, base_path: str, trust_remote_cod
 
     def tokenize() -> dict:
         stats = tokenize_to_parquet(data, seed, (base_path, trust_remote_code, revision, data.chat_template), work,
-                                    use_ray=use_ray, connect=connect, stats=job.counts)
+                                    use_ray=use_ray, connect=connect, stats=job.counts, stop=job.stop,
+                                    ray_cpus=ray_cpus)
         return {"stats": stats, "pad_id": tokenizer.pad_token_id}
 
     return job.run(tokenize, background)
@@ -254,20 +265,28 @@ def shared(data: TokenizedData, storage_path: str) -> TokenizedData:
     return target
 
 
-_WORK_PREFIX = ".tokenizing-"  # + the writing process's id: data being tokenized, not yet an entry
+_WORK_PREFIX = ".tokenizing-"  # + the writing process (pid@host): data being tokenized, not yet an entry
+
+
+def _work_prefix(pid: int | None = None) -> str:
+    import os
+    import socket
+
+    return f"{_WORK_PREFIX}{pid or os.getpid()}@{socket.gethostname()}-"
 
 
 def _evict(cache_dir: Path) -> None:
-    """Keep the `CACHE_KEEP` most recently used entries; remove what runs that were stopped while
-    tokenizing left behind (their process is gone)."""
+    """Keep the `CACHE_KEEP` most recently used entries; remove what runs on this machine that
+    were stopped while tokenizing left behind (their process is gone; a cache shared between
+    machines keeps the others')."""
     import shutil
 
     entries = [d for d in cache_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
     for old in sorted(entries, key=lambda d: d.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
         shutil.rmtree(old, ignore_errors=True)
     for work in cache_dir.glob(f"{_WORK_PREFIX}*"):
-        pid = work.name[len(_WORK_PREFIX):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        pid = work.name[len(_WORK_PREFIX):].split("@")[0]
+        if pid.isdigit() and work.name.startswith(_work_prefix(int(pid))) and not _alive(int(pid)):
             shutil.rmtree(work, ignore_errors=True)
 
 

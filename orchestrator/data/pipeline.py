@@ -104,14 +104,18 @@ def _sources(data: DataSpec) -> dict[str, Source]:
 
 
 def tokenize_to_parquet(data: DataSpec, seed: int, tokenizer_args: tuple, out_dir: Path,
-                        use_ray: bool | None = None, connect=None, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+                        use_ray: bool | None = None, connect=None, stats: dict[str, Any] | None = None,
+                        stop=None, ray_cpus: float | None = None) -> dict[str, Any]:
     """Write the job's tokenized sources under `out_dir/<split>/` as Parquet parts (`write_parts`)
     and return their counts (`new_stats`). `tokenizer_args`: (base path, trust_remote_code,
     revision, chat_template). `use_ray`: None decides by size; `connect()` is called before Ray
     Data is first used (the driver joins or starts Ray then). The eval source (if any) is written
     first: a run that trains while its data is tokenized evaluates the base before its first step.
     On a problem the data's directory gets a `_failed` file with it (readers stop), and it is raised.
-    `stats`: counts (`new_stats`) to add to as the tables are written (another thread may read them)."""
+    `stats`: counts (`new_stats`) to add to as the tables are written (another thread may read them).
+    `stop`: a `threading.Event` that stops the writing at the next table (`Stopped`).
+    `ray_cpus`: the most CPUs Ray Data may use (None: the cluster's), leaving the rest to a
+    run's training workers beside it."""
     sources = make_split_dirs(data, out_dir)
     stats = new_stats() if stats is None else stats
     try:
@@ -120,9 +124,9 @@ def tokenize_to_parquet(data: DataSpec, seed: int, tokenizer_args: tuple, out_di
             ray_it = use_ray if use_ray is not None else is_large(source)
             if ray_it and connect is not None:
                 connect()
-            tables = (_tables_from_ray(source, data, seed, tokenizer_args, all_eval=split == "eval") if ray_it else
-                      _tables_on_driver(source, data, seed, _tokenizer(*tokenizer_args), all_eval=split == "eval"))
-            write_parts(tables, out_dir / split, stats)
+            tables = (_tables_from_ray(source, data, seed, tokenizer_args, split == "eval", ray_cpus) if ray_it
+                      else _tables_on_driver(source, data, seed, _tokenizer(*tokenizer_args), all_eval=split == "eval"))
+            write_parts(tables, out_dir / split, stats, stop)
     except BaseException as e:
         (out_dir / FAILED).write_text(str(e) or type(e).__name__, encoding="utf-8")
         raise
@@ -138,10 +142,14 @@ def make_split_dirs(data: DataSpec, out_dir: Path) -> dict[str, Source]:
     return sources
 
 
-def write_parts(tables, target: Path, stats: dict[str, Any] | None = None) -> None:
+class Stopped(Exception):
+    """Tokenizing was stopped (`stop` set): the run that wanted the data ended first."""
+
+
+def write_parts(tables, target: Path, stats: dict[str, Any] | None = None, stop=None) -> None:
     """Write an iterable of tokenized tables into `target` as numbered Parquet parts, each written
     under a temporary name and renamed (a reader sees a part whole or not at all), then `_done`.
-    `stats` (from `new_stats`) counts the rows as they pass."""
+    `stats` (from `new_stats`) counts the rows as they pass; `stop` set: raise `Stopped`."""
     import os
 
     import pyarrow.parquet as pq
@@ -155,6 +163,8 @@ def write_parts(tables, target: Path, stats: dict[str, Any] | None = None) -> No
         k, rows, writer = k + 1, 0, None
 
     for table in tables:
+        if stop is not None and stop.is_set():
+            raise Stopped("tokenizing was stopped")
         if writer is None:
             writer = pq.ParquetWriter(temp, _schema())
         writer.write_table(table)
@@ -200,14 +210,19 @@ def quiet_data_context():
     return ctx
 
 
-def _tables_from_ray(source: Source, data: DataSpec, seed: int, tokenizer_args: tuple, all_eval: bool):
+def _tables_from_ray(source: Source, data: DataSpec, seed: int, tokenizer_args: tuple, all_eval: bool,
+                     cpus: float | None = None):
     """The source's tokenized tables, in order, from Ray Data: read -> `map_batches` over the
-    cluster's CPUs, streamed to the driver, which writes them (so the files land on the driver's
-    disk however many nodes tokenized)."""
+    cluster's CPUs (at most `cpus`), streamed to the driver, which writes them (so the files land
+    on the driver's disk however many nodes tokenized)."""
     import ray
     import ray.data
+    from ray.data import ExecutionResources
 
-    quiet_data_context()
+    ctx = quiet_data_context()
+    # Set for each data set (it keeps the context it was made under): a run's training workers,
+    # started beside it, keep their CPUs.
+    ctx.execution_options.resource_limits = ExecutionResources.for_limits(cpu=cpus)
     fs = source.filesystem()
     jsonl = source.format == "jsonl"
     read = ray.data.read_text if jsonl else ray.data.read_parquet
@@ -302,6 +317,15 @@ class TokenizedData:
         if split == "eval" and fs.get_file_info(folder).type != pafs.FileType.Directory:
             folder = f"{root}/train"
         return folder
+
+    def failed(self) -> bool:
+        """Tokenizing this data (still being written) stopped with a problem (`_failed`)."""
+        import pyarrow.fs as pafs
+
+        if self.complete:
+            return False
+        fs, root = self.filesystem()
+        return fs.get_file_info(f"{root}/{FAILED}").type == pafs.FileType.File
 
     def following(self, split: str, located=None, poll_s: float = FOLLOW_POLL_S) -> Iterator[str]:
         """`split`'s parts in order as they are written: each part once it is whole, waiting for

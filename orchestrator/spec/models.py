@@ -128,7 +128,7 @@ class DataSpec(_Section):
     # The first step need not wait for a large data set's tokenizing (a run with max_steps needs
     # no count up front); the readers follow the Parquet parts as they are written.
     train_while_tokenizing: bool = Field(
-        True, description="with training.max_steps set, a large source (over 16 MB, or remote) not yet in the cache "
+        True, description="with training.max_steps set, a large source (over 16 MiB, or remote) not yet in the cache "
                           "is tokenized while the job trains: the first step waits for the first rows, not the "
                           "whole file (the run's data counts come at its end; one node only); false: tokenize "
                           "it all first")

@@ -71,14 +71,16 @@ beside the checkpoints) and every worker reads them there.
 A large source not yet in the cache does not hold up a `run` with `training.max_steps` set
 (`data.train_while_tokenizing`, on by default, on one node): it is tokenized while the job
 trains, by Ray Data on the CPUs the workers leave free or on the driver when they take them all,
-and the workers read each Parquet part as soon as it is written whole (the first holds 1,024
-records), so the first step waits for the first rows, not the whole file. The rows are the same
-and in the same order as when tokenized first, so the run trains the same steps. Its counts
-(`train_examples`, truncated and dropped examples, the MLflow run's `data_stats.json`) come at
-its end, when the driver also waits for the rest of the file to be tokenized and cached. A
-record's problem met on the way stops the workers and the run with that problem. With `epochs`
-(the step count needs the data's size), a search, or workers that may run on other nodes, the
-whole source is tokenized first. `data.packing` is applied as the workers read,
+and the workers read each Parquet part as soon as it is written whole (the first holds about
+1,024 records), so the first step waits for the first rows, not the whole file. (A separate
+`data.eval` source is tokenized first, whole; with an eval fraction, the base evaluation waits
+for `training.eval_batches` batches of held-out records.) The rows are the same and in the same
+order as when tokenized first, so the run trains the same steps. Its counts (`train_examples`,
+truncated and dropped examples, the MLflow run's `data_stats.json`) come at its end, when the
+driver also waits for the rest of the file to be tokenized and cached. A record's problem met on
+the way stops the workers and fails the run with that problem, even one found after the last
+step (nothing is registered then). With `epochs` (the step count needs the data's size), a
+search, or workers that may run on other nodes, the whole source is tokenized first. `data.packing` is applied as the workers read,
 so packed and unpacked runs share one cached data set. `data.eval: 0.1` holds out each record of `train` whose seeded hash of its
 content falls below 0.1 (identical records land on the same side). An example longer than
 `max_seq_len` (unless refused with `too_long: error`) loses the start of its prompt first, never

@@ -254,6 +254,8 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
         stop.set()
         watcher.join(timeout=2)
         ray.kill(progress)
+    if result.checkpoint is None:  # the workers ended without one (tokenizing beside them failed)
+        raise RuntimeError(f"the training run {name} ended without a checkpoint")
     if on_progress:
         on_progress(job.total_steps, result.metrics or {})
     # A checkpoint in remote storage is downloaded, so the adapter can be registered from here.

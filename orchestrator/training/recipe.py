@@ -173,10 +173,10 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
             connect()
             info = launch.cluster_info()
             if address is None or not info.workers_may_span_nodes(spec):  # else: copied whole to shared storage
-                spare = info.cpus - workers * spec.distributed.cpus_per_worker
+                spare = info.cpus - workers * spec.distributed.cpus_per_worker  # what the workers leave
                 tokenizing = start_tokenizing(spec.data, spec.training.seed, base_path, spec.model.trust_remote_code,
                                               revision=spec.model.revision, use_ray=None if spare >= 1 else False,
-                                              connect=connect)
+                                              connect=connect, ray_cpus=spare)
         if tokenizing is None:
             data, cached = prepare_datasets(spec.data, spec.training.seed, base_path, spec.model.trust_remote_code,
                                             revision=spec.model.revision, connect=connect)
@@ -228,7 +228,7 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
             status(f"Tokenized data shared with the cluster's nodes: {data.path}")
     except BaseException:
         if tokenizing is not None:
-            tokenizing.close()  # its files are removed, or cached once it finishes
+            tokenizing.close()  # stopped, its files removed
         raise
     return Prepared(base_path=base_path, data=data, gpus=gpus, resources=res, memory=memory, tokenizing=tokenizing)
 
@@ -295,7 +295,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         status(f"MLflow run {handle.run_id} in experiment '{handle.experiment}'")
         try:
             job = WorkerJob(spec=spec.model_dump(mode="json"), deepspeed_config=ds_config, total_steps=total,
-                            data=data, train_examples=data.train_examples, eval_examples=data.stats.get("eval_examples"),
+                            data=data, train_examples=data.train_examples,
+                            # Not counted yet while tokenizing, but none at all without an eval split.
+                            eval_examples=data.stats.get("eval_examples", None if spec.data.eval else 0),
                             pad_id=data.pad_id, use_gpu=res.use_gpu,
                             tracking_uri=handle.uri, run_id=handle.run_id, report_evals=report_evals,
                             generation_records=generation_records(spec))
@@ -355,7 +357,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                           measured=measured)
     finally:
         if p.tokenizing is not None:
-            p.tokenizing.close()  # into the cache once the workers no longer read it
+            p.tokenizing.close()  # into the cache once the workers no longer read it (stopped if the run failed)
 
 
 def generation_records(spec: JobSpec) -> list[dict]:

@@ -243,6 +243,11 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     torch.set_num_threads(spec.distributed.cpus_per_worker)
     seed_everything(t.seed)
+    if job.data.failed():
+        # Tokenizing beside training stopped with a problem, which the driver raises; a worker
+        # group Ray Train restarted after that (`distributed.max_failures`) ends here, every rank
+        # alike, instead of failing again, and again.
+        return
 
     # Every rank streams all rows of the data set in the stored order and keeps its own: each
     # optimizer step consumes `grad_accum` micro batches per rank. The training pass starts
