@@ -447,9 +447,13 @@ def test_parquet_directories_and_globs_are_sources(tmp_path, tiny_base, tokenize
 def test_a_run_training_while_its_data_is_tokenized_trains_as_one_that_waited(tmp_path, ray_local, tiny_base,
                                                                               monkeypatch):
     """A large source (here: every source, the size limit set to 0) with training.max_steps set
-    is tokenized by Ray Data while the job trains (one worker leaves a CPU free): the workers
-    follow the Parquet parts as they are written. The run's counts come at its end, its data goes
-    into the cache, and a run reading that cache entry gives the same evaluations, step for step."""
+    is tokenized while the job trains (here on the driver: the 2 workers take both CPUs): the
+    workers follow the Parquet parts as they are written, so the run trains its first step while
+    the rest of the file waits (held here until it has). The run's counts come at its end, its
+    data goes into the cache, and a run reading that cache entry gives the same evaluations,
+    step for step."""
+    import threading
+
     from mlflow import MlflowClient
     from conftest import REPO
     from test_end_to_end import quickstart
@@ -457,24 +461,43 @@ def test_a_run_training_while_its_data_is_tokenized_trains_as_one_that_waited(tm
     import orchestrator.data.cache as cache
     import orchestrator.data.pipeline as pipeline
     from orchestrator.training.recipe import run_job
+    from orchestrator.training.steps import SHUFFLE_WINDOW
 
     monkeypatch.setattr(pipeline, "DRIVER_MAX_BYTES", 0)
     monkeypatch.setattr(cache, "cache_root", lambda: tmp_path / "cache")  # this test's own tokenized-data cache
-    lines = (REPO / QUICKSTART["train"]).read_text().splitlines()
+    lines = (REPO / QUICKSTART["train"]).read_text().splitlines() * 5
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(lines) + "\n")
+    # The driver tokenizes batches of BATCH_RECORDS records; part k closes at BATCH_RECORDS << k
+    # rows. Held before its 8th batch, the driver has closed parts 0-2 (7 batches: 7,168 records),
+    # more than the first shuffle window of training examples the first step needs.
+    hold_at = 7
+    assert hold_at * pipeline.BATCH_RECORDS * 0.9 > SHUFFLE_WINDOW and len(lines) > (hold_at + 1) * pipeline.BATCH_RECORDS
+    stepped, held = threading.Event(), []
+    tables_on_driver = pipeline._tables_on_driver
+
+    def paced(*args, **kwargs):  # the driver's own tables, one held until the run has trained a step
+        for i, table in enumerate(tables_on_driver(*args, **kwargs)):
+            if i == hold_at:
+                held.append(stepped.wait(300))
+            yield table
+
+    monkeypatch.setattr(pipeline, "_tables_on_driver", paced)
+    on_progress = lambda task, step, total, metrics: task == "training" and step >= 1 and stepped.set()  # noqa: E731
     sets = {"data.train": str(train), "data.eval": 0.05, "training.max_steps": 8, "training.eval_every": 4,
-            "training.eval_batches": 2, "distributed.num_workers": 1, "registry.mode": "adapter"}
+            "training.eval_batches": 2, "registry.mode": "adapter"}
 
     def run(name: str, **more):
         said: list[str] = []
-        summary = run_job(quickstart(tmp_path, name=name, **sets, **more), status=said.append, register=False)
+        summary = run_job(quickstart(tmp_path, name=name, **sets, **more), status=said.append, register=False,
+                          progress=on_progress)
         history = MlflowClient(summary.tracking_uri).get_metric_history(summary.run_id, "eval_loss")
         return summary, said, [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
 
     streamed, said, evals = run("while-tokenizing")
-    assert any(s.startswith(f"Tokenizing {train} while training (data.train_while_tokenizing): Ray Data")
+    assert any(s.startswith(f"Tokenizing {train} while training (data.train_while_tokenizing): on this machine")
                for s in said), said
+    assert held == [True]  # the first step came while the rest of the file was not yet tokenized
     assert streamed.data["train_examples"] + streamed.data["eval_examples"] == len(lines)
     waited, said_again, evals_again = run("after-tokenizing", **{"data.train_while_tokenizing": "false"})
     assert any(s.startswith("Tokenized data from the cache") for s in said_again), said_again

@@ -129,9 +129,9 @@ class DataSpec(_Section):
     # no count up front); the readers follow the Parquet parts as they are written.
     train_while_tokenizing: bool = Field(
         True, description="with training.max_steps set, a large source (over 16 MiB, or remote) not yet in the cache "
-                          "is tokenized while the job trains: the first step waits for the first rows, not the "
-                          "whole file (the run's data counts come at its end; one node only); false: tokenize "
-                          "it all first")
+                          "is tokenized while the job trains: the first step waits for its first shuffle window "
+                          "(4,096 examples), not the whole file (the run's data counts come at its end; one node "
+                          "only); false: tokenize it all first")
     # A tokenizer without a chat template (a base model's, often) cannot render chat records.
     chat_template: str | None = Field(
         None, description="format chat: a Jinja chat template, or a file holding one (relative to the job file; "

@@ -72,7 +72,8 @@ A large source not yet in the cache does not hold up a `run` with `training.max_
 (`data.train_while_tokenizing`, on by default, on one node): it is tokenized while the job
 trains, by Ray Data on the CPUs the workers leave free or on the driver when they take them all,
 and the workers read each Parquet part as soon as it is written whole (the first holds about
-1,024 records), so the first step waits for the first rows, not the whole file. (A separate
+1,024 records), so the first step waits for the first 4,096 training examples (one window of
+the shuffle), not the whole file. (A separate
 `data.eval` source is tokenized first, whole; with an eval fraction, the base evaluation waits
 for `training.eval_batches` batches of held-out records.) The rows are the same and in the same
 order as when tokenized first, so the run trains the same steps. Its counts (`train_examples`,
