@@ -79,13 +79,14 @@ class Tokenizing:
 
         self.data, self.cached, self.entry = data, cached, entry  # `entry`: where the cache keeps it
         self.counts = new_stats()  # as tokenizing goes (its thread adds to them)
-        self.stop = threading.Event()  # set by close(): the writer stops at its next table
+        # Set by close() while tokenizing runs: the writer stops at its next table, and the thread
+        # cleans up when it ends.
+        self.stop = threading.Event()
         self._done = data if cached is not None else None
         self._error: BaseException | None = None
         self._thread = None
         self._lock = threading.Lock()
         self._ended = False  # the thread has set its outcome (under the lock)
-        self._closed = False  # close() came while tokenizing ran: the thread cleans up when it ends
 
     def run(self, tokenize, background: bool) -> "Tokenizing":
         """Tokenize into `data.path` (`tokenize()` returns the meta: counts and padding id), in a
@@ -103,7 +104,7 @@ class Tokenizing:
                 done, error = None, e
             with self._lock:
                 self._done, self._error, self._ended = done, error, True
-                if self._closed:
+                if self.stop.is_set():
                     self._finish()
 
         if background:
@@ -149,7 +150,6 @@ class Tokenizing:
         files when it ends."""
         with self._lock:
             if self.running:
-                self._closed = True
                 self.stop.set()
                 return None
             return self._finish()
