@@ -1,13 +1,13 @@
 """Faults a long run must survive: a training worker killed mid-run, the driver stopped mid-run (with
-its checkpoints on local disk, and in an S3 bucket), the MLflow server going away and coming back.
+its checkpoints and data in an S3 bucket), the MLflow server going away and coming back.
 Real Ray, DeepSpeed, MLflow (a real `mlflow server`), a real S3 server (moto's, on 127.0.0.1);
 the faults are real processes killed by pid.
 
-Fake secrets travel with the stopped-and-resumed CLI runs (both attempts of each): the
-password of an MLflow server that requires one (in `tracking.uri`, or in MLFLOW_TRACKING_PASSWORD),
+Fake secrets travel with the stopped-and-resumed CLI run (its two attempts): the password of an
+MLflow server that requires one (in `tracking.uri`, then in MLFLOW_TRACKING_PASSWORD),
 AWS_SECRET_ACCESS_KEY for a local S3 server (moto), the token of a Ray instance started with token
 authentication, HF_TOKEN. Everything those runs write (the console, MLflow params, tags, metric names,
-artifacts, the MLflow server's log and store, the Ray storage, local or S3, Ray's session logs) is
+artifacts, the MLflow server's log and store, the bucket, Ray's session logs) is
 searched for them.
 """
 
@@ -267,17 +267,19 @@ def _run_env(ray_tmp: Path, **more: str) -> dict[str, str]:
             "AWS_DEFAULT_REGION": "us-east-1", **more}
 
 
-# The stopped-and-resumed runs (local storage, and S3): a checkpoint every 4 steps; the first
-# attempt is stopped after the first one Ray Train recorded (polled every 0.2 s), well before the
-# last step (12 steps later: some seconds on 2 cores; recording takes up to 0.5 s).
+# The stopped-and-resumed run: a checkpoint every 4 steps; the first attempt is stopped after the
+# first one Ray Train recorded (polled every 0.2 s), well before the last step (12 steps later: some
+# seconds on 2 cores; recording takes up to 0.5 s).
 RESUMED_STEPS = 16
+RESUMED_NAME = "fault-driver"
 
 
-def _sets(tmp: Path, uri: str) -> list[str]:
+def _sets(uri: str, **more) -> list[str]:
     return [f"{k}={v}" for k, v in {
-        "name": "fault-driver", "registry.name": "fault-driver", "tracking.uri": uri,
-        "storage.path": str(tmp / "runs"), "training.max_steps": RESUMED_STEPS, "training.checkpoint_every": 4,
-        "training.eval_every": 8, "training.eval_batches": 1}.items()]
+        "name": RESUMED_NAME, "registry.name": RESUMED_NAME, "tracking.uri": uri,
+        "data.train": f"s3://{BUCKET}/data/train.jsonl", "data.eval": f"s3://{BUCKET}/data/eval.jsonl",
+        "storage.path": f"s3://{BUCKET}/runs", "training.max_steps": RESUMED_STEPS, "training.checkpoint_every": 4,
+        "training.eval_every": 8, "training.eval_batches": 1, **more}.items()]
 
 
 def _cli(sets: list[str]) -> list[str]:
@@ -302,10 +304,11 @@ def _sid(pid: int) -> int | None:
         return None
 
 
-def _stopped_and_resumed(cli: list[str], cwd: Path, env: dict[str, str], saved_step) -> dict:
-    """Run `cli` until `saved_step()` finds a checkpoint Ray Train recorded, stop the driver (its
-    whole session, its Ray instance with it), then run the same command again to the end."""
-    first = subprocess.Popen(cli, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def _stopped_and_resumed(first_cli: list[str], first_env: dict[str, str], second_cli: list[str],
+                         second_env: dict[str, str], cwd: Path, saved_step) -> dict:
+    """Run `first_cli` until `saved_step()` finds a checkpoint Ray Train recorded, stop the driver
+    (its whole session, its Ray instance with it), then run `second_cli`, the same job, to the end."""
+    first = subprocess.Popen(first_cli, cwd=cwd, env=first_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -319,63 +322,10 @@ def _stopped_and_resumed(cli: list[str], cwd: Path, env: dict[str, str], saved_s
         if first.poll() is None:
             _stop_session(first)
     first_out, first_err = first.communicate()
-    second = subprocess.run(cli, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(second_cli, cwd=cwd, env=second_env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     return {"saved": saved, "console": first_out + first_err + second.stdout + second.stderr,
             "first_err": first_err, "second_err": second.stderr, "summary": json.loads(second.stdout)}
-
-
-def check_resumed(r: dict, uri: str, total: int) -> None:
-    """The second attempt continued the first one's MLflow run from the checkpoint it names in
-    its console, at or after the one seen before the stop; every step is logged once."""
-    run_id = r["summary"]["run_id"]
-    assert f"MLflow run {run_id}" in r["first_err"]
-    said = re.search(rf"Resuming the stopped MLflow run {run_id} from its checkpoint at step (\d+) of", r["second_err"])
-    assert said, r["second_err"][-3000:]
-    [resumed] = steps(uri, run_id, "resumed_from_step")
-    assert int(said[1]) == resumed >= r["saved"], (said[0], resumed, r["saved"])
-    assert client_for(uri).get_run(run_id).info.status == "FINISHED"
-    assert steps(uri, run_id, "train_loss") == list(range(1, total + 1))
-
-
-@pytest.fixture(scope="module")
-def driver_stopped_and_resumed(tmp_path_factory, tiny_base, auth_server, ray_tmp):
-    """The job runs against the password-protected MLflow server, the password in `tracking.uri`."""
-    tmp = tmp_path_factory.mktemp("driver")
-    uri = auth_server.uri_with_password
-    r = _stopped_and_resumed(_cli(_sets(tmp, uri)), tmp, _run_env(ray_tmp),
-                             saved_step=lambda: latest_checkpoint_step(tmp / "runs"))
-    return {"tmp": tmp, "uri": uri, **r}
-
-
-def test_a_stopped_driver_is_resumed_by_running_the_job_again(driver_stopped_and_resumed):
-    r = driver_stopped_and_resumed
-    summary, uri = r["summary"], r["uri"]
-    # The same MLflow run continues, from the checkpoint the stopped run had saved.
-    check_resumed(r, uri, RESUMED_STEPS)
-    assert len(client_for(uri).search_runs([client_for(uri).get_experiment_by_name("quickstart").experiment_id],
-                                           filter_string="attributes.run_name = 'fault-driver'")) == 1
-    assert summary["data"]["truncated_examples"] == 0
-
-
-def test_only_a_stopped_latest_run_is_resumed(driver_stopped_and_resumed):
-    """A job whose latest run finished starts a new run; one whose latest run stopped (here:
-    marked KILLED for a moment) is picked up again; another spec is another job."""
-    from orchestrator.spec import load_spec
-    from orchestrator.tracking.runs import resumable_run
-
-    r = driver_stopped_and_resumed
-    run_id = r["summary"]["run_id"]
-    spec = load_spec(REPO / "jobs" / "quickstart.yaml", _sets(r["tmp"], r["uri"]))
-    client = client_for(spec.tracking.uri)
-    assert resumable_run(spec) is None
-    client.set_terminated(run_id, "KILLED")
-    try:
-        assert resumable_run(spec).run_id == run_id
-        spec.training.max_steps = RESUMED_STEPS + 1
-        assert resumable_run(spec) is None
-    finally:
-        client.set_terminated(run_id, "FINISHED")
 
 
 def _bucket_objects(bucket) -> dict[str, bytes]:
@@ -402,10 +352,12 @@ def _s3_saved_step(bucket) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def s3_run(tmp_path_factory, tiny_base, auth_server, ray_tmp):
-    """A run whose `storage.path` is s3://BUCKET/... on a local S3 server (moto), the MLflow
-    credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (and a token beside them):
-    stopped once its first checkpoint is in the bucket, then run again, resuming from it."""
+def stopped_and_resumed(tmp_path_factory, tiny_base, auth_server, ray_tmp):
+    """The quickstart with its data and its checkpoints (`storage.path`) in an S3 bucket on a local
+    server (moto's), tracked on the password-protected MLflow server: stopped once its first
+    checkpoint is in the bucket, then run again, resuming from it. The attempts carry the MLflow
+    password as a user who moves it out of the job file would: the first in `tracking.uri`, the
+    second in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (and a token beside them)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -415,35 +367,65 @@ def s3_run(tmp_path_factory, tiny_base, auth_server, ray_tmp):
     s3.start()
     try:
         endpoint = f"http://127.0.0.1:{port}"
-        env = _run_env(ray_tmp, AWS_ENDPOINT_URL=endpoint, MLFLOW_TRACKING_USERNAME=MLFLOW_USER,
-                       MLFLOW_TRACKING_PASSWORD=SECRETS["MLFLOW_TRACKING_PASSWORD"],
-                       MLFLOW_TRACKING_TOKEN=SECRETS["MLFLOW_TRACKING_TOKEN"])
+        first_env = _run_env(ray_tmp, AWS_ENDPOINT_URL=endpoint)
+        second_env = {**first_env, "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+                      "MLFLOW_TRACKING_PASSWORD": SECRETS["MLFLOW_TRACKING_PASSWORD"],
+                      "MLFLOW_TRACKING_TOKEN": SECRETS["MLFLOW_TRACKING_TOKEN"]}
         bucket = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_access_key_id=first_env["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"])
         bucket.create_bucket(Bucket=BUCKET)
         # The data is read from the bucket too (Ray Data, credentials and endpoint from the environment).
         for split in ("train", "eval"):
             bucket.upload_file(str(REPO / "jobs" / "data" / "quickstart" / f"{split}.jsonl"), BUCKET, f"data/{split}.jsonl")
-        sets = [f"{k}={v}" for k, v in {
-            "name": "fault-secrets", "registry.name": "fault-secrets", "tracking.uri": auth_server.uri,
-            "data.train": f"s3://{BUCKET}/data/train.jsonl", "data.eval": f"s3://{BUCKET}/data/eval.jsonl",
-            "storage.path": f"s3://{BUCKET}/runs", "training.max_steps": RESUMED_STEPS, "training.checkpoint_every": 4,
-            "training.eval_every": 8, "training.eval_batches": 1}.items()]
-        r = _stopped_and_resumed(_cli(sets), tmp, env, saved_step=lambda: _s3_saved_step(bucket))
+        r = _stopped_and_resumed(_cli(_sets(auth_server.uri_with_password)), first_env,
+                                 _cli(_sets(auth_server.uri)), second_env, tmp,
+                                 saved_step=lambda: _s3_saved_step(bucket))
         return {"tmp": tmp, "objects": _bucket_objects(bucket), **r}
     finally:
         s3.stop()
 
 
-def test_a_run_on_s3_resumes_from_its_checkpoint_in_the_bucket(s3_run, auth_server):
-    check_resumed(s3_run, auth_server.uri_with_password, RESUMED_STEPS)
-    assert s3_run["summary"]["registered_model"]["version"] == "1"
-    # Its data came from the bucket: every record of the quickstart files, tokenized.
+def test_a_stopped_driver_is_resumed_by_running_the_job_again(stopped_and_resumed, auth_server):
+    """The same MLflow run continues from the checkpoint the stopped attempt saved in the bucket,
+    though the password moved from `tracking.uri` to the environment: every step logged once,
+    one run of the job, the model registered once, the data read from the bucket."""
+    r = stopped_and_resumed
+    run_id, uri = r["summary"]["run_id"], auth_server.uri_with_password
+    assert f"MLflow run {run_id}" in r["first_err"]
+    said = re.search(rf"Resuming the stopped MLflow run {run_id} from its checkpoint at step (\d+) of", r["second_err"])
+    assert said, r["second_err"][-3000:]
+    [resumed] = steps(uri, run_id, "resumed_from_step")
+    assert int(said[1]) == resumed >= r["saved"], (said[0], resumed, r["saved"])
+    assert client_for(uri).get_run(run_id).info.status == "FINISHED"
+    assert steps(uri, run_id, "train_loss") == list(range(1, RESUMED_STEPS + 1))
+    experiment = client_for(uri).get_experiment_by_name("quickstart").experiment_id
+    assert len(client_for(uri).search_runs([experiment], filter_string=f"attributes.run_name = '{RESUMED_NAME}'")) == 1
+    assert r["summary"]["registered_model"]["version"] == "1"
+    # Its data came from the bucket: every record of the quickstart files, tokenized, none truncated.
     local = [sum(1 for line in open(REPO / "jobs" / "data" / "quickstart" / f"{split}.jsonl") if line.strip())
              for split in ("train", "eval")]
-    data = s3_run["summary"]["data"]
-    assert [data["train_examples"], data["eval_examples"]] == local, data
+    data = r["summary"]["data"]
+    assert [data["train_examples"], data["eval_examples"], data["truncated_examples"]] == [*local, 0], data
+
+
+def test_only_a_stopped_latest_run_is_resumed(stopped_and_resumed, auth_server):
+    """A job whose latest run finished starts a new run; one whose latest run stopped (here:
+    marked KILLED for a moment) is picked up again; another spec is another job."""
+    from orchestrator.spec import load_spec
+    from orchestrator.tracking.runs import resumable_run
+
+    run_id = stopped_and_resumed["summary"]["run_id"]
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", _sets(auth_server.uri_with_password))
+    client = client_for(spec.tracking.uri)
+    assert resumable_run(spec) is None
+    client.set_terminated(run_id, "KILLED")
+    try:
+        assert resumable_run(spec).run_id == run_id
+        spec.training.max_steps = RESUMED_STEPS + 1
+        assert resumable_run(spec) is None
+    finally:
+        client.set_terminated(run_id, "FINISHED")
 
 
 def _all_text_under(root: Path) -> str:
@@ -464,28 +446,24 @@ def _run_record(uri: str, run_id: str, into: Path) -> dict[str, str]:
             "artifacts": _all_text_under(Path(client.download_artifacts(run_id, "", str(into))))}
 
 
-def test_no_secret_appears_in_anything_a_run_writes(driver_stopped_and_resumed, s3_run, auth_server, ray_tmp,
-                                                    tmp_path):
-    d, s = driver_stopped_and_resumed, s3_run
+def test_no_secret_appears_in_anything_a_run_writes(stopped_and_resumed, auth_server, ray_tmp, tmp_path):
+    r = stopped_and_resumed
     uri = auth_server.uri_with_password
-    written = {"driver runs' console": d["console"], "S3 runs' console": s["console"],
-               **{f"driver run's {k}": v for k, v in _run_record(uri, d["summary"]["run_id"], tmp_path / "d").items()},
-               **{f"S3 run's {k}": v for k, v in _run_record(uri, s["summary"]["run_id"], tmp_path / "s").items()},
-               "driver runs' storage": _all_text_under(d["tmp"] / "runs"),
-               "driver runs' working directory": _all_text_under(d["tmp"]),
-               "S3 run's working directory": _all_text_under(s["tmp"]),
-               **{f"s3://{BUCKET}/{k}": v.decode("latin-1") for k, v in s["objects"].items()},
+    written = {"the attempts' console": r["console"],
+               **{f"the run's {k}": v for k, v in _run_record(uri, r["summary"]["run_id"], tmp_path / "run").items()},
+               "the working directory": _all_text_under(r["tmp"]),
+               **{f"s3://{BUCKET}/{k}": v.decode("latin-1") for k, v in r["objects"].items()},
                "MLflow server (log, store, artifacts)": _all_text_under(auth_server.root),
                "Ray session logs": _all_text_under(ray_tmp)}
-    # The searches did read something from every source (an S3 "directory" object and the S3
-    # run's working directory may be empty; the bucket as a whole may not).
-    empty = [k for k, v in written.items() if not v and not k.startswith(("s3://", "S3 run's working"))]
+    # The searches did read something from every source (an S3 "directory" object and the working
+    # directory may be empty; the bucket as a whole may not).
+    empty = [k for k, v in written.items() if not v and not k.startswith(("s3://", "the working"))]
     assert not empty, f"nothing read from {empty}"
-    assert sum(map(len, s["objects"].values())) > 0, sorted(s["objects"])
-    assert "deepspeed" in written["driver runs' storage"]
-    assert any(k.endswith("checkpoint_manager_snapshot.json") for k in s["objects"]), sorted(s["objects"])
-    assert len(list(ray_tmp.rglob("session_*/logs/raylet.out"))) >= 4  # the four attempts' Ray instances
-    assert s["summary"]["run_id"] in written["MLflow server (log, store, artifacts)"]
+    storage = "\n".join(v.decode("latin-1") for k, v in r["objects"].items() if k.startswith("runs/"))
+    assert "deepspeed" in storage  # the checkpoints were searched too
+    assert any(k.endswith("checkpoint_manager_snapshot.json") for k in r["objects"]), sorted(r["objects"])
+    assert len(list(ray_tmp.rglob("session_*/logs/raylet.out"))) >= 2  # the two attempts' Ray instances
+    assert r["summary"]["run_id"] in written["MLflow server (log, store, artifacts)"]
     leaks = []
     for name, secret in SECRETS.items():
         for where, text in written.items():

@@ -130,6 +130,10 @@ def test_spec_hash_is_stable_and_sensitive(tmp_path):
     b = load_spec(write_job(tmp_path, base_job()))
     c = load_spec(write_job(tmp_path, base_job(peft={"r": 16})))
     assert a.spec_hash() == b.spec_hash() != c.spec_hash()
+    # Credentials are not part of the job; where the server is, is.
+    uri = lambda u: load_spec(write_job(tmp_path, base_job(tracking={"uri": u}))).spec_hash()  # noqa: E731
+    assert uri("http://127.0.0.1:5000") == uri("http://me:secret@127.0.0.1:5000") == uri("http://me:other@127.0.0.1:5000")
+    assert uri("http://127.0.0.1:5000") != uri("http://127.0.0.1:5001")
     assert flatten({"a": {"b": 1}, "c": 2}) == {"a.b": 1, "c": 2}
 
 

@@ -293,8 +293,11 @@ class JobSpec(_Section):
         return self.registry.name or self.name
 
     def spec_hash(self) -> str:
-        """A short content hash of the spec: equal specs give equal hashes."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short content hash of the spec: equal specs give equal hashes. Credentials are not
+        part of a job: a user:password@ in `tracking.uri` is left out, so a job whose password
+        moved to MLFLOW_TRACKING_PASSWORD (or changed) is the same job, and no secret is hashed
+        into the tags that carry this."""
+        canonical = json.dumps(self.public_dict(), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict:
