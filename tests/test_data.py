@@ -180,6 +180,27 @@ def test_missing_fields_are_named(tokenizer):
     assert "record 1 lacks output" in str(exc.value.problems[0])
 
 
+@pytest.mark.parametrize("fmt,record,expected", [
+    ("alpaca", {"instruction": "x", "output": None}, "record 1 has output: null (format 'alpaca' needs text there)"),
+    ("alpaca", {"instruction": ["x"], "output": "y"}, 'record 1 has instruction: ["x"]'),
+    ("alpaca", {"instruction": "x", "input": {"a": 1}, "output": "y"}, 'record 1 has input: {"a": 1}'),
+    ("text", {"text": True}, "record 1 has text: true (format 'text' needs text there)"),
+    ("chat", {"messages": []}, "record 1 has messages: [] (format 'chat' needs a list of messages, each with a role"),
+    ("chat", {"messages": [{"content": "hi"}]}, 'record 1 has a message without a role: {"content": "hi"}'),
+])
+def test_a_field_without_text_is_named(tokenizer, fmt, record, expected):
+    """A field that is there but holds no text is a problem, not the text "None" to train on."""
+    with pytest.raises(SpecError) as exc:
+        prepare_records([record], DataSpec(train="x", format=fmt), tokenizer, "f.jsonl", "data.train")
+    assert expected in str(exc.value.problems[0])
+
+
+def test_numbers_and_a_null_input_are_text_enough(tokenizer):
+    examples, _ = prepare_records([{"instruction": "Add 2 and 3.", "input": None, "output": 5}],
+                                  DataSpec(train="x", format="alpaca"), tokenizer, "f.jsonl", "data.train")
+    assert tokenizer.decode(examples[0].input_ids).count("5") >= 1 and examples[0].num_trained_tokens > 0
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_a_bad_record_is_named_by_its_line_in_the_file_whichever_split_it_lands_in(tmp_path, tokenizer, seed):
     good = json.dumps({"instruction": "Name it.", "input": "", "output": "a cat"})

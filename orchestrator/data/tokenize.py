@@ -8,6 +8,7 @@ gets the label -100 and so adds nothing to the loss.
 from __future__ import annotations
 
 import itertools
+import json
 
 from orchestrator.data.formats import _FORMATTERS
 from orchestrator.data.records import IGNORE_INDEX, DataSets, Example, _data_error, in_eval
@@ -99,6 +100,25 @@ def check_chat_template(data: DataSpec, tokenizer) -> None:
                           "model's tokenizer_config.json has one), or use data.format alpaca or text")
 
 
+def _not_text(record: dict, required: tuple[str, ...], fmt: str) -> str | None:
+    """What is wrong with a field that is there but holds no text (`output: null` would train the
+    model to answer "None"), as "<field>: <what>"; None when nothing is. Numbers are text enough
+    (written as they read); a chat's messages must be a list of objects with a role."""
+    if fmt == "chat":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return f"messages: {json.dumps(messages)[:60]}"
+        bad = next((m for m in messages if not isinstance(m, dict) or "role" not in m), None)
+        return None if bad is None else f"a message without a role: {json.dumps(bad)[:60]}"
+    for key in (*required, *(("input",) if fmt == "alpaca" else ())):
+        value = record.get(key)
+        if value is None and key == "input":  # no input: the prompt without one
+            continue
+        if value is None or isinstance(value, (bool, list, dict)):
+            return f"{key}: {json.dumps(value)[:60]}"
+    return None
+
+
 def tokenize_records(records: list[dict], wheres: list[str], data: DataSpec, tokenizer,
                      field_path: str) -> list[tuple[Example, bool]]:
     """Format and tokenize records: (example, truncated) each, in order, examples without a
@@ -114,6 +134,10 @@ def tokenize_records(records: list[dict], wheres: list[str], data: DataSpec, tok
             raise _data_error(field_path, f"{where} lacks {', '.join(missing)} "
                               f"(format '{data.format}' needs {', '.join(required)})",
                               "fix the record or set data.format to the file's format")
+        if (wrong := _not_text(record, required, data.format)) is not None:
+            raise _data_error(field_path, f"{where} has {wrong} (format '{data.format}' needs "
+                              f"{'a list of messages, each with a role' if data.format == 'chat' else 'text'} there)",
+                              "fix the record or leave it out of the file")
         formatted.append(formatter(record, tokenizer, data))
     results = tokenize_texts([f[0] for f in formatted], [f[1] for f in formatted], [f[2] for f in formatted],
                              tokenizer, data.max_seq_len)

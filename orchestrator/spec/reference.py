@@ -57,6 +57,10 @@ environment). Three formats:
   only the assistant turns are trained;
 - `text`: `{"text"}` (or `data.text_field`); everything is trained.
 
+A field a format needs must hold text (a number is read as written): a record with `"output":
+null`, a list or an object there is a problem named by its file and line, not the text "None" to
+train on. An alpaca `input` may be null or left out.
+
 Records are formatted and tokenized in batches with the base's fast tokenizer, once: the token
 ids are cached as Parquet under `~/.cache/orchestrator/tokenized/`, keyed by the data files, the
 `data` section, the seed and the tokenizer, so a job run again tokenizes nothing. Sources over
