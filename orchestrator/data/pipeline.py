@@ -194,6 +194,17 @@ def _driver_table(batch: list, data: DataSpec, seed: int, tokenizer, field_path:
                            seed=seed, all_eval=all_eval)
 
 
+class _OursToSay:
+    """A filter for Ray Data's console: what it would print that the run says itself. A record's
+    `SpecError` comes with Ray's whole traceback there, before the run names the problem in one
+    line; and the note that progress bars are off (on purpose: the run shows its own)."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info and _spec_error_in(record.exc_info[1]) is not None:
+            return False
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
 def quiet_data_context():
     """Ray Data's context for tokenizing: rows in a fixed order (the data order is seeded, and a
     resumed run must see the same rows), no progress bars in the workers' logs."""
@@ -201,7 +212,11 @@ def quiet_data_context():
 
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its INFO lines would interleave with our output
+    ray_data = logging.getLogger("ray.data")
+    ray_data.setLevel(logging.WARNING)  # its INFO lines would interleave with our output
+    for handler in ray_data.handlers:  # its child loggers' records reach them, not its own filters
+        if not any(isinstance(f, _OursToSay) for f in handler.filters):
+            handler.addFilter(_OursToSay())
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
