@@ -527,12 +527,14 @@ def test_a_run_training_while_its_data_is_tokenized_trains_as_one_that_waited(tm
     assert [v for _, v in evals] == pytest.approx([v for _, v in evals_again], abs=1e-4)
 
 
-def test_a_bad_record_found_while_the_job_trains_fails_the_run_with_its_problem(tmp_path, ray_local, tiny_base,
-                                                                                monkeypatch, capfd):
-    """The workers stop when tokenizing does, and the run raises the record's problem (not Ray
-    Train's failure), also when Ray Train restarts failed workers; the MLflow run is marked
-    FAILED and nothing is cached. Ray Data (tokenizing on the CPU the one worker leaves) does not
-    print the problem with its own traceback first."""
+def test_a_bad_record_found_while_the_workers_run_fails_the_run_with_its_problem(tmp_path, ray_local, tiny_base,
+                                                                                 monkeypatch):
+    """A record's problem met while the workers already run (here: they have made the step-0
+    evaluation and wait for their first shuffle window, which holds the record): the workers stop
+    with it, Ray Train's restarts (without limit here) end at once, and the run raises the record's
+    problem, not Ray Train's failure; the MLflow run is marked FAILED and nothing is cached."""
+    import threading
+
     from mlflow import MlflowClient
     from conftest import REPO
     from test_end_to_end import quickstart
@@ -540,24 +542,55 @@ def test_a_bad_record_found_while_the_job_trains_fails_the_run_with_its_problem(
     import orchestrator.data.cache as cache
     import orchestrator.data.pipeline as pipeline
     from orchestrator.training.recipe import run_job
+    from orchestrator.training.steps import SHUFFLE_WINDOW
 
     monkeypatch.setattr(pipeline, "DRIVER_MAX_BYTES", 0)
     monkeypatch.setattr(cache, "cache_root", lambda: tmp_path / "cache")
-    lines = (REPO / QUICKSTART["train"]).read_text().splitlines()
+    lines = (REPO / QUICKSTART["train"]).read_text().splitlines() * 3
+    # In the driver's third batch of records, inside the first shuffle window: no step can train
+    # before the driver reaches it, and it holds that batch until the workers have evaluated.
+    bad_at, hold_at = 2 * pipeline.BATCH_RECORDS + 400, 2
+    assert bad_at < SHUFFLE_WINDOW and hold_at * pipeline.BATCH_RECORDS <= bad_at < (hold_at + 1) * pipeline.BATCH_RECORDS
+    lines.insert(bad_at, '{"instruction": "Say owl."}')
     train = tmp_path / "train.jsonl"
-    train.write_text("\n".join([*lines, '{"instruction": "Say owl."}']) + "\n")
-    # Restarting the workers forever after a failure: a data problem must still end the run.
+    train.write_text("\n".join(lines) + "\n")
+    evaluated, held = threading.Event(), []
+    tables_on_driver = pipeline._tables_on_driver
+
+    def paced(*args, **kwargs):  # held before it tokenizes batch `hold_at`
+        for i, table in enumerate(tables_on_driver(*args, **kwargs)):
+            yield table
+            if i == hold_at - 1:
+                held.append(evaluated.wait(300))
+
+    monkeypatch.setattr(pipeline, "_tables_on_driver", paced)
+    on_progress = lambda task, step, total, metrics: task == "training" and step == 0 and evaluated.set()  # noqa: E731
     spec = quickstart(tmp_path, name="bad-record-while-training", **{
         "data.train": str(train), "data.eval": 0.05, "training.max_steps": 8, "training.eval_batches": 2,
-        "distributed.num_workers": 1, "distributed.max_failures": -1})
+        "distributed.max_failures": -1})
     said: list[str] = []
-    with pytest.raises(SpecError, match=f"{train}: the record beginning .*Say owl.* lacks output") as raised:
-        run_job(spec, status=said.append, register=False)
+    with pytest.raises(SpecError, match=f"{train}:{bad_at + 1}: the record lacks output") as raised:
+        run_job(spec, status=said.append, register=False, progress=on_progress)
+    assert held == [True]  # the workers ran (their step-0 evaluation) before the record was read
     assert any("while training" in s for s in said), said
     assert raised.value.problems[0].path == "data.train"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not client.get_metric_history(run.info.run_id, "train_loss")  # no step could train without the record
+    assert not [d for d in (tmp_path / "cache" / "tokenized").iterdir() if not d.name.startswith(".")]
+
+
+def test_a_record_problem_found_by_ray_data_is_said_once(tmp_path, ray_local, tiny_base, capfd):
+    """Ray Data tokenizing: a record's problem reaches the caller as its `SpecError`, and Ray
+    Data's console does not print it first with Ray's whole traceback."""
+    from conftest import REPO
+
+    from orchestrator.data.cache import prepare_datasets
+
+    train = tmp_path / "train.jsonl"
+    train.write_text((REPO / QUICKSTART["train"]).read_text() + '{"instruction": "Say owl.", "output": null}\n')
+    with pytest.raises(SpecError, match=f"{train}: the record beginning .*Say owl.* has output: null"):
+        prepare_datasets(DataSpec(train=str(train), eval=0.05), 42, str(tiny_base), cache_dir=tmp_path, use_ray=True)
     err = capfd.readouterr().err
     assert "Say owl" not in err and "Traceback" not in err, err[-3000:]
-    [run] = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
-        [MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("quickstart").experiment_id])
-    assert run.info.status == "FAILED"
-    assert not [d for d in (tmp_path / "cache" / "tokenized").iterdir() if not d.name.startswith(".")]
