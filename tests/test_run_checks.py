@@ -55,3 +55,24 @@ def test_while_ray_runs_stdout_is_kept_for_the_result():
     for text in ("a library's print", "a write to file descriptor 1", "a child process", "(raylet)",
                  "A worker died or was killed"):
         assert text in proc.stderr, text
+
+
+def test_the_summary_of_a_run_without_eval_examples_says_so(capsys):
+    """A run whose data has no eval split has no eval loss (NaN from the workers): the summary says
+    it was not evaluated, instead of "nan (base) -> nan (fine-tuned), nan% lower"."""
+    from types import SimpleNamespace
+
+    from orchestrator.cli.job import _print_summary
+
+    nan = float("nan")
+    summary = SimpleNamespace(
+        metrics={"base_eval_loss": nan, "eval_loss": nan, "train_loss": 3.35, "tokens_per_s": 8000.0, "wall_s": 27.5},
+        data={"train_examples": 2000, "eval_examples": 0, "truncated_examples": 0}, timings=None,
+        run_id="r1", experiment="quickstart", tracking_uri="sqlite:///mlflow.db",
+        registered_model={"uri": "models:/quickstart@candidate", "version": "1"})
+    _print_summary(summary)
+    out = capsys.readouterr().out
+    assert "not evaluated: no eval examples (data.eval)" in out and "nan" not in out.lower(), out
+    summary.metrics.update(base_eval_loss=3.8, eval_loss=0.019)
+    _print_summary(summary)
+    assert "3.8000 (base) -> 0.0190 (fine-tuned), 99.5% lower" in capsys.readouterr().out

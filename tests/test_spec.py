@@ -82,6 +82,10 @@ BAD = [
     ({"peft": {"num_virtual_tokens": 0, "method": "prompt_tuning"}},
      "peft.num_virtual_tokens: Input should be greater than or equal to 1"),
     ({"trainig": {"max_steps": 3}}, "trainig: unknown key. Fix: did you mean 'training'?"),
+    ({"data": {"eval": None}, "tune": {"space": {"peft.r": {"choice": [4, 8]}}}},
+     "data.eval: the search ranks its trials by eval loss (tune.metric) and data.eval is null"),
+    ({"data": {"eval": None}, "registry": {"promote": {"alias": "production"}}},
+     "registry.promote.data: the promotion gate evaluates on the job's eval data, and data.eval is null"),
 ]
 
 

@@ -106,7 +106,8 @@ def _progress_bar():
         if label not in tasks:
             bar.start()
             tasks[label] = bar.add_task(label, total=total, info="")
-        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if k in metrics)
+        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss")
+                         if k in metrics and metrics[k] == metrics[k])  # NaN eval loss: no eval examples
         bar.update(tasks[label], completed=done, info=info)
 
     return bar, on_progress

@@ -193,6 +193,11 @@ def _short(value) -> str:
     return ",".join(value) if isinstance(value, list) else str(value)
 
 
+def _known(value) -> bool:
+    """A metric that was measured: a run without eval examples has NaN (or no) eval loss."""
+    return value is not None and value == value
+
+
 def _print_summary(s) -> None:
     from orchestrator.tracking.runs import ui_command
 
@@ -201,8 +206,11 @@ def _print_summary(s) -> None:
     table = Table(title="Fine-tuning summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("eval loss", f"{m['base_eval_loss']:.4f} (base) -> {m['eval_loss']:.4f} (fine-tuned), "
-                               f"{100 * (1 - m['eval_loss'] / m['base_eval_loss']):.1f}% lower")
+    if _known(m.get("eval_loss")) and _known(m.get("base_eval_loss")):
+        table.add_row("eval loss", f"{m['base_eval_loss']:.4f} (base) -> {m['eval_loss']:.4f} (fine-tuned), "
+                                   f"{100 * (1 - m['eval_loss'] / m['base_eval_loss']):.1f}% lower")
+    else:
+        table.add_row("eval loss", "not evaluated: no eval examples (data.eval)")
     table.add_row("train loss", f"{m['train_loss']:.4f}")
     d = s.data
     table.add_row("data", f"{d.get('train_examples')} train / {d.get('eval_examples')} eval examples, "

@@ -63,6 +63,16 @@ def semantic_problems(spec: JobSpec, base_dir: Path | None = None) -> list[Probl
                                 fix="lower it or leave it unset (the final adapter is always saved)"))
     if spec.tune is not None:
         problems += tune_problems(spec)
+        if spec.tune.metric == "eval_loss" and d.eval is None:
+            problems.append(Problem(path="data.eval", message="the search ranks its trials by eval loss "
+                                    "(tune.metric) and data.eval is null: no trial would have one",
+                                    fix="set data.eval to an eval file or a fraction of train (e.g. 0.1), "
+                                        "or tune.metric=train_loss"))
+    promote = spec.registry.promote
+    if promote is not None and promote.data is None and d.eval is None:
+        problems.append(Problem(path="registry.promote.data", message="the promotion gate evaluates on the job's "
+                                "eval data, and data.eval is null",
+                                fix="set registry.promote.data to a held-out JSONL file, or set data.eval"))
     if base_dir is not None:
         for field in ("train", "eval"):
             value = getattr(d, field)

@@ -115,7 +115,8 @@ class DataSpec(_Section):
     # An eval source (as `train`), or the fraction of `train` held out for evaluation.
     eval: Union[float, str, None] = Field(
         0.1, description="an eval source (as train), or the fraction of train's records held out for evaluation "
-                         "(each record by a seeded hash of its content)")
+                         "(each record by a seeded hash of its content); null: no evaluation (a search ranked by eval_loss, "
+                         "and a promotion gate without its own data, need one)")
     format: Literal["alpaca", "chat", "text"] = Field("alpaca", description="the records' format (see Data formats)")
     max_seq_len: int = Field(512, ge=8, le=1_048_576, description="tokens per example")
     # Examples longer than max_seq_len: cut to it (counted in the run summary), or refused.

@@ -272,16 +272,16 @@ def train_loop_per_worker(config: dict) -> None:
     # This rank's eval batches, read from its dataset at the first evaluation and kept: every
     # evaluation scores the same ones, at most `eval_batches` micro batches, so holding them costs
     # little and spares each later evaluation a pass over the files.
-    eval_set: list = []
-    eval_read = job.eval_examples == 0  # none to read (None: not counted yet, read to find out)
+    # None: not read yet (an eval split counted 0 has none to read; one not counted yet, while
+    # the data is tokenized, is read to find out).
+    eval_set: list | None = [] if job.eval_examples == 0 else None
 
     def run_eval(step: int) -> float:
-        nonlocal eval_read
+        nonlocal eval_set
         with watch("eval"):
-            if not eval_read:
-                eval_set.extend(eval_batches(eval_pass(), t.micro_batch_size, rank, world,
+            if eval_set is None:
+                eval_set = list(eval_batches(eval_pass(), t.micro_batch_size, rank, world,
                                              t.eval_batches or DEFAULT_EVAL_BATCHES))
-                eval_read = True
             loss = evaluate_batches(engine, eval_set, job.pad_id, device)
             if log_generations:
                 log_generations(step)
