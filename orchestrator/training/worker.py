@@ -281,7 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
         with watch("eval"):
             if eval_set is None:
                 eval_set = list(eval_batches(eval_pass(), t.micro_batch_size, rank, world,
-                                             t.eval_batches or DEFAULT_EVAL_BATCHES))
+                                              t.eval_batches or DEFAULT_EVAL_BATCHES))
             loss = evaluate_batches(engine, eval_set, job.pad_id, device)
             if log_generations:
                 log_generations(step)
