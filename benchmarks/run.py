@@ -145,6 +145,12 @@ def steady_job(steps: int) -> list[str]:
             "distributed.num_workers=1", f"distributed.cpus_per_worker={CPUS}", "distributed.deepspeed.stage=0"]
 
 
+def smoke_job() -> list[str]:
+    """A smoke run's one in-process run, which steady, scaling's rows and scaling's intervals all
+    read: steady's job, evaluated every step and checkpointed every 2 (what the intervals need)."""
+    return steady_job(3) + ["training.eval_every=1", "training.checkpoint_every=2"]
+
+
 # The steady benchmark's two jobs, as `--set` overrides of jobs/quickstart.yaml: the quickstart
 # itself (QLoRA, bf16, 2 workers with ZeRO-2 and 1 thread each), and the job issue 19 measured
 # against LLaMA-Factory: LoRA r16 on every linear layer, fp32, batch 16, sequence 64, 1 worker
@@ -186,8 +192,8 @@ def bench_steady(scratch: Path, smoke: bool) -> dict:
     first step's start to the last step's end, evaluation excluded), and the ratio of the median
     step's tokens/s, which a few slow seconds of a shared machine move far less."""
     steps, reps = (3, 1) if smoke else (60, 4)
-    # A smoke run checks the code on the one-worker quickstart that fixed's and scaling's smoke runs
-    # share (each side of it runs once in a smoke run).
+    # A smoke run checks the code on the one-worker quickstart (each side of it runs once in a
+    # smoke run; the orchestrator's run is the one scaling's smoke run reads too).
     jobs = {"quickstart-1-worker": []} if smoke else STEADY_JOBS
     results = {}
     for job, overrides in jobs.items():
@@ -202,8 +208,8 @@ def bench_steady(scratch: Path, smoke: bool) -> dict:
                     result["hf"] = figures["tokens_per_s"]
                     result["hf_step_median"] = statistics.median(figures["step_tokens_per_s"])
                 else:
-                    evals = [] if smoke else [f"training.eval_every={steps}", "training.eval_batches=1"]
-                    summary = orchestrator_in_process(QUICKSTART, common + evals + store_overrides(scratch), smoke=smoke)
+                    ours = smoke_job() if smoke else common + [f"training.eval_every={steps}", "training.eval_batches=1"]
+                    summary = orchestrator_in_process(QUICKSTART, ours + store_overrides(scratch), smoke=smoke)
                     result["orchestrator"] = steady_tokens_per_s(summary)
                     result["orchestrator_step_median"] = statistics.median(step_tokens_per_s(summary))
             result["ratio"] = result["orchestrator"] / result["hf"]
@@ -252,7 +258,7 @@ def bench_scaling(scratch: Path, smoke: bool) -> dict:
     cases = SCALING[:1] if smoke else SCALING
     rows = []
     for workers, stage in cases:
-        overrides = steady_job(steps) if smoke else [  # a smoke run: steady's run, already made
+        overrides = smoke_job() if smoke else [  # a smoke run: steady's run, already made
             f"training.max_steps={steps}", f"training.eval_every={steps}", "training.eval_batches=1",
             f"distributed.num_workers={workers}", f"distributed.cpus_per_worker={max(1, CPUS // workers)}",
             f"distributed.deepspeed.stage={stage}"]
@@ -267,11 +273,10 @@ def bench_scaling(scratch: Path, smoke: bool) -> dict:
                       ("eval 50 reported to Ray (as in a search)", ["training.max_steps=100"], True),
                       ("eval 10, checkpoint 10", ["training.max_steps=100", "training.eval_every=10",
                                                   "training.checkpoint_every=10"], False)]
-    if smoke:
-        interval_cases = [("eval 1, checkpoint 2", ["training.max_steps=4", "training.eval_every=1",
-                                                    "training.checkpoint_every=2"], False)]
+    if smoke:  # steady's run again, already made
+        interval_cases = [("eval 1, checkpoint 2", smoke_job(), False)]
     for label, extra, report_evals in interval_cases:
-        summary = orchestrator_in_process(QUICKSTART, extra + store_overrides(scratch), report_evals)
+        summary = orchestrator_in_process(QUICKSTART, extra + store_overrides(scratch), report_evals, smoke=smoke)
         t = summary["timings"]
         intervals.append({"intervals": label, "steps_s": t["steps"], "report_s": t.get("report", 0.0),
                           "checkpoint_s": t.get("checkpoint", 0.0) + t.get("finish", 0.0),
