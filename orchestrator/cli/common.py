@@ -93,6 +93,11 @@ def _fail(e: SpecError):
     raise typer.Exit(code=2)
 
 
+def measured(value) -> bool:
+    """A metric that was measured: a run without eval examples has NaN (or no) eval loss."""
+    return value is not None and value == value
+
+
 def _progress_bar():
     """A progress display on stderr, and the `progress(label, done, total, metrics)` callback
     that adds one bar per label (pre-training, training) and shows the latest losses."""
@@ -106,8 +111,7 @@ def _progress_bar():
         if label not in tasks:
             bar.start()
             tasks[label] = bar.add_task(label, total=total, info="")
-        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss")
-                         if k in metrics and metrics[k] == metrics[k])  # NaN eval loss: no eval examples
+        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if measured(metrics.get(k)))
         bar.update(tasks[label], completed=done, info=info)
 
     return bar, on_progress

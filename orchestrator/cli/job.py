@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.cli.common import (JobArg, SetOption, _fail, _gpu_memory, _load, _progress_bar,
+from orchestrator.cli.common import (JobArg, SetOption, _fail, _gpu_memory, _load, _progress_bar, measured,
                                      _quiet_transformers, _registry_call, _stdout_for_results_only, app, err)
 from orchestrator.spec import JobSpec, SpecError
 
@@ -193,11 +193,6 @@ def _short(value) -> str:
     return ",".join(value) if isinstance(value, list) else str(value)
 
 
-def _known(value) -> bool:
-    """A metric that was measured: a run without eval examples has NaN (or no) eval loss."""
-    return value is not None and value == value
-
-
 def _print_summary(s) -> None:
     from orchestrator.tracking.runs import ui_command
 
@@ -206,7 +201,7 @@ def _print_summary(s) -> None:
     table = Table(title="Fine-tuning summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    if _known(m.get("eval_loss")) and _known(m.get("base_eval_loss")):
+    if measured(m.get("eval_loss")) and measured(m.get("base_eval_loss")):
         table.add_row("eval loss", f"{m['base_eval_loss']:.4f} (base) -> {m['eval_loss']:.4f} (fine-tuned), "
                                    f"{100 * (1 - m['eval_loss'] / m['base_eval_loss']):.1f}% lower")
     else:
