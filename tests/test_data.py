@@ -465,6 +465,25 @@ def test_parquet_directories_and_globs_are_sources(tmp_path, tiny_base, tokenize
     assert results[0] == results[1] and len(results[0]) == 40
 
 
+def hold_the_driver(monkeypatch, batch: int, until) -> list[bool]:
+    """Make the driver's tokenizing wait, before it tokenizes batch `batch` of BATCH_RECORDS
+    records, until the event `until` is set (at most 300 s); the list it returns gets whether it
+    was set in time."""
+    import orchestrator.data.pipeline as pipeline
+
+    held: list[bool] = []
+    tables_on_driver = pipeline._tables_on_driver
+
+    def paced(*args, **kwargs):
+        for i, table in enumerate(tables_on_driver(*args, **kwargs)):
+            yield table
+            if i == batch - 1:
+                held.append(until.wait(300))
+
+    monkeypatch.setattr(pipeline, "_tables_on_driver", paced)
+    return held
+
+
 def test_a_run_training_while_its_data_is_tokenized_trains_as_one_that_waited(tmp_path, ray_local, tiny_base,
                                                                               monkeypatch):
     """A large source (here: every source, the size limit set to 0) with training.max_steps set
@@ -494,16 +513,8 @@ def test_a_run_training_while_its_data_is_tokenized_trains_as_one_that_waited(tm
     # more than the first shuffle window of training examples the first step needs.
     hold_at = 7
     assert hold_at * pipeline.BATCH_RECORDS * 0.9 > SHUFFLE_WINDOW and len(lines) > (hold_at + 1) * pipeline.BATCH_RECORDS
-    stepped, held = threading.Event(), []
-    tables_on_driver = pipeline._tables_on_driver
-
-    def paced(*args, **kwargs):  # the driver's own tables, one held until the run has trained a step
-        for i, table in enumerate(tables_on_driver(*args, **kwargs)):
-            if i == hold_at:
-                held.append(stepped.wait(300))
-            yield table
-
-    monkeypatch.setattr(pipeline, "_tables_on_driver", paced)
+    stepped = threading.Event()
+    held = hold_the_driver(monkeypatch, hold_at, until=stepped)  # until the run has trained a step
     on_progress = lambda task, step, total, metrics: task == "training" and step >= 1 and stepped.set()  # noqa: E731
     sets = {"data.train": str(train), "data.eval": 0.05, "training.max_steps": 8, "training.eval_every": 4,
             "training.eval_batches": 2, "registry.mode": "adapter"}
@@ -554,16 +565,8 @@ def test_a_bad_record_found_while_the_workers_run_fails_the_run_with_its_problem
     lines.insert(bad_at, '{"instruction": "Say owl."}')
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(lines) + "\n")
-    evaluated, held = threading.Event(), []
-    tables_on_driver = pipeline._tables_on_driver
-
-    def paced(*args, **kwargs):  # held before it tokenizes batch `hold_at`
-        for i, table in enumerate(tables_on_driver(*args, **kwargs)):
-            yield table
-            if i == hold_at - 1:
-                held.append(evaluated.wait(300))
-
-    monkeypatch.setattr(pipeline, "_tables_on_driver", paced)
+    evaluated = threading.Event()
+    held = hold_the_driver(monkeypatch, hold_at, until=evaluated)
     on_progress = lambda task, step, total, metrics: task == "training" and step == 0 and evaluated.set()  # noqa: E731
     spec = quickstart(tmp_path, name="bad-record-while-training", **{
         "data.train": str(train), "data.eval": 0.05, "training.max_steps": 8, "training.eval_batches": 2,
