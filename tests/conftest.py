@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,36 @@ def quickstart_run(tmp_path_factory, ray_local, tiny_base):
             "training.max_steps": 60, "training.eval_every": 20}
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
     return spec, run_job(spec)
+
+
+@contextlib.contextmanager
+def local_s3(bucket: str, key_id: str, secret: str):
+    """A real S3 server (moto's) on 127.0.0.1 holding one empty `bucket`, stopped when the block
+    ends: (the AWS_* environment a run needs to reach it, a boto3 client of it)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": key_id,
+               "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"}
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                              aws_access_key_id=key_id, aws_secret_access_key=secret)
+        client.create_bucket(Bucket=bucket)
+        yield env, client
+    finally:
+        server.stop()
+
+
+def bucket_keys(client, bucket: str) -> list[str]:
+    return [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+
+
+def adapter_copies(under: Path) -> list[Path]:
+    """Adapter files (a checkpoint's or a registered version's) anywhere under `under`."""
+    return [p for p in under.rglob("adapter_config.json")]

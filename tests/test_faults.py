@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, adapter_copies, bucket_keys, local_s3
 from test_end_to_end import quickstart
 
 
@@ -258,13 +258,11 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _run_env(ray_tmp: Path, **more: str) -> dict[str, str]:
+def _run_env(ray_tmp: Path, s3_env: dict[str, str], **more: str) -> dict[str, str]:
     """The environment of a CLI run: HF, AWS and Ray secrets (Ray with token authentication)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_", "RAY_AUTH"))}
     return {**env, "COLUMNS": "200", "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": SECRETS["RAY_AUTH_TOKEN"], "HF_TOKEN": SECRETS["HF_TOKEN"],
-            "AWS_ACCESS_KEY_ID": "AKIAFAKEFAULTTEST", "AWS_SECRET_ACCESS_KEY": SECRETS["AWS_SECRET_ACCESS_KEY"],
-            "AWS_DEFAULT_REGION": "us-east-1", **more}
+            "RAY_AUTH_TOKEN": SECRETS["RAY_AUTH_TOKEN"], "HF_TOKEN": SECRETS["HF_TOKEN"], **s3_env, **more}
 
 
 # The stopped-and-resumed run: a checkpoint every 4 steps; the first attempt is stopped after the
@@ -329,18 +327,13 @@ def _stopped_and_resumed(first_cli: list[str], first_env: dict[str, str], second
 
 
 def _bucket_objects(bucket) -> dict[str, bytes]:
-    objects = {}
-    for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        for o in page.get("Contents", []):
-            objects[o["Key"]] = bucket.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
-    return objects
+    return {key: bucket.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in bucket_keys(bucket, BUCKET)}
 
 
 def _s3_saved_step(bucket) -> int | None:
     """The step of the latest checkpoint Ray Train recorded in the bucket, read with boto3 (not
     with the product's `latest_checkpoint`, which the resumed run is checked with)."""
-    keys = [o["Key"] for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-            for o in page.get("Contents", [])]
+    keys = bucket_keys(bucket, BUCKET)
     for key in keys:
         if key.endswith("/checkpoint_manager_snapshot.json"):
             snapshot = json.loads(bucket.get_object(Bucket=BUCKET, Key=key)["Body"].read())
@@ -358,38 +351,30 @@ def stopped_and_resumed(tmp_path_factory, tiny_base, auth_server, ray_tmp):
     checkpoint is in the bucket, then run again, resuming from it. The attempts carry the MLflow
     password as a user who moves it out of the job file would: the first in `tracking.uri`, the
     second in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (and a token beside them)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     tmp = tmp_path_factory.mktemp("s3run")
-    port = _free_port()
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    s3.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        first_env = _run_env(ray_tmp, AWS_ENDPOINT_URL=endpoint)
+    # The attempts' own temporary directory: what they leave in it is checked.
+    temp = tmp_path_factory.mktemp("s3run-temp")
+    with local_s3(BUCKET, "AKIAFAKEFAULTTEST", SECRETS["AWS_SECRET_ACCESS_KEY"]) as (s3_env, bucket):
+        first_env = _run_env(ray_tmp, s3_env, TMPDIR=str(temp))
         second_env = {**first_env, "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
                       "MLFLOW_TRACKING_PASSWORD": SECRETS["MLFLOW_TRACKING_PASSWORD"],
                       "MLFLOW_TRACKING_TOKEN": SECRETS["MLFLOW_TRACKING_TOKEN"]}
-        bucket = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id=first_env["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=SECRETS["AWS_SECRET_ACCESS_KEY"])
-        bucket.create_bucket(Bucket=BUCKET)
         # The data is read from the bucket too (Ray Data, credentials and endpoint from the environment).
         for split in ("train", "eval"):
             bucket.upload_file(str(REPO / "jobs" / "data" / "quickstart" / f"{split}.jsonl"), BUCKET, f"data/{split}.jsonl")
         r = _stopped_and_resumed(_cli(_sets(auth_server.uri_with_password)), first_env,
                                  _cli(_sets(auth_server.uri)), second_env, tmp,
                                  saved_step=lambda: _s3_saved_step(bucket))
-        return {"tmp": tmp, "objects": _bucket_objects(bucket), **r}
-    finally:
-        s3.stop()
+        return {"tmp": tmp, "temp": temp, "objects": _bucket_objects(bucket), **r}
 
 
-def test_a_stopped_driver_is_resumed_by_running_the_job_again(stopped_and_resumed, auth_server):
+def test_a_stopped_driver_is_resumed_by_running_the_job_again(stopped_and_resumed, auth_server, tmp_path):
     """The same MLflow run continues from the checkpoint the stopped attempt saved in the bucket,
     though the password moved from `tracking.uri` to the environment: every step logged once,
-    one run of the job, the model registered once, the data read from the bucket."""
+    one run of the job, the model registered once (its adapter fetched from the bucket, no copy
+    of it left behind), the data read from the bucket."""
+    from orchestrator.tracking.registry import download_model
+
     r = stopped_and_resumed
     run_id, uri = r["summary"]["run_id"], auth_server.uri_with_password
     assert f"MLflow run {run_id}" in r["first_err"]
@@ -402,6 +387,10 @@ def test_a_stopped_driver_is_resumed_by_running_the_job_again(stopped_and_resume
     experiment = client_for(uri).get_experiment_by_name("quickstart").experiment_id
     assert len(client_for(uri).search_runs([experiment], filter_string=f"attributes.run_name = '{RESUMED_NAME}'")) == 1
     assert r["summary"]["registered_model"]["version"] == "1"
+    assert r["summary"]["measured"]["artifact_dir"].startswith(f"s3://{BUCKET}/runs/"), r["summary"]["measured"]
+    registered = download_model(f"models:/{RESUMED_NAME}/1", tmp_path / "v1", uri)
+    assert (registered / "adapter_model.safetensors").stat().st_size > 0
+    assert not adapter_copies(r["temp"])  # no copy of a checkpoint, whole or in part, left in TMPDIR
     # Its data came from the bucket: every record of the quickstart files, tokenized, none truncated.
     local = [sum(1 for line in open(REPO / "jobs" / "data" / "quickstart" / f"{split}.jsonl") if line.strip())
              for split in ("train", "eval")]

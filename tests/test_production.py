@@ -282,3 +282,20 @@ def test_serve_follows_alias_moves_on_reload(versions, served):
     port = served.rsplit(":", 1)[1]
     result = CliRunner().invoke(app, ["serve", "--reload", "--port", port])
     assert result.exit_code == 0 and f"{ref} -> models:/{NAME}/2" in result.output, result.output
+
+
+def test_served_adapters_keep_no_download_on_disk(versions, tmp_path, monkeypatch):
+    """Serve kills a replica at shutdown (no exit handler runs), so nothing may wait for the
+    replica's exit to be cleaned up: each version's download is removed once it is loaded, and
+    the adapters answer from memory."""
+    import tempfile
+
+    from orchestrator.serving.adapters import ServedAdapters
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    refs = [f"models:/{NAME}/1", f"models:/{NAME}/2"]
+    adapters = ServedAdapters(refs, versions["uri"])
+    assert adapters.load() == {ref: ref for ref in refs}
+    assert not list(tmp_path.iterdir())
+    answers = [adapters.complete(ref, PROMPT, max_tokens=TOKENS)[0] for ref in refs]
+    assert answers[0] != answers[1] and all(answers), answers

@@ -4,18 +4,22 @@ adapter registered; and a search resumed after its driver was killed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from orchestrator.spec import load_spec
 
-from conftest import REPO
+from conftest import REPO, adapter_copies, bucket_keys, local_s3
 
 SPACE = "{peft.r: {choice: [4, 8]}, training.learning_rate: {choice: [1.0e-5, 3.0e-3]}}"
 
@@ -107,14 +111,13 @@ def test_search_parent_holds_space_best_params_table_and_plots(searched):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _cli(tmp, sets, log):
+def _cli(tmp, sets, log, env):
     cmd = [sys.executable, "-m", "orchestrator", "run", str(REPO / "jobs" / "quickstart.yaml"), "--json"]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     # Its own session: the test stops the driver and the local Ray it started as one group.
-    return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO), **env},
+                            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
 
 
 def _stop(proc) -> None:
@@ -123,34 +126,54 @@ def _stop(proc) -> None:
         proc.wait(timeout=60)
 
 
+BUCKET = "search-runs"
+
+
+def _finished_a_trial(bucket) -> bool:
+    """Tune's saved state (in the bucket) holds a finished trial."""
+    return any("TERMINATED" in bucket.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+               for key in bucket_keys(bucket, BUCKET)
+               if key.startswith("runs/search-resume-search-") and "/experiment_state-" in key)
+
+
 def test_search_resumes_after_the_driver_is_killed_without_rerunning_finished_trials(tmp_path, tiny_base):
+    """Tune's state and the trials' checkpoints in an S3 bucket (a real S3 server, moto's, on
+    127.0.0.1): the search restarted after its driver was killed re-runs no finished trial and
+    registers the best trial's adapter, fetched from the bucket, leaving no copy in TMPDIR."""
+    from orchestrator.tracking.registry import download_model
+
     sets = search_sets(tmp_path, "search-resume", **{
         "tune.num_samples": 2, "tune.max_concurrent_trials": 1, "tune.scheduler.type": "none",
-        "training.max_steps": 2})
+        "training.max_steps": 2, "storage.path": f"s3://{BUCKET}/runs"})
     log = open(tmp_path / "driver.log", "w")
-    proc = _cli(tmp_path, sets, log)
-    try:
-        # Wait until Tune's saved state holds one finished trial, then kill the driver.
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            states = list((tmp_path / "runs").glob("search-resume-search-*/experiment_state-*.json"))
-            if states and "TERMINATED" in states[0].read_text():
-                break
-            time.sleep(1)
-        assert proc.poll() is None, open(tmp_path / "driver.log").read()[-3000:]
-    finally:
-        _stop(proc)
-    c = client(tmp_path)
-    before = {r.data.tags["tune_trial_id"]: r for r in runs_of(c, "search-resume")
-              if r.data.tags.get("search") == "trial" and r.info.status == "FINISHED"}
-    assert len(before) >= 1
+    # The drivers' own TMPDIR (Ray's sessions go there too: short, for its unix sockets).
+    temp = Path(tempfile.mkdtemp(prefix="srch-", dir="/tmp"))
+    with local_s3(BUCKET, "AKIAFAKESEARCHTEST", "fakeSearchSecret") as (s3_env, bucket), \
+            contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, temp, ignore_errors=True)
+        env = {**s3_env, "TMPDIR": str(temp)}
+        proc = _cli(tmp_path, sets, log, env)
+        try:
+            # Wait until Tune's saved state holds one finished trial, then kill the driver.
+            deadline = time.time() + 600
+            while time.time() < deadline and proc.poll() is None and not _finished_a_trial(bucket):
+                time.sleep(1)
+            assert proc.poll() is None, open(tmp_path / "driver.log").read()[-3000:]
+        finally:
+            _stop(proc)
+        c = client(tmp_path)
+        before = {r.data.tags["tune_trial_id"]: r for r in runs_of(c, "search-resume")
+                  if r.data.tags.get("search") == "trial" and r.info.status == "FINISHED"}
+        assert len(before) >= 1
 
-    proc = _cli(tmp_path, sets, log)
-    try:
-        out, _ = proc.communicate(timeout=900)
-    finally:
-        _stop(proc)
-    assert proc.returncode == 0, open(tmp_path / "driver.log").read()[-3000:]
+        proc = _cli(tmp_path, sets, log, env)
+        try:
+            out, _ = proc.communicate(timeout=900)
+        finally:
+            _stop(proc)
+        assert proc.returncode == 0, open(tmp_path / "driver.log").read()[-3000:]
+        keys = bucket_keys(bucket, BUCKET)
+        left = adapter_copies(temp)
     summary = json.loads(out)
     runs = runs_of(c, "search-resume")
     parents = [r for r in runs if r.data.tags.get("search") == "parent"]
@@ -164,3 +187,12 @@ def test_search_resumes_after_the_driver_is_killed_without_rerunning_finished_tr
     for r in trial_runs:
         assert r.info.status == "FINISHED" or r.data.tags.get("interrupted") == "true", r.data.tags
     assert len(c.search_model_versions("name='search-resume'")) == 1
+    # Every trial checkpointed into the bucket; the registered version holds the best one's adapter.
+    best = parents[0].data.tags["best_trial"]
+    assert {t["trial_id"] for t in summary["trials"]} == \
+        {k.split("/trainers/")[1].split("/")[0] for k in keys if "/trainers/" in k and k.endswith("/adapter_config.json")}
+    registered = download_model("models:/search-resume/1", tmp_path / "v1", f"sqlite:///{tmp_path}/mlflow.db")
+    assert (registered / "adapter_model.safetensors").stat().st_size > 0
+    assert json.loads((registered / "adapter_config.json").read_text())["r"] == \
+        next(t for t in summary["trials"] if t["trial_id"] == best)["params"]["peft.r"]
+    assert not left, left

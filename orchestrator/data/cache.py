@@ -247,10 +247,11 @@ def shared(data: TokenizedData, storage_path: str) -> TokenizedData:
 
     from orchestrator.data.pipeline import SPLITS
     from orchestrator.spec.checks import is_uri
+    from orchestrator.storage import storage_location
 
     if is_uri(data.path):
         return data
-    target = replace(data, path=f"{storage_path.rstrip('/')}/tokenized/{Path(data.path).name}")
+    target = replace(data, path=storage_location(storage_path, "tokenized", Path(data.path).name))
     fs, root = target.filesystem()
     if fs.get_file_info(f"{root}/{_META}").type == pafs.FileType.NotFound:
         source = Path(data.path).resolve()

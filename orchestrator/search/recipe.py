@@ -17,6 +17,7 @@ from typing import Callable
 
 from orchestrator.search import space
 from orchestrator.spec import JobSpec, SpecError
+from orchestrator.storage import local_copy, storage_location
 from orchestrator.training.checkpoint import ADAPTER_DIR
 
 SEARCH_TAG = "search"  # "parent" on the search's run, "trial" on each trial's run
@@ -207,7 +208,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
     trials_spec.tracking.uri = parent.uri
     ctx = TrialContext(spec=trials_spec.model_dump(mode="json"), data=p.data, gpus=p.gpus, tracking_uri=parent.uri,
                        parent_run_id=parent.run_id, lineage=lineage,
-                       trainers_path=f"{launch.search_dir(spec.storage.path, name)}/trainers",
+                       trainers_path=storage_location(launch.search_dir(spec.storage.path, name), "trainers"),
                        gpu_memory_bytes=p.memory.gpu_memory_bytes, gpu_memory_source=p.memory.gpu_memory_source)
     records: dict[str, space.TrialRecord] = {}
     totals: dict[str, int] = {}
@@ -279,11 +280,17 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
                                f"{parent.run_id}")
         tspec = space.trial_spec(trials_spec, best.values)
         child = runs.run_handle(parent.uri, best.run_id)
-        adapter_dir = f"{best.metrics['checkpoint_path']}/{ADAPTER_DIR}"
+        # The trial's final checkpoint, where its TorchTrainer keeps it (a local path, or a URI:
+        # the adapter alone is fetched from the bucket, and removed once registered).
+        saved = launch.latest_checkpoint(ctx.trainers_path, best.trial_id)
+        if saved is None:
+            raise RuntimeError(f"the best trial {best.trial_id} completed without a checkpoint under "
+                               f"{ctx.trainers_path}")
         status(f"Registering the best trial's adapter ({best.trial_id}) as '{tspec.registered_name}'")
-        version = registry.register_trained(child, tspec, adapter_dir, lineage=lineage, tags={
-            "spec_hash": tspec.spec_hash(), "base_model": spec.model.base, TRIAL_TAG: best.trial_id,
-            SEARCH_RUN_TAG: parent.run_id})
+        with local_copy(storage_location(saved[1], ADAPTER_DIR)) as adapter_dir:
+            version = registry.register_trained(child, tspec, adapter_dir, lineage=lineage, tags={
+                "spec_hash": tspec.spec_hash(), "base_model": spec.model.base, TRIAL_TAG: best.trial_id,
+                SEARCH_RUN_TAG: parent.run_id})
         wall = time.time() - started
         best_plan = plans[best.trial_id]
         m = best.metrics

@@ -26,7 +26,6 @@ class ServedAdapters:
         self.specs: dict[str, object] = {}    # adapter name -> the job spec it was trained with
         self.active: dict[str, str] = {}      # served ref -> adapter name
         self.lock = threading.Lock()          # set_adapter + generate is one step per request
-        self._dir = tempfile.TemporaryDirectory(prefix="orchestrator-serve-")
 
     def load(self) -> dict[str, str]:
         """Resolve every reference (aliases may have moved) and load the versions not loaded yet;
@@ -52,32 +51,35 @@ class ServedAdapters:
         from orchestrator.models.loading import load_base_for_inference, load_tokenizer, resolve_base
         from orchestrator.tracking.registry import download_model
 
-        local = download_model(f"models:/{name}", Path(self._dir.name) / name.replace("/", "-"), self.tracking_uri)
-        spec = read_spec(local)
-        if is_merged(local) or spec.peft.method in ("full", "freeze"):
-            raise ValueError(f"models:/{name} is not an adapter version ({spec.peft.method}, "
-                             f"{'merged' if is_merged(local) else 'adapter'}): serve adapter versions of one base, "
-                             "or export a merged version and serve it with a plain transformers server")
-        base = (spec.model.base, read_lineage(local).get("base_sha256"))
-        if self.base is not None and base != self.base:
-            raise ValueError(f"models:/{name} was trained on {base[0]}, not on the base the other served "
-                             f"versions share ({self.base[0]}): serve versions of one base together")
-        base_path = resolve_base(spec.model)
-        check_base(local, spec, base_path)
-        if self.model is None:
-            from peft import PeftModel
+        # Downloaded, loaded into memory, removed: Serve kills a replica at shutdown, so a
+        # directory kept for the replica's life would never be removed.
+        with tempfile.TemporaryDirectory(prefix="orchestrator-serve-") as tmp:
+            local = download_model(f"models:/{name}", Path(tmp) / name.replace("/", "-"), self.tracking_uri)
+            spec = read_spec(local)
+            if is_merged(local) or spec.peft.method in ("full", "freeze"):
+                raise ValueError(f"models:/{name} is not an adapter version ({spec.peft.method}, "
+                                 f"{'merged' if is_merged(local) else 'adapter'}): serve adapter versions of one base, "
+                                 "or export a merged version and serve it with a plain transformers server")
+            base = (spec.model.base, read_lineage(local).get("base_sha256"))
+            if self.base is not None and base != self.base:
+                raise ValueError(f"models:/{name} was trained on {base[0]}, not on the base the other served "
+                                 f"versions share ({self.base[0]}): serve versions of one base together")
+            base_path = resolve_base(spec.model)
+            check_base(local, spec, base_path)
+            if self.model is None:
+                from peft import PeftModel
 
-            # As `generate` loads it (models.inference.load_adapter): the base's revision, the
-            # job's chat template.
-            self.tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision,
-                                            spec.data.chat_template)
-            # A replica given a GPU (k8s render --serve --gpu) holds the model there, as `generate` would.
-            self.model = PeftModel.from_pretrained(load_base_for_inference(spec, base_path), str(local),
-                                                   adapter_name=name)
-            self.model.eval()
-            self.base = base
-        else:
-            self.model.load_adapter(str(local), adapter_name=name)
+                # As `generate` loads it (models.inference.load_adapter): the base's revision, the
+                # job's chat template.
+                self.tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision,
+                                                spec.data.chat_template)
+                # A replica given a GPU (k8s render --serve --gpu) holds the model there, as `generate` would.
+                self.model = PeftModel.from_pretrained(load_base_for_inference(spec, base_path), str(local),
+                                                       adapter_name=name)
+                self.model.eval()
+                self.base = base
+            else:
+                self.model.load_adapter(str(local), adapter_name=name)
         self.specs[name] = spec
 
     def models(self) -> dict[str, str]:

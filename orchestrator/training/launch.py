@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from orchestrator.planning.resources import Resources
 from orchestrator.spec.checks import is_uri
+from orchestrator.storage import read_json, storage_location, storage_root
 from orchestrator.training.checkpoint import ADAPTER_DIR, TRAIN_STATE_FILE
 from orchestrator.training.worker import WorkerJob, train_loop_per_worker
 
@@ -41,15 +41,12 @@ TRAINING_WORKER_ENV = {"RAY_worker_niceness": os.environ.get("RAY_worker_nicenes
 
 @dataclass
 class FitResult:
-    adapter_dir: str
+    """Where a run's outputs are: local paths, or URIs when `storage.path` is a bucket."""
+
+    adapter_dir: str  # the final checkpoint's adapter (or trained weights)
     metrics: dict
-    storage_dir: str
+    storage_dir: str  # Ray Train's directory of the run
     checkpoint_dir: str = ""
-
-
-def storage_root(storage_path: str) -> str:
-    """`storage.path` as Ray Train takes it: a URI (s3://bucket/prefix) as it is, a local path made absolute."""
-    return storage_path if is_uri(storage_path) else str(Path(storage_path).resolve())
 
 
 def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
@@ -64,30 +61,6 @@ def latest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     directory = storage_location(run_dir, latest["checkpoint_dir_name"])
     state = read_json(storage_location(directory, TRAIN_STATE_FILE))
     return (state["step"], directory) if state else None
-
-
-def storage_location(location: str, *parts: str) -> str:
-    """`location` (a local path or a URI such as s3://bucket/prefix?endpoint_override=...) with
-    `parts` appended to its path."""
-    if not is_uri(location):
-        return os.path.join(location, *parts)
-    url = urllib.parse.urlsplit(location)
-    return urllib.parse.urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *parts])))
-
-
-def read_json(location: str):
-    """The JSON file at `location` (a local path or a URI), or None when there is none. A URI is
-    resolved as Ray Train resolves its `storage_path` (pyarrow's filesystem for the scheme, its
-    credentials and endpoint from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)."""
-    import json
-
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(storage_root(location))
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.read().decode("utf-8"))
 
 
 def connect(address: str | None = None, verbose: bool = False, dashboard: bool = False) -> float:
@@ -258,10 +231,12 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
         raise RuntimeError(f"the training run {name} ended without a checkpoint")
     if on_progress:
         on_progress(job.total_steps, result.metrics or {})
-    # A checkpoint in remote storage is downloaded, so the adapter can be registered from here.
-    checkpoint_dir = result.checkpoint.to_directory() if is_uri(storage) else result.checkpoint.path
-    return FitResult(adapter_dir=os.path.join(checkpoint_dir, ADAPTER_DIR),
-                     metrics=dict(result.metrics or {}), storage_dir=os.path.join(storage, name),
+    # Where Ray Train keeps the checkpoint: a URI in remote storage (`storage.local_copy` fetches
+    # what the driver needs of it), never downloaded whole (it holds the optimizer state too).
+    checkpoint_dir = (storage_location(storage, name, Path(result.checkpoint.path).name) if is_uri(storage)
+                      else result.checkpoint.path)
+    return FitResult(adapter_dir=storage_location(checkpoint_dir, ADAPTER_DIR),
+                     metrics=dict(result.metrics or {}), storage_dir=storage_location(storage, name),
                      checkpoint_dir=checkpoint_dir)
 
 
@@ -348,7 +323,8 @@ def asha_scheduler(**kwargs):
 
 
 def search_dir(storage_path: str, name: str) -> str:
-    return f"{storage_root(storage_path).rstrip('/')}/{name}"
+    """Where Tune keeps the search `name` (a local path or a URI): under `storage.path`."""
+    return storage_location(storage_root(storage_path), name)
 
 
 def tune(trial_fn: Callable, trial_params: dict, *, param_space: dict, setup: SearchSetup, name: str,
@@ -406,7 +382,7 @@ def tune(trial_fn: Callable, trial_params: dict, *, param_space: dict, setup: Se
                                           max_concurrent_trials=setup.max_concurrent_trials,
                                           scheduler=scheduler, search_alg=search_alg,
                                           time_budget_s=setup.time_budget_s),
-                run_config=rt.RunConfig(name=name, storage_path=str(Path(path).parent), verbose=0,
+                run_config=rt.RunConfig(name=name, storage_path=storage_root(storage_path), verbose=0,
                                         callbacks=[_search_callback()],
                                         failure_config=ray.tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()

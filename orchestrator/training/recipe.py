@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from orchestrator.spec import JobSpec, Problem, SpecError, redact_uri
+from orchestrator.storage import local_copy, read_json, storage_location, storage_root
 from orchestrator.timing import Stopwatch
 
 StatusFn = Callable[[str], None]
@@ -36,14 +37,16 @@ class RunSummary:
     registered_model: dict
     data: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)  # seconds per phase, see `phase_timings`
-    # For `orchestrator compare`: the plan, the measured run, and the saved adapter's size.
+    # The memory plan's counts, and what the run measured: its peak memory, the size of what it
+    # saved and where that is (a local path, or a URI in a bucket). `orchestrator compare` reads them.
     planned: dict = field(default_factory=dict)
     measured: dict = field(default_factory=dict)
     trials: list[dict] | None = None  # a search: every trial, ranked (best first)
 
     def to_json(self) -> dict:
         out = {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics,
-               "registered_model": self.registered_model, "data": self.data, "timings": self.timings}
+               "registered_model": self.registered_model, "data": self.data, "timings": self.timings,
+               "planned": self.planned, "measured": self.measured}
         return out if self.trials is None else {**out, "trials": self.trials}
 
 
@@ -224,7 +227,7 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
         if tokenizing is None and address is not None and launch.cluster_info().workers_may_span_nodes(spec):
             # Workers on other nodes cannot read this machine's cache: the rows go where checkpoints go.
             # (A local Ray instance is one node and never grows.)
-            data = shared(data, launch.storage_root(spec.storage.path))
+            data = shared(data, storage_root(spec.storage.path))
             status(f"Tokenized data shared with the cluster's nodes: {data.path}")
     except BaseException:
         if tokenizing is not None:
@@ -321,15 +324,16 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                 data = p.tokenizing.wait((lambda n: progress("tokenizing (records)", n, None, {})) if progress else None)
                 report_data(spec, data, status, check=False)
                 runs.log_artifacts(handle, {"data_stats.json": data.stats})
-            artifact_bytes = registry.dir_size(fit.adapter_dir)
             version = None
-            if register:
-                what = {"full": "full model", "freeze": "changed weights"}.get(spec.peft.method, "adapter")
-                what = {"adapter": what, "merged": "merged model", "both": f"{what} and the merged model"}[spec.registry.mode]
-                status(f"Registering the {what} as '{spec.registered_name}'")
-                with watch("register"):
-                    version = registry.register_trained(handle, spec, fit.adapter_dir, lineage=lineage,
-                                                        tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
+            with local_copy(fit.adapter_dir) as adapter_dir:  # fetched from a bucket, then removed
+                artifact_bytes = registry.dir_size(adapter_dir)
+                if register:
+                    what = {"full": "full model", "freeze": "changed weights"}.get(spec.peft.method, "adapter")
+                    what = {"adapter": what, "merged": "merged model", "both": f"{what} and the merged model"}[spec.registry.mode]
+                    status(f"Registering the {what} as '{spec.registered_name}'")
+                    with watch("register"):
+                        version = registry.register_trained(handle, spec, adapter_dir, lineage=lineage,
+                                                            tags={"spec_hash": spec.spec_hash(), "base_model": spec.model.base})
             timings = phase_timings(watch.seconds, fit_started_at, watch.seconds["fit"], fit.metrics)
             wall = time.time() - started
             metrics = {"base_eval_loss": fit.metrics.get("base_eval_loss"), "eval_loss": fit.metrics.get("eval_loss"),
@@ -383,13 +387,12 @@ def sync_tracking(spec: JobSpec, handle, checkpoint_dir: str, timeout_s: float =
     server stays unreachable."""
     from orchestrator.tracking import runs
     from orchestrator.tracking.metrics import MetricLogger
-    from orchestrator.training import launch
     from orchestrator.training.checkpoint import PENDING_METRICS_FILE
 
     logger = MetricLogger(handle.uri, handle.run_id, fail_fast=False)
     # A resumed run's checkpoint may be in remote storage (s3://...): read where it is.
     if checkpoint_dir:
-        logger.extend(launch.read_json(launch.storage_location(checkpoint_dir, PENDING_METRICS_FILE)) or [])
+        logger.extend(read_json(storage_location(checkpoint_dir, PENDING_METRICS_FILE)) or [])
     if not runs.wait_for_server(handle.uri, timeout_s) or logger.close(timeout_s):
         raise SpecError([Problem(
             path="tracking.uri", message=f"the MLflow server at {redact_uri(handle.uri)} did not answer for "

@@ -1,0 +1,69 @@
+"""Where a job's outputs live (`storage.path`): a local or mounted path, or a URI in a bucket
+(s3://bucket/prefix, gs://..., with `?endpoint_override=...` and the like), read and written
+through pyarrow's filesystems as Ray Train does, with the bucket's credentials and endpoint from
+the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+from orchestrator.spec.checks import is_uri
+
+
+def storage_root(storage_path: str) -> str:
+    """`storage.path` as Ray Train takes it: a URI (s3://bucket/prefix) as it is, a local path made absolute."""
+    return storage_path if is_uri(storage_path) else str(Path(storage_path).resolve())
+
+
+def storage_location(location: str, *parts: str) -> str:
+    """`location` (a local path or a URI such as s3://bucket/prefix?endpoint_override=...) with
+    `parts` appended to its path (before the URI's query)."""
+    if not is_uri(location):
+        return os.path.join(location, *parts)
+    url = urllib.parse.urlsplit(location)
+    return urllib.parse.urlunsplit(url._replace(path="/".join([url.path.rstrip("/"), *parts])))
+
+
+def _filesystem(location: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(storage_root(location))
+
+
+def read_json(location: str):
+    """The JSON file at `location` (a local path or a URI), or None when there is none."""
+    import json
+
+    import pyarrow.fs
+
+    fs, path = _filesystem(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read().decode("utf-8"))
+
+
+@contextlib.contextmanager
+def local_copy(location: str) -> Iterator[Path]:
+    """The directory at `location` as a local directory: a local path as it is; a directory in a
+    bucket downloaded into a temporary directory, removed when the block ends (a run's adapter,
+    registered from the driver, without the optimizer state beside it in the checkpoint)."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    import pyarrow.fs
+
+    fs, path = _filesystem(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        raise FileNotFoundError(f"no directory at {location}")
+    with tempfile.TemporaryDirectory(prefix="orchestrator-") as tmp:
+        local = Path(tmp) / Path(path).name
+        local.mkdir()  # copy_files makes the sub-directories it lists, not the top one
+        pyarrow.fs.copy_files(path, str(local), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        yield local
