@@ -67,3 +67,27 @@ def local_copy(location: str) -> Iterator[Path]:
         pyarrow.fs.copy_files(path, str(local), source_filesystem=fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
         yield local
+
+
+def check_reachable(storage_path: str) -> None:
+    """Raise `SpecError` when `storage.path` is a URI whose bucket cannot be read (no server at
+    the endpoint, no such bucket, credentials refused), before anything starts: Ray Train would
+    fail with pyarrow's traceback once the workers are up. A local path is created by Ray Train."""
+    if not is_uri(storage_path):
+        return
+    import pyarrow.fs
+
+    from orchestrator.spec import Problem, SpecError
+
+    fix = ("check the bucket's name, and its credentials and endpoint in this machine's environment "
+           "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...; GOOGLE_APPLICATION_CREDENTIALS)")
+    try:
+        fs, path = _filesystem(storage_path)
+        # A bucket's prefix may not exist yet (Ray Train makes it); the bucket itself must.
+        bucket = path.split("/", 1)[0] if fs.type_name in ("s3", "gcs") else None
+        missing = bucket is not None and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound
+    except (OSError, ValueError) as e:
+        raise SpecError([Problem(path="storage.path", message=f"cannot read {storage_path} ({e})", fix=fix)]) from None
+    if missing:
+        raise SpecError([Problem(path="storage.path", message=f"there is no bucket '{bucket}' at {storage_path}",
+                                 fix="create it, or name a bucket that exists")])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, local_s3
 
 ALPACA = {"instruction": "Describe the animal.", "input": "a cat", "output": "It is a cat."}
 
@@ -63,6 +63,9 @@ CASES = [
      "training.micro_batch_size: 3 training examples cannot fill one micro batch on each of 2 workers (16 needed)"),
     ("MLflow server unreachable", {}, None, ["tracking.uri=http://127.0.0.1:PORT"],
      "tracking.uri: cannot reach the MLflow server at http://127.0.0.1:PORT"),
+    ("storage bucket unreachable", {}, None, ["storage.path=s3://job-runs/prefix"],
+     "storage.path: cannot read s3://job-runs/prefix (When getting information for bucket 'job-runs': AWS Error "
+     "NETWORK_CONNECTION"),
 ]
 
 
@@ -100,9 +103,28 @@ def test_bad_input_is_refused_before_any_worker_starts(tmp_path, tiny_base, no_r
     expected = expected.replace("PORT", port)
     args = ["run", str(job), "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             "--set", f"storage.path={tmp_path}/runs", *[x for s in sets for x in ("--set", s)]]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "400", "HF_HUB_OFFLINE": "1"})
+    # S3 (storage.path in a bucket) at the closed port.
+    s3 = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIAFAKEBADINPUT",
+          "AWS_SECRET_ACCESS_KEY": "fakeBadInputSecret", "AWS_DEFAULT_REGION": "us-east-1"}
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400", "HF_HUB_OFFLINE": "1", **s3})
     output = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert result.exit_code == 2, (output, result.exception)
     assert expected in " ".join(output.split()), output
     assert "Traceback" not in output
     assert not (tmp_path / "runs").exists()
+
+
+def test_storage_in_a_bucket_that_does_not_exist_is_refused(monkeypatch):
+    """A bucket on a real S3 server (moto's): a prefix in it is fine (Ray Train makes it), a
+    bucket that is not there is named, with the fix."""
+    from orchestrator.spec import SpecError
+    from orchestrator.storage import check_reachable
+
+    with local_s3("job-runs", "AKIAFAKEBADINPUT", "fakeBadInputSecret") as (env, _):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        check_reachable("s3://job-runs/not/there/yet")
+        with pytest.raises(SpecError) as refused:
+            check_reachable("s3://no-such-bucket/runs")
+    assert str(refused.value.problems[0]) == ("storage.path: there is no bucket 'no-such-bucket' at "
+                                              "s3://no-such-bucket/runs. Fix: create it, or name a bucket that exists")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from orchestrator.spec import JobSpec, Problem, SpecError, redact_uri
+from orchestrator.storage import check_reachable as check_storage
 from orchestrator.storage import local_copy, read_json, storage_location, storage_root
 from orchestrator.timing import Stopwatch
 
@@ -155,6 +156,7 @@ def prepare(spec: JobSpec, *, address: str | None, verbose: bool, force: bool, g
     watch = watch or Stopwatch()
     with watch("tracking_start"):
         runs.check_reachable(spec.tracking.uri)
+    check_storage(spec.storage.path)
     status(f"Resolving base model {spec.model.base}")
     with watch("resolve_base"):
         base_path = resolve_base(spec.model, progress=(lambda i, n: progress("pre-training built-in base", i, n, {}))
