@@ -104,6 +104,23 @@ def test_generate_answers_in_the_direction_of_the_training_data(zero2_run):
     assert score(tuned) >= 3 > score(base), (tuned, base)
 
 
+def test_a_run_without_eval_examples_is_never_evaluated(tmp_path, ray_local, tiny_base):
+    """data.eval: null: the run trains and registers, and no evaluation runs: no eval loss in
+    MLflow (before, NaN at every evaluation) nor in the summary."""
+    from orchestrator.training.recipe import run_job
+
+    spec = quickstart(tmp_path, name="e2e-no-eval", **{"data.eval": "null", "distributed.num_workers": 1,
+                                                       "training.max_steps": 2, "training.eval_every": 1})
+    summary = run_job(spec)
+    client = client_for(summary)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(summary.run_id, "train_loss")) == [1, 2]
+    assert not [k for k in run.data.metrics if "eval" in k], sorted(run.data.metrics)
+    assert summary.metrics["eval_loss"] is None and summary.metrics["base_eval_loss"] is None, summary.metrics
+    assert summary.registered_model["version"] == "1"
+
+
 def test_zero3_run_with_4bit_base_registers(tmp_path, ray_local, tiny_base):
     from orchestrator.training.recipe import run_job
 

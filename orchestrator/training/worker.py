@@ -275,9 +275,15 @@ def train_loop_per_worker(config: dict) -> None:
     # None: not read yet (an eval split counted 0 has none to read; one not counted yet, while
     # the data is tokenized, is read to find out).
     eval_set: list | None = [] if job.eval_examples == 0 else None
+    # A job without eval examples (data.eval: null) is never evaluated: no eval_loss at all,
+    # rather than NaN in MLflow, the progress bar and the summary.
+    evaluates = job.eval_examples != 0
 
-    def run_eval(step: int) -> float:
+    def run_eval(step: int) -> dict:
+        """{"eval_loss": ...} at `step`, or {} for a job without eval examples."""
         nonlocal eval_set
+        if not evaluates:
+            return {}
         with watch("eval"):
             if eval_set is None:
                 eval_set = list(eval_batches(eval_pass(), t.micro_batch_size, rank, world,
@@ -285,20 +291,20 @@ def train_loop_per_worker(config: dict) -> None:
             loss = evaluate_batches(engine, eval_set, job.pad_id, device)
             if log_generations:
                 log_generations(step)
-            return loss
+            return {"eval_loss": loss}
 
-    if state.base_eval_loss is None:
-        state.base_eval_loss = run_eval(0)
+    if state.step == 0:  # a fresh start (a checkpoint is never saved at step 0)
+        state.base_eval_loss = run_eval(0).get("eval_loss")
         if logger:
             # The worker's niceness beside it: Ray starts its workers at 15, and a training
             # worker at 15 yields the CPU to everything else on the node (launch.TRAINING_WORKER_ENV).
             logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss,
                            "worker_niceness": float(os.nice(0))})
-        progress(0, {"eval_loss": state.base_eval_loss})
+        progress(0, {"eval_loss": state.base_eval_loss} if evaluates else {})
     elif logger:
         logger.log(state.step, {"resumed_from_step": state.step})
     if state.step >= job.total_steps:  # stopped after its last checkpoint: report that state again
-        report(engine, spec, rank, state, {"eval_loss": run_eval(state.step)}, save=True,
+        report(engine, spec, rank, state, run_eval(state.step), save=True,
                pending=logger.close(job.final_flush_timeout_s) if logger else [], total_steps=job.total_steps)
         return
 
@@ -315,7 +321,7 @@ def train_loop_per_worker(config: dict) -> None:
         tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
         last = step == job.total_steps
         if step % t.eval_every == 0 or last:
-            metrics["eval_loss"] = run_eval(step)
+            metrics.update(run_eval(step))
         if last:  # rank 0's peak memory, for `orchestrator compare`
             metrics["peak_memory_bytes"] = float(peak_memory_bytes(job.use_gpu))
         save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
