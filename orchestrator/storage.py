@@ -5,11 +5,13 @@ the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import tempfile
+import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from orchestrator.spec.checks import is_uri
@@ -48,11 +50,18 @@ def read_json(location: str):
         return json.loads(stream.read().decode("utf-8"))
 
 
+# Bytes read per request when fetching from a bucket, and files fetched at once (a full model's
+# weights are a few multi-GB shards: one stream each).
+_CHUNK = 8 << 20
+_FILES_AT_ONCE = 4
+
+
 @contextlib.contextmanager
-def local_copy(location: str) -> Iterator[Path]:
+def local_copy(location: str, progress: Callable[[int, int], None] | None = None) -> Iterator[Path]:
     """The directory at `location` as a local directory: a local path as it is; a directory in a
     bucket downloaded into a temporary directory, removed when the block ends (a run's adapter,
-    registered from the driver, without the optimizer state beside it in the checkpoint)."""
+    registered from the driver, without the optimizer state beside it in the checkpoint).
+    `progress(bytes done, bytes in all)` follows the download."""
     if not is_uri(location):
         yield Path(location)
         return
@@ -61,11 +70,28 @@ def local_copy(location: str) -> Iterator[Path]:
     fs, path = _filesystem(location)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
         raise FileNotFoundError(f"no directory at {location}")
+    files = [i for i in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+             if i.type == pyarrow.fs.FileType.File]
+    total, done, lock = sum(i.size for i in files), 0, threading.Lock()
+
+    def fetch(info, into: Path) -> None:
+        nonlocal done
+        target = into / info.path[len(path):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as source, open(target, "wb") as out:
+            while chunk := source.read(_CHUNK):
+                out.write(chunk)
+                with lock:
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+
     with tempfile.TemporaryDirectory(prefix="orchestrator-") as tmp:
         local = Path(tmp) / Path(path).name
-        local.mkdir()  # copy_files makes the sub-directories it lists, not the top one
-        pyarrow.fs.copy_files(path, str(local), source_filesystem=fs,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        local.mkdir()
+        with concurrent.futures.ThreadPoolExecutor(_FILES_AT_ONCE) as pool:
+            for f in [pool.submit(fetch, info, local) for info in files]:
+                f.result()
         yield local
 
 

@@ -391,6 +391,7 @@ def test_a_stopped_driver_is_resumed_by_running_the_job_again(stopped_and_resume
     registered = download_model(f"models:/{RESUMED_NAME}/1", tmp_path / "v1", uri)
     assert (registered / "adapter_model.safetensors").stat().st_size > 0
     assert not adapter_copies(r["temp"])  # no copy of a checkpoint, whole or in part, left in TMPDIR
+    assert "fetching from storage.path (MiB)" in r["second_err"]  # the download had a progress bar
     # Its data came from the bucket: every record of the quickstart files, tokenized, none truncated.
     local = [sum(1 for line in open(REPO / "jobs" / "data" / "quickstart" / f"{split}.jsonl") if line.strip())
              for split in ("train", "eval")]

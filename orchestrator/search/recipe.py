@@ -185,7 +185,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
     make an invalid job, before anything runs."""
     from orchestrator.tracking import registry, runs
     from orchestrator.training import launch
-    from orchestrator.training.recipe import RunSummary, lineage_of, prepare
+    from orchestrator.training.recipe import RunSummary, fetch_progress, lineage_of, prepare
 
     started = time.time()
     check_space(spec)
@@ -287,7 +287,7 @@ def run_search(spec: JobSpec, *, address: str | None = None, verbose: bool = Fal
             raise RuntimeError(f"the best trial {best.trial_id} completed without a checkpoint under "
                                f"{ctx.trainers_path}")
         status(f"Registering the best trial's adapter ({best.trial_id}) as '{tspec.registered_name}'")
-        with local_copy(storage_location(saved[1], ADAPTER_DIR)) as adapter_dir:
+        with local_copy(storage_location(saved[1], ADAPTER_DIR), fetch_progress(progress)) as adapter_dir:
             version = registry.register_trained(child, tspec, adapter_dir, lineage=lineage, tags={
                 "spec_hash": tspec.spec_hash(), "base_model": spec.model.base, TRIAL_TAG: best.trial_id,
                 SEARCH_RUN_TAG: parent.run_id})

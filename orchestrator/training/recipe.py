@@ -327,7 +327,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
                 report_data(spec, data, status, check=False)
                 runs.log_artifacts(handle, {"data_stats.json": data.stats})
             version = None
-            with local_copy(fit.adapter_dir) as adapter_dir:  # fetched from a bucket, then removed
+            with local_copy(fit.adapter_dir, fetch_progress(progress)) as adapter_dir:  # from a bucket, then removed
                 artifact_bytes = registry.dir_size(adapter_dir)
                 if register:
                     what = {"full": "full model", "freeze": "changed weights"}.get(spec.peft.method, "adapter")
@@ -364,6 +364,14 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
     finally:
         if p.tokenizing is not None:
             p.tokenizing.close()  # into the cache once the workers no longer read it (stopped if the run failed)
+
+
+def fetch_progress(progress: ProgressFn | None) -> Callable[[int, int], None] | None:
+    """`storage.local_copy`'s progress in a run's progress display: MiB fetched from a bucket."""
+    if progress is None:
+        return None
+    mib = lambda n: -(-n >> 20)  # noqa: E731 (rounded up: a small adapter is 1 MiB, not 0)
+    return lambda done, total: progress("fetching from storage.path (MiB)", mib(done), mib(total), {})
 
 
 def generation_records(spec: JobSpec) -> list[dict]:
