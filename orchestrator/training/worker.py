@@ -272,9 +272,8 @@ def train_loop_per_worker(config: dict) -> None:
     # This rank's eval batches, read from its dataset at the first evaluation and kept: every
     # evaluation scores the same ones, at most `eval_batches` micro batches, so holding them costs
     # little and spares each later evaluation a pass over the files.
-    # None: not read yet (an eval split counted 0 has none to read; one not counted yet, while
-    # the data is tokenized, is read to find out).
-    eval_set: list | None = [] if job.eval_examples == 0 else None
+    # None: not read yet (one not counted yet, while the data is tokenized, is read to find out).
+    eval_set: list | None = None
     # A job without eval examples (data.eval: null) is never evaluated: no eval_loss at all,
     # rather than NaN in MLflow, the progress bar and the summary.
     evaluates = job.eval_examples != 0
@@ -294,13 +293,13 @@ def train_loop_per_worker(config: dict) -> None:
             return {"eval_loss": loss}
 
     if state.step == 0:  # a fresh start (a checkpoint is never saved at step 0)
-        state.base_eval_loss = run_eval(0).get("eval_loss")
+        base = run_eval(0)
+        state.base_eval_loss = base.get("eval_loss")
         if logger:
             # The worker's niceness beside it: Ray starts its workers at 15, and a training
             # worker at 15 yields the CPU to everything else on the node (launch.TRAINING_WORKER_ENV).
-            logger.log(0, {"eval_loss": state.base_eval_loss, "base_eval_loss": state.base_eval_loss,
-                           "worker_niceness": float(os.nice(0))})
-        progress(0, {"eval_loss": state.base_eval_loss} if evaluates else {})
+            logger.log(0, {**base, "base_eval_loss": state.base_eval_loss, "worker_niceness": float(os.nice(0))})
+        progress(0, base)
     elif logger:
         logger.log(state.step, {"resumed_from_step": state.step})
     if state.step >= job.total_steps:  # stopped after its last checkpoint: report that state again
