@@ -59,6 +59,13 @@ def quickstart_run(tmp_path_factory, ray_local, tiny_base):
     return spec, run_job(spec)
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (once the probing socket is closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def local_s3(bucket: str, key_id: str, secret: str):
     """A real S3 server (moto's) on 127.0.0.1 holding one empty `bucket`, stopped when the block
@@ -66,9 +73,7 @@ def local_s3(bucket: str, key_id: str, secret: str):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
@@ -89,4 +94,4 @@ def bucket_keys(client, bucket: str) -> list[str]:
 
 def adapter_copies(under: Path) -> list[Path]:
     """Adapter files (a checkpoint's or a registered version's) anywhere under `under`."""
-    return [p for p in under.rglob("adapter_config.json")]
+    return list(under.rglob("adapter_config.json"))

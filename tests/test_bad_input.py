@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, local_s3
+from conftest import REPO, free_port, local_s3
 
 ALPACA = {"instruction": "Describe the animal.", "input": "a cat", "output": "It is a cat."}
 
 
 def jsonl(*records) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once the socket is closed
 
 
 # (case id, files to write into the job directory, job-file text or None for the quickstart, --set
@@ -98,7 +91,7 @@ def test_bad_input_is_refused_before_any_worker_starts(tmp_path, tiny_base, no_r
         if content == "TINY_CONFIG":
             content = (Path(tiny_base) / "config.json").read_text()
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    port = str(closed_port())
+    port = str(free_port())
     sets = [s.replace("PORT", port) for s in sets]
     expected = expected.replace("PORT", port)
     args = ["run", str(job), "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",

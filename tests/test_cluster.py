@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration
@@ -39,12 +40,6 @@ BIN = Path(sys.executable).parent
 # The cluster's token: every orchestrator command below must authenticate with it, and it must
 # never appear in anything they print or store.
 TOKEN = secrets.token_hex(16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, what: str, timeout: float = 90.0, proc: subprocess.Popen | None = None):

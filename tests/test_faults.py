@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, adapter_copies, bucket_keys, local_s3
+from conftest import REPO, adapter_copies, bucket_keys, free_port, local_s3
 from test_end_to_end import quickstart
 
 
@@ -176,18 +175,12 @@ SECRETS = {"HF_TOKEN": "hf_FAKEtoken0123456789", "MLFLOW_TRACKING_PASSWORD": "fa
 BUCKET = "fault-runs"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with a sqlite store; stop() and start() keep the store.
     With `auth` (user, password): MLflow's basic-auth app, which answers no API call without them."""
 
     def __init__(self, root: Path, auth: tuple[str, str] | None = None):
-        self.root, self.port, self.proc, self.auth = root, _free_port(), None, auth
+        self.root, self.port, self.proc, self.auth = root, free_port(), None, auth
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
 

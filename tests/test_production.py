@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from orchestrator.spec import load_spec
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "jobs" / "data" / "quickstart" / "eval.jsonl"
 NAME = "prod"
@@ -215,14 +217,9 @@ def http_error(url: str, body: dict) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def served(versions):
     """models:/prod/1 and models:/prod@production (version 2) on Ray Serve, one replica; torn down."""
-    import socket
-
     from orchestrator.serving import deployment
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = deployment.start([f"models:/{NAME}/1", f"models:/{NAME}@production"], versions["uri"], port=port)
+    url = deployment.start([f"models:/{NAME}/1", f"models:/{NAME}@production"], versions["uri"], port=free_port())
     yield url
     deployment.stop()
 

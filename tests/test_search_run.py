@@ -4,10 +4,8 @@ adapter registered; and a search resumed after its driver was killed."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -147,10 +145,9 @@ def test_search_resumes_after_the_driver_is_killed_without_rerunning_finished_tr
         "training.max_steps": 2, "storage.path": f"s3://{BUCKET}/runs"})
     log = open(tmp_path / "driver.log", "w")
     # The drivers' own TMPDIR (Ray's sessions go there too: short, for its unix sockets).
-    temp = Path(tempfile.mkdtemp(prefix="srch-", dir="/tmp"))
     with local_s3(BUCKET, "AKIAFAKESEARCHTEST", "fakeSearchSecret") as (s3_env, bucket), \
-            contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, temp, ignore_errors=True)
+            tempfile.TemporaryDirectory(prefix="srch-", dir="/tmp", ignore_cleanup_errors=True) as tmpdir:
+        temp = Path(tmpdir)
         env = {**s3_env, "TMPDIR": str(temp)}
         proc = _cli(tmp_path, sets, log, env)
         try:

@@ -19,6 +19,8 @@ from orchestrator.cluster.submission import (ClusterInfo, cluster_gpu_budget, cl
                                              write_package)
 from orchestrator.spec import load_spec
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 SCHEMA = yaml.safe_load((REPO / "tests" / "schemas" / "kuberay-v1.yaml").read_text())
@@ -431,11 +433,7 @@ def test_k8s_name(name, expected):
 
 
 def test_an_unreachable_cluster_is_one_line_and_exit_2():
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     result = CliRunner().invoke(app, ["jobs", "list", "--address", f"http://127.0.0.1:{port}"])
     assert result.exit_code == 2
     assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in result.output
