@@ -204,6 +204,18 @@ def post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def post_stream(url: str, body: dict) -> tuple[str, list]:
+    """A streamed request's Content-Type and its server-sent events, read as they arrive: each
+    `data:` line's JSON, and the final "[DONE]" as the string."""
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        events = [line[len(b"data: "):].decode() for line in response if line.startswith(b"data: ")]
+        return response.headers["Content-Type"], [e.strip() if e.strip() == "[DONE]" else json.loads(e) for e in events]
+
+
 def http_error(url: str, body: dict) -> tuple[int, dict]:
     import urllib.error
 
@@ -256,9 +268,36 @@ def test_serve_two_adapters_as_generate_answers(versions, served):
         assert 0 < text["usage"]["completion_tokens"] <= TOKENS < text["usage"]["prompt_tokens"]
         assert text["usage"]["total_tokens"] == text["usage"]["prompt_tokens"] + text["usage"]["completion_tokens"]
         answers[version] = want
+        assert_streamed_as_answered(served, ref, want, text["usage"])
     assert answers["1"] != answers["2"]
     code, body = http_error(f"{served}/v1/completions", {"model": "models:/nope@x", "prompt": "hi"})
     assert code == 404 and body["error"]["param"] == "model"
+    code, body = http_error(f"{served}/v1/completions", {"model": f"models:/{NAME}/1", "prompt": "hi", "stream": "yes"})
+    assert code == 400 and body["error"]["param"] == "stream"
+
+
+def assert_streamed_as_answered(served: str, ref: str, want: str, usage: dict) -> None:
+    """`stream: true` sends the same answer in OpenAI's chunks, piece by piece: completions as
+    `text_completion` chunks, chats as `chat.completion.chunk` deltas (the first naming the
+    assistant), a last chunk with the finish reason, the usage chunk when asked for, then [DONE]."""
+    kind, events = post_stream(f"{served}/v1/completions", {"model": ref, "prompt": PROMPT, "max_tokens": TOKENS})
+    assert kind.startswith("text/event-stream") and events[-1] == "[DONE]", events
+    chunks = events[:-1]
+    assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
+    pieces = [c["choices"][0]["text"] for c in chunks[:-1]]
+    assert "".join(pieces) == want and len(pieces) > 1 and all(pieces), pieces  # streamed, not sent whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == ("length" if usage["completion_tokens"] >= TOKENS else "stop")
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    kind, events = post_stream(f"{served}/v1/chat/completions", {
+        "model": ref, "max_tokens": TOKENS, "messages": [{"role": "user", "content": PROMPT}],
+        "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]" and {c["object"] for c in events[:-1]} == {"chat.completion.chunk"}
+    first, *middle, last, with_usage = events[:-1]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"]["content"] for c in middle) == want
+    assert last["choices"][0]["delta"] == {} and last["choices"][0]["finish_reason"] is not None
+    assert with_usage["choices"] == [] and with_usage["usage"] == usage
+    assert all(c["usage"] is None for c in events[:-2])
 
 
 def test_serve_follows_alias_moves_on_reload(versions, served):

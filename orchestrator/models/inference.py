@@ -3,6 +3,7 @@ decoding); read what was saved beside it (job spec, lineage)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +143,7 @@ def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, b
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     tok = loaded.tokenizer
-    # A chat template that writes the BOS token itself: no second one (as in training).
-    ids = [tok(t, add_special_tokens=not (tok.bos_token and t.startswith(tok.bos_token)))["input_ids"] for t in texts]
+    ids = [_prompt_ids(tok, t) for t in texts]
     same_length_only = _padding_shifts_positions(loaded.model)
     batches: list[list[int]] = []
     for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
@@ -166,6 +166,56 @@ def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, b
                 row = row[:row.index(tok.eos_token_id)]
             completions[i] = tok.decode(row, skip_special_tokens=True).strip()
     return completions
+
+
+def _prompt_ids(tok, text: str) -> list[int]:
+    """A formatted prompt's token ids. A chat template that writes the BOS token itself: no second
+    one (as in training)."""
+    return tok(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))["input_ids"]
+
+
+def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=None):
+    """`complete_formatted`'s answer in pieces, as the model writes it: a generator of text whose
+    pieces join to exactly `complete_formatted(loaded, text, max_new_tokens)` (the same greedy
+    tokens, decoded as they come; whitespace at either end held back, as that answer is stripped).
+
+    Generation runs in a thread of its own, inside `guard` (a context manager; `serve` holds its
+    adapter lock there, so no other request switches the adapter mid-answer). An error in
+    generation is raised from the generator once the pieces before it are out."""
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    tok = loaded.tokenizer
+    enc = {"input_ids": torch.tensor([_prompt_ids(tok, text)], device=input_device(loaded.model))}
+    enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    failed: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            with guard if guard is not None else contextlib.nullcontext(), torch.no_grad():
+                loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        except BaseException as e:  # noqa: BLE001  raised in the caller's thread, below
+            failed.append(e)
+            streamer.end()  # the reader below stops waiting
+
+    thread = threading.Thread(target=generate, daemon=True, name="stream-generate")
+    thread.start()
+    started, held = False, ""
+    for piece in streamer:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        body = (held + piece).rstrip()
+        if body:
+            yield body
+        held = (held + piece)[len(body):]
+    thread.join()
+    if failed:
+        raise failed[0]
 
 
 def _padding_shifts_positions(model) -> bool:

@@ -4,6 +4,7 @@ request picks its adapter by the registered reference it was served as (`models:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 from pathlib import Path
@@ -86,30 +87,56 @@ class ServedAdapters:
         """Served ref -> the version it is now served as."""
         return {ref: f"models:/{name}" for ref, name in self.active.items()}
 
-    def complete(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
-                 max_tokens: int = 64) -> tuple[str, int]:
-        """Greedy completion with the adapter `ref` is served as, and the prompt's length in
-        tokens: a prompt formatted as `orchestrator generate` formats it, or a chat (for a
-        chat-trained adapter, the whole conversation through the chat template; else its last user
-        message as the prompt)."""
-        from orchestrator.models.inference import Loaded, complete_formatted, format_prompt
+    def _prompt(self, ref: str, prompt: str | None, messages: list[dict] | None):
+        """(adapter name, Loaded, formatted text) of a request to `ref`: a prompt formatted as
+        `orchestrator generate` formats it, or a chat (for a chat-trained adapter, the whole
+        conversation through the chat template; else its last user message as the prompt)."""
+        from orchestrator.models.inference import Loaded, format_prompt
 
         ref = model_id(ref)
         if ref not in self.active:
             raise KeyError(ref)
+        name = self.active[ref]
+        loaded = Loaded(model=self.model, tokenizer=self.tokenizer, spec=self.specs[name])
+        if messages is not None and loaded.spec.data.format == "chat":
+            return name, loaded, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if messages is not None:
+            users = [m for m in messages if m.get("role") == "user"]
+            prompt = str(users[-1]["content"]) if users else ""
+        return name, loaded, format_prompt(loaded, prompt or "")
+
+    @contextlib.contextmanager
+    def _using(self, name: str):
+        """The model with adapter `name` active, for one generation: set_adapter + generate is
+        one step under the lock. A reload may have unloaded `name` since the request resolved it
+        (the answer then ends in an error)."""
         with self.lock:
-            name = self.active[ref]
             self.model.set_adapter(name)
-            loaded = Loaded(model=self.model, tokenizer=self.tokenizer, spec=self.specs[name])
-            if messages is not None and loaded.spec.data.format == "chat":
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            else:
-                if messages is not None:
-                    users = [m for m in messages if m.get("role") == "user"]
-                    prompt = str(users[-1]["content"]) if users else ""
-                text = format_prompt(loaded, prompt or "")
+            yield
+
+    def complete(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
+                 max_tokens: int = 64) -> tuple[str, int]:
+        """Greedy completion with the adapter `ref` is served as (`_prompt` formats the request),
+        and the prompt's length in tokens."""
+        from orchestrator.models.inference import complete_formatted
+
+        with self.lock:  # the adapter resolved, set and used in one step: a reload waits
+            name, loaded, text = self._prompt(ref, prompt, messages)
+            self.model.set_adapter(name)
             # `complete` is format_prompt + complete_formatted: the same answer as `generate`.
-            return complete_formatted(loaded, text, max_new_tokens=max_tokens), len(self.tokenizer(text)["input_ids"])
+            return complete_formatted(loaded, text, max_new_tokens=max_tokens), self.prompt_tokens(text)
+
+    def stream(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
+               max_tokens: int = 64):
+        """`complete`'s answer in pieces as the model writes them (a generator that joins to the same
+        text), and the prompt's length in tokens."""
+        from orchestrator.models.inference import stream_formatted
+
+        name, loaded, text = self._prompt(ref, prompt, messages)
+        return stream_formatted(loaded, text, max_tokens, guard=self._using(name)), self.prompt_tokens(text)
+
+    def prompt_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

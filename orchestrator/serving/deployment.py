@@ -14,7 +14,7 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
               cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0):
     """The bound Serve application (not started)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 
     from orchestrator.serving import openai_api
@@ -56,10 +56,18 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                 if ref not in served and f"models:/{ref}" not in served:
                     raise openai_api.RequestError(f"model: '{ref}' is not served here; one of {', '.join(served)}",
                                                   "model", status=404)
+                stream, include_usage = args.pop("stream"), args.pop("include_usage")
+                served_as = self.adapters.models()[ref if ref in served else f"models:/{ref}"]
+                if stream:
+                    # Starlette iterates a plain generator in its thread pool: the pieces reach the
+                    # client as the model writes them, with the replica's event loop free.
+                    pieces, prompt_tokens = self.adapters.stream(ref, **args)
+                    return StreamingResponse(openai_api.stream_events(
+                        ref, pieces, served_as, chat, prompt_tokens, self.adapters.count_tokens, args["max_tokens"],
+                        include_usage), media_type="text/event-stream")
                 text, prompt_tokens = self.adapters.complete(ref, **args)
             except openai_api.RequestError as e:
                 return JSONResponse(e.to_json(), status_code=e.status)
-            served_as = self.adapters.models()[ref if ref in served else f"models:/{ref}"]
             return openai_api.completion(ref, text, served_as, chat, prompt_tokens, self.adapters.count_tokens(text),
                                          args["max_tokens"])
 
