@@ -174,6 +174,47 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, expected):
     assert expected in str(exc.value.problems[0])
 
 
+@pytest.mark.parametrize("name,content,expected", [
+    ("d.jsonl.gz", b"plain text, not gzip\n", "d.jsonl.gz cannot be decompressed"),
+    ("d.jsonl", b"\x1f\x8b\x08\x00 gzip bytes under a plain name", "d.jsonl is not UTF-8 text"),
+    ("d.jsonl.zst", None, "file not found"),
+])
+def test_a_compressed_file_that_does_not_read_is_named(tmp_path, name, content, expected):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SpecError) as exc:
+        read_jsonl(path)
+    assert expected in str(exc.value.problems[0]) and exc.value.problems[0].path == "data.train"
+
+
+def test_compressed_jsonl_gives_the_examples_of_the_plain_file(tmp_path, tiny_base, ray_local):
+    """gzip, zstd and bzip2 JSONL files (by extension) read as the plain JSONL they hold: on the
+    driver and by Ray Data (large sources), the same examples in the same order."""
+    import pyarrow as pa
+
+    from orchestrator.data.cache import prepare_datasets
+
+    records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"word {i} " * (i % 4 + 1)} for i in range(30)]
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "packed").mkdir()
+    for part, codec in enumerate(("gzip", "zstd", "bz2")):
+        chunk = "".join(json.dumps(r) + "\n" for r in records[part * 10:(part + 1) * 10]).encode()
+        (tmp_path / "plain" / f"part-{part}.jsonl").write_bytes(chunk)
+        suffix = {"gzip": ".gz", "zstd": ".zst", "bz2": ".bz2"}[codec]
+        with pa.output_stream(str(tmp_path / "packed" / f"part-{part}.jsonl{suffix}"), compression=codec) as out:
+            out.write(chunk)
+    assert sum(f.stat().st_size for f in (tmp_path / "packed").iterdir()) < len(text)  # really compressed
+    results = []
+    for source, use_ray in ((tmp_path / "plain", False), (tmp_path / "packed", False), (tmp_path / "packed", True)):
+        spec = DataSpec(train=str(source), format="alpaca", eval=0.2)
+        tokenized, _ = prepare_datasets(spec, 7, str(tiny_base), cache_dir=tmp_path / f"cache-{use_ray}",
+                                        use_ray=use_ray)
+        results.append([(e.input_ids, e.labels) for split in ("train", "eval") for e in tokenized.examples(split)])
+    assert results[0] == results[1] == results[2] and len(results[0]) == 30
+
+
 def test_missing_fields_are_named(tokenizer):
     with pytest.raises(SpecError) as exc:
         prepare_records([{"instruction": "x"}], DataSpec(train="x", format="alpaca"), tokenizer, "f.jsonl", "data.train")

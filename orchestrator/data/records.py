@@ -51,14 +51,36 @@ def parse_line(line: str, label: str, number: int, field_path: str) -> dict:
     return record
 
 
+# Compressed JSONL files, by the extension pyarrow infers the codec from (`compression="detect"`,
+# as Ray Data reads them too): gzip, bzip2, zstandard, lz4 (frame).
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
+
+
+def open_jsonl(path: str | Path, filesystem=None):
+    """A JSONL file as UTF-8 text, one line at a time, decompressed on the fly when its name ends
+    in one of COMPRESSED_SUFFIXES (data.jsonl.gz); a local path, or a path in `filesystem`."""
+    import io
+
+    if filesystem is not None:
+        return io.TextIOWrapper(filesystem.open_input_stream(str(path)), encoding="utf-8")  # detects the codec
+    if not str(path).endswith(COMPRESSED_SUFFIXES):
+        return open(path, encoding="utf-8")
+    import pyarrow as pa
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(path)
+    return io.TextIOWrapper(pa.input_stream(str(path), compression="detect"), encoding="utf-8")
+
+
 def scan_jsonl(path: str | Path, field_path: str = "data.train") -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each record of a local JSONL file, streamed (one line in memory
-    at a time): a bad line is reported with its file and line number, and so, later, is a record
-    with a missing field or one too long. A file without records is a `SpecError` too."""
+    """(line number, record) for each record of a local JSONL file (compressed or not: `open_jsonl`),
+    streamed (one line in memory at a time): a bad line is reported with its file and line number,
+    and so, later, is a record with a missing field or one too long. A file without records is a
+    `SpecError` too."""
     path = Path(path)
     seen = False
     try:
-        with path.open(encoding="utf-8") as fh:
+        with open_jsonl(path) as fh:
             for number, line in enumerate(fh, start=1):
                 if line.strip():
                     seen = True
@@ -66,7 +88,12 @@ def scan_jsonl(path: str | Path, field_path: str = "data.train") -> Iterator[tup
     except FileNotFoundError:
         raise _data_error(field_path, f"file not found: {path}", "point it at an existing JSONL file") from None
     except UnicodeDecodeError:
-        raise _data_error(field_path, f"{path} is not UTF-8 text", "re-encode the file as UTF-8") from None
+        fix = ("re-encode the file as UTF-8" if not path.name.endswith(COMPRESSED_SUFFIXES) else
+               f"re-encode the file as UTF-8, compressed as its name says ({', '.join(COMPRESSED_SUFFIXES)})")
+        raise _data_error(field_path, f"{path} is not UTF-8 text", fix) from None
+    except OSError as e:  # a compressed file that does not decompress (pyarrow's errors are OSErrors)
+        raise _data_error(field_path, f"{path} cannot be decompressed ({e})",
+                          "check that the file is whole and compressed as its name says") from None
     if not seen:
         raise _data_error(field_path, f"{path} has no records", "add at least one JSON line")
 

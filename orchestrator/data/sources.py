@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from orchestrator.data.records import _data_error, parse_line, scan_jsonl
+from orchestrator.data.records import COMPRESSED_SUFFIXES, _data_error, open_jsonl, parse_line, scan_jsonl
 from orchestrator.spec.checks import is_glob, is_uri
 
 PARQUET_SUFFIXES = (".parquet",)
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+JSONL_SUFFIXES = tuple(f"{name}{codec}" for name in (".jsonl", ".json") for codec in ("", *COMPRESSED_SUFFIXES))
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,8 @@ def iter_records(source: Source) -> Iterator[tuple[str, dict]]:
                     row += 1
                     yield f"{label}: row {row}", record
         elif filesystem is not None:
-            import io
-
-            with filesystem.open_input_stream(path) as stream:
-                for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), start=1):
+            with open_jsonl(path, filesystem) as lines:
+                for number, line in enumerate(lines, start=1):
                     if line.strip():
                         yield f"{label}:{number}", parse_line(line, label, number, source.field_path)
         else:

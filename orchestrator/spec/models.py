@@ -110,8 +110,8 @@ class PeftSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: str = Field(description="the training data: a JSONL or Parquet file, a directory or glob of them "
-                                   "(relative to the job file), or an s3:// / gs:// URI")
+    train: str = Field(description="the training data: a JSONL (or .jsonl.gz / .zst / .bz2 / .lz4) or Parquet file, "
+                                   "a directory or glob of them (relative to the job file), or an s3:// / gs:// URI")
     # An eval source (as `train`), or the fraction of `train` held out for evaluation.
     eval: Union[float, str, None] = Field(
         0.1, description="an eval source (as train), or the fraction of train's records held out for evaluation "
