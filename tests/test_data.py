@@ -49,6 +49,27 @@ def test_chat_trains_assistant_turns_only(tokenizer):
     assert trained.count(tokenizer.eos_token) == 2
 
 
+def test_sharegpt_records_train_as_their_messages(tokenizer):
+    """A ShareGPT record (conversations of from/value turns, its system prompt beside them) gives
+    the example of the same conversation written as messages, and the same prompt and reference."""
+    from orchestrator.data.formats import prompt_and_reference
+    from orchestrator.evaluation.evaluate import detect_format
+
+    messages = {"messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "What does the dog say?"},
+                             {"role": "assistant", "content": "woof"},
+                             {"role": "user", "content": "And the cat?"},
+                             {"role": "assistant", "content": "meow"}]}
+    sharegpt = {"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "What does the dog say?"}, {"from": "gpt", "value": "woof"},
+        {"from": "human", "value": "And the cat?"}, {"from": "gpt", "value": "meow"}]}
+    spec = DataSpec(train="x", format="chat")
+    [[a], [b]] = [prepare_records([r], spec, tokenizer, "t", "data.train")[0] for r in (messages, sharegpt)]
+    assert (a.input_ids, a.labels) == (b.input_ids, b.labels) and "meow" in trained_text(tokenizer, b)
+    assert prompt_and_reference(sharegpt, "chat", tokenizer) == prompt_and_reference(messages, "chat", tokenizer)
+    assert detect_format(sharegpt, DataSpec(train="x")) == "chat"  # `evaluate --data` of a ShareGPT file
+
+
 CHAT = {"messages": [{"role": "user", "content": "What does the dog say?"},
                      {"role": "assistant", "content": "woof"}]}
 # A template of another family's kind (Zephyr-like), written as a Jinja string in the job.
@@ -228,6 +249,9 @@ def test_missing_fields_are_named(tokenizer):
     ("text", {"text": True}, "record 1 has text: true (format 'text' needs text there)"),
     ("chat", {"messages": []}, "record 1 has messages: [] (format 'chat' needs a list of messages, each with a role"),
     ("chat", {"messages": [{"content": "hi"}]}, 'record 1 has a message without a role: {"content": "hi"}'),
+    ("chat", {"conversations": "hi"}, 'record 1 has conversations: "hi"'),
+    ("chat", {"conversations": [{"value": "hi"}]}, 'record 1 has a message without a role: {"value": "hi"}'),
+    ("chat", {"turns": []}, "record 1 lacks messages (format 'chat' needs messages (or ShareGPT's conversations))"),
 ])
 def test_a_field_without_text_is_named(tokenizer, fmt, record, expected):
     """A field that is there but holds no text is a problem, not the text "None" to train on."""

@@ -44,8 +44,28 @@ def _format_text(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tup
     return text, [(0, len(text))], True
 
 
+# ShareGPT's records (as Axolotl, LLaMA-Factory and FastChat read them): {"conversations": [{"from":
+# "human", "value": ...}, {"from": "gpt", "value": ...}], "system": optional}; read as chat messages.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def chat_messages(record: dict):
+    """A chat record's messages: its `messages`, or a ShareGPT record's `conversations` (each
+    `from`/`value` turn as a role/content message, human -> user and gpt -> assistant; the record's
+    `system`, if any, first); None when the record has neither. A turn that is not a from/value
+    object is passed on as it is (the record's check then names it)."""
+    if "messages" in record:
+        return record["messages"]
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        return turns
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return system + [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t.get("value")}
+                     if isinstance(t, dict) and "from" in t else t for t in turns]
+
+
 def _format_chat(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tuple[int, int]], bool]:
-    messages = record["messages"]
+    messages = chat_messages(record)
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     text = render(messages, False)
     spans = []
@@ -69,7 +89,7 @@ def prompt_and_reference(record: dict, fmt: str, tokenizer) -> tuple[str, str, s
         prompt = f"{instruction}\n{input_text}" if input_text else instruction
         return prompt, format_alpaca_prompt(instruction, input_text), str(record["output"])
     if fmt == "chat":
-        messages = record["messages"]
+        messages = chat_messages(record)
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is None:
             return str(messages[-1].get("content", "")), "", None

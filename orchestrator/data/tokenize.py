@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 
-from orchestrator.data.formats import _FORMATTERS
+from orchestrator.data.formats import _FORMATTERS, chat_messages
 from orchestrator.data.records import IGNORE_INDEX, DataSets, Example, _data_error, in_eval
 from orchestrator.spec import DataSpec
 
@@ -105,9 +105,9 @@ def _not_text(record: dict, required: tuple[str, ...], fmt: str) -> str | None:
     model to answer "None"), as "<field>: <what>"; None when nothing is. Numbers are text enough
     (written as they read); a chat's messages must be a list of objects with a role."""
     if fmt == "chat":
-        messages = record["messages"]
+        messages = chat_messages(record)
         if not isinstance(messages, list) or not messages:
-            return f"messages: {json.dumps(messages)[:60]}"
+            return f"{'messages' if 'messages' in record else 'conversations'}: {json.dumps(messages)[:60]}"
         bad = next((m for m in messages if not isinstance(m, dict) or "role" not in m), None)
         return None if bad is None else f"a message without a role: {json.dumps(bad)[:60]}"
     for key in (*required, *(("input",) if fmt == "alpaca" else ())):
@@ -129,10 +129,10 @@ def tokenize_records(records: list[dict], wheres: list[str], data: DataSpec, tok
     required = required or (data.text_field,)
     formatted = []
     for where, record in zip(wheres, records):
-        missing = [k for k in required if k not in record]
+        missing = [k for k in required if k not in record and not (k == "messages" and "conversations" in record)]
         if missing:
-            raise _data_error(field_path, f"{where} lacks {', '.join(missing)} "
-                              f"(format '{data.format}' needs {', '.join(required)})",
+            needs = ", ".join(required) + (" (or ShareGPT's conversations)" if data.format == "chat" else "")
+            raise _data_error(field_path, f"{where} lacks {', '.join(missing)} (format '{data.format}' needs {needs})",
                               "fix the record or set data.format to the file's format")
         if (wrong := _not_text(record, required, data.format)) is not None:
             raise _data_error(field_path, f"{where} has {wrong} (format '{data.format}' needs "

@@ -78,9 +78,10 @@ class Evaluation:
 
 
 def detect_format(record: dict, data: DataSpec) -> str:
-    """A record's format from its fields: `messages` is chat, `instruction` + `output` alpaca, the
-    text field text; otherwise the job's own format (whose check then names what is missing)."""
-    if "messages" in record:
+    """A record's format from its fields: `messages` (or ShareGPT's `conversations`) is chat,
+    `instruction` + `output` alpaca, the text field text; otherwise the job's own format (whose
+    check then names what is missing)."""
+    if "messages" in record or "conversations" in record:
         return "chat"
     if "instruction" in record and "output" in record:
         return "alpaca"

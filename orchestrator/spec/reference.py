@@ -55,7 +55,9 @@ environment). Three formats:
 - `alpaca`: `{"instruction", "input" (optional), "output"}`; the prompt is masked, `output` and
   the end-of-sequence token are trained;
 - `chat`: `{"messages": [{"role", "content"}, ...]}` rendered by the tokenizer's chat template;
-  only the assistant turns are trained;
+  only the assistant turns are trained. ShareGPT records (Axolotl's, LLaMA-Factory's) are read as
+  the same messages: `{"conversations": [{"from": "human", "value"}, {"from": "gpt", "value"}, ...],
+  "system" (optional)}`, `human` as `user`, `gpt` as `assistant`, the `system` prompt first;
 - `text`: `{"text"}` (or `data.text_field`); everything is trained.
 
 A field a format needs must hold text (a number is read as written): a record with `"output":
