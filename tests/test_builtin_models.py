@@ -21,7 +21,7 @@ from orchestrator.models import builtin as bm
 from orchestrator.models import corpus
 from orchestrator.planning import catalogue
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 TINY = catalogue.BUILTIN_MODELS["tiny-llama"]
 # Same architecture and tokenizer recipe, but only a handful of optimizer steps.
 SHRUNK = dataclasses.replace(TINY, steps=3, batch_size=2, tokenizer_docs=3000)

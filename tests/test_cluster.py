@@ -30,9 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration
 

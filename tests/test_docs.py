@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from orchestrator.spec.reference import job_file_reference
 from orchestrator.spec import JobSpec
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 DOCS = REPO / "docs"
 README = REPO / "README.md"
 # Every Markdown page whose links are checked.
@@ -35,6 +35,18 @@ def test_generating_the_page_imports_no_heavy_library():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'mlflow', 'transformers'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_shuffle_window_the_job_file_page_names_is_the_workers():
+    """The spec and the Data section say how many examples a run that trains while its data is
+    tokenized waits for: one shuffle window, a constant of the training code (kept out of the
+    spec's imports, which stay light), so its figure is checked here."""
+    from orchestrator.spec.models import DataSpec
+    from orchestrator.training.steps import SHUFFLE_WINDOW
+
+    window = f"{SHUFFLE_WINDOW:,}"
+    assert f"({window} examples)" in DataSpec.model_fields["train_while_tokenizing"].description
+    assert f"the first {window} training examples (one window of\nthe shuffle)" in job_file_reference()
 
 
 def _model_of(annotation) -> type[BaseModel] | None:

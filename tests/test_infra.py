@@ -15,7 +15,7 @@ import yaml
 
 from orchestrator.cluster import kuberay
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 INFRA = REPO / "infra"
 SCHEMA = yaml.safe_load((REPO / "tests" / "schemas" / "kuberay-v1.yaml").read_text())
 

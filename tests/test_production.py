@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from orchestrator.spec import load_spec
 
-from conftest import free_port
+from conftest import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "jobs" / "data" / "quickstart" / "eval.jsonl"
 NAME = "prod"
 FEW = ["--max-examples", "6", "--max-new-tokens", "24"]  # cheap: 6 examples, 24 new tokens each

@@ -10,7 +10,7 @@ import yaml
 
 from orchestrator.spec import SpecError, apply_overrides, flatten, load_spec, parse_spec
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def write_job(tmp_path: Path, body: dict) -> Path:

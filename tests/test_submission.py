@@ -19,9 +19,8 @@ from orchestrator.cluster.submission import (ClusterInfo, cluster_gpu_budget, cl
                                              write_package)
 from orchestrator.spec import load_spec
 
-from conftest import free_port
+from conftest import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 SCHEMA = yaml.safe_load((REPO / "tests" / "schemas" / "kuberay-v1.yaml").read_text())
 
