@@ -298,6 +298,29 @@ def assert_streamed_as_answered(served: str, ref: str, want: str, usage: dict) -
     assert all(c["usage"] is None for c in events[:-2])
 
 
+def test_serve_samples_and_stops_as_asked(versions, served):
+    """`stop` ends the greedy answer before the first stop string (finish_reason "stop"), streamed
+    and not; `temperature` with a `seed` samples, the same answer for the same seed, streamed and
+    not; options the server does not have are a 400 naming them."""
+    ref = f"models:/{NAME}/1"
+    ask = {"model": ref, "prompt": PROMPT, "max_tokens": TOKENS}
+    want = post(f"{served}/v1/completions", ask)["choices"][0]["text"]
+    stop = want.split()[len(want.split()) // 2]
+    cut = want[:want.find(stop)].strip()
+    stopped = post(f"{served}/v1/completions", {**ask, "stop": [stop, "no such words"]})["choices"][0]
+    assert (stopped["text"], stopped["finish_reason"]) == (cut, "stop") and cut and cut != want, (want, stop)
+    _, events = post_stream(f"{served}/v1/completions", {**ask, "stop": stop})
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == cut
+    sampled = [post(f"{served}/v1/completions", {**ask, "temperature": 1.5, "seed": 7})["choices"][0]["text"]
+               for _ in range(2)]
+    _, events = post_stream(f"{served}/v1/completions", {**ask, "temperature": 1.5, "seed": 7})
+    assert sampled[0] == sampled[1] == "".join(e["choices"][0]["text"] for e in events[:-1]) and sampled[0]
+    for bad, param in (({"n": 2}, "n"), ({"temperature": 3}, "temperature"), ({"logprobs": 2}, "logprobs"),
+                       ({"stop": ""}, "stop"), ({"seed": "7"}, "seed")):
+        code, body = http_error(f"{served}/v1/completions", {**ask, **bad})
+        assert code == 400 and body["error"]["param"] == param, body
+
+
 def test_serve_follows_alias_moves_on_reload(versions, served):
     """production rolled back to version 1: after a reload the deployment serves version 1 under
     models:/prod@production, with no restart; promoted to 2 again, version 2."""

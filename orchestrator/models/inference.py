@@ -112,6 +112,64 @@ def format_prompt(loaded: Loaded, prompt: str) -> str:
     return prompt
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How a completion is decoded: greedily (the default, what `generate`, `evaluate` and the
+    pyfunc do), or with `temperature` > 0 sampled from the model's distribution at that
+    temperature, within the `top_p` nucleus (no top-k cut), from `seed` when one is given; the
+    answer ends before the first of the `stop` strings it contains (generation stops there)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def samples(self) -> bool:
+        return self.temperature > 0
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        """`model.generate`'s decoding arguments."""
+        kwargs = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+                  if self.samples else {"do_sample": False})
+        if self.stop:
+            kwargs.update(stop_strings=list(self.stop), tokenizer=tokenizer)
+        return kwargs
+
+    def seed_rng(self) -> None:
+        """Seed torch's RNG for a sampled completion with a seed (the same seed, the same answer)."""
+        if self.samples and self.seed is not None:
+            import torch
+
+            torch.manual_seed(self.seed)
+
+    def cut(self, text: str) -> str:
+        """`text` up to the first of the stop strings in it (all of it when there is none)."""
+        ends = [i for stop in self.stop if (i := text.find(stop)) >= 0]
+        return text[:min(ends)] if ends else text
+
+    def until_stop(self, pieces):
+        """The pieces of a streamed text up to the first stop string, joining to `cut` of the
+        whole text: the end of each piece that could begin a stop string is held back until the
+        next piece shows whether it does."""
+        if not self.stop:
+            yield from pieces
+            return
+        keep, pending = max(map(len, self.stop)) - 1, ""
+        for piece in pieces:
+            pending += piece
+            if (cut := self.cut(pending)) != pending:
+                yield cut
+                return
+            if len(pending) > keep:
+                yield pending[:len(pending) - keep]
+                pending = pending[len(pending) - keep:]
+        yield pending
+
+
+GREEDY = Decoding()
+
+
 def complete(loaded: Loaded, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy completion of `prompt` (formatted as in training); the prompt is not repeated."""
     return complete_formatted(loaded, format_prompt(loaded, prompt), max_new_tokens)
@@ -122,16 +180,18 @@ def complete(loaded: Loaded, prompt: str, max_new_tokens: int = 64) -> str:
 PREDICT_PARAMS = {"max_new_tokens": 64, "batch_size": 8}
 
 
-def complete_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64) -> str:
-    """Greedy completion of `text`, already formatted as the model was trained (a rendered chat
-    conversation, an Alpaca prompt): `complete_batch` of one text. `complete`, `orchestrator
-    evaluate`, `serve` and the pyfunc all end in `complete_batch`."""
-    return complete_batch(loaded, [text], max_new_tokens)[0]
+def complete_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, decoding: Decoding = GREEDY) -> str:
+    """Greedy completion of `text` (or as `decoding` says), already formatted as the model was
+    trained (a rendered chat conversation, an Alpaca prompt): `complete_batch` of one text.
+    `complete`, `orchestrator evaluate`, `serve` and the pyfunc all end in `complete_batch`."""
+    return complete_batch(loaded, [text], max_new_tokens, decoding=decoding)[0]
 
 
-def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
-    """Greedy completions of `texts` (formatted as the model was trained), in their order, up to
-    `batch_size` at a time: each cut at its first EOS, the prompt not repeated.
+def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
+                   decoding: Decoding = GREEDY) -> list[str]:
+    """Greedy completions of `texts` (formatted as the model was trained; or decoded as `decoding`
+    says), in their order, up to `batch_size` at a time: each cut at its first EOS (and before a
+    stop string), the prompt not repeated.
 
     The prompts of a batch are padded on the left with an attention mask, so every one ends where
     generation starts and no padding is attended to; the texts are batched in order of length, so a
@@ -154,17 +214,18 @@ def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, b
             batches.append([i])
     device = input_device(loaded.model)
     completions: list[str] = [""] * len(texts)
+    decoding.seed_rng()
     for chunk in batches:
         # padding_side here, not on the tokenizer: it is shared (serve) and pads on the right in training.
         enc = tok.pad({"input_ids": [ids[i] for i in chunk]}, padding=True, padding_side="left", return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.no_grad():
-            out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **decoding.generate_kwargs(tok),
                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         for i, row in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
             if tok.eos_token_id in row:  # a finished prompt waits for the batch's others, padded
                 row = row[:row.index(tok.eos_token_id)]
-            completions[i] = tok.decode(row, skip_special_tokens=True).strip()
+            completions[i] = decoding.cut(tok.decode(row, skip_special_tokens=True)).strip()
     return completions
 
 
@@ -174,10 +235,11 @@ def _prompt_ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))["input_ids"]
 
 
-def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=None):
+def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=None, decoding: Decoding = GREEDY):
     """`complete_formatted`'s answer in pieces, as the model writes it: a generator of text whose
-    pieces join to exactly `complete_formatted(loaded, text, max_new_tokens)` (the same greedy
-    tokens, decoded as they come; whitespace at either end held back, as that answer is stripped).
+    pieces join to exactly `complete_formatted(loaded, text, max_new_tokens, decoding)` (the same
+    tokens, decoded as they come, up to a stop string; whitespace at either end held back, as that
+    answer is stripped).
 
     Generation runs in a thread of its own, inside `guard` (a context manager; `serve` holds its
     adapter lock there, so no other request switches the adapter mid-answer). An error in
@@ -196,8 +258,9 @@ def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=
     def generate() -> None:
         try:
             with guard if guard is not None else contextlib.nullcontext(), torch.no_grad():
-                loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                decoding.seed_rng()
+                loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **decoding.generate_kwargs(tok),
+                                      streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         except BaseException as e:  # noqa: BLE001  raised in the caller's thread, below
             failed.append(e)
             streamer.end()  # the reader below stops waiting
@@ -205,7 +268,7 @@ def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=
     thread = threading.Thread(target=generate, daemon=True, name="stream-generate")
     thread.start()
     started, held = False, ""
-    for piece in streamer:
+    for piece in decoding.until_stop(streamer):
         if not started:
             piece = piece.lstrip()
             started = bool(piece)

@@ -115,25 +115,28 @@ class ServedAdapters:
             yield
 
     def complete(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
-                 max_tokens: int = 64) -> tuple[str, int]:
-        """Greedy completion with the adapter `ref` is served as (`_prompt` formats the request),
-        and the prompt's length in tokens."""
-        from orchestrator.models.inference import complete_formatted
+                 max_tokens: int = 64, decoding=None) -> tuple[str, int]:
+        """Greedy completion with the adapter `ref` is served as (`_prompt` formats the request;
+        `decoding`, a models.inference.Decoding, may sample or stop early), and the prompt's length
+        in tokens."""
+        from orchestrator.models.inference import GREEDY, complete_formatted
 
         with self.lock:  # the adapter resolved, set and used in one step: a reload waits
             name, loaded, text = self._prompt(ref, prompt, messages)
             self.model.set_adapter(name)
             # `complete` is format_prompt + complete_formatted: the same answer as `generate`.
-            return complete_formatted(loaded, text, max_new_tokens=max_tokens), self.prompt_tokens(text)
+            return (complete_formatted(loaded, text, max_new_tokens=max_tokens, decoding=decoding or GREEDY),
+                    self.prompt_tokens(text))
 
     def stream(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
-               max_tokens: int = 64):
+               max_tokens: int = 64, decoding=None):
         """`complete`'s answer in pieces as the model writes them (a generator that joins to the same
         text), and the prompt's length in tokens."""
-        from orchestrator.models.inference import stream_formatted
+        from orchestrator.models.inference import GREEDY, stream_formatted
 
         name, loaded, text = self._prompt(ref, prompt, messages)
-        return stream_formatted(loaded, text, max_tokens, guard=self._using(name)), self.prompt_tokens(text)
+        return (stream_formatted(loaded, text, max_tokens, guard=self._using(name), decoding=decoding or GREEDY),
+                self.prompt_tokens(text))
 
     def prompt_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])

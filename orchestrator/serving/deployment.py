@@ -17,6 +17,7 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 
+    from orchestrator.models.inference import Decoding
     from orchestrator.serving import openai_api
 
     api = FastAPI(title="orchestrator serve")
@@ -57,6 +58,7 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                     raise openai_api.RequestError(f"model: '{ref}' is not served here; one of {', '.join(served)}",
                                                   "model", status=404)
                 stream, include_usage = args.pop("stream"), args.pop("include_usage")
+                args["decoding"] = Decoding(**args["decoding"])
                 served_as = self.adapters.models()[ref if ref in served else f"models:/{ref}"]
                 if stream:
                     # Starlette iterates a plain generator in its thread pool: the pieces reach the

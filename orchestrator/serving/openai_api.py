@@ -23,15 +23,53 @@ class RequestError(ValueError):
         return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param}}
 
 
+# The most stop strings a request may give, as OpenAI's API allows.
+MAX_STOP = 4
+# Options of OpenAI's API this server does not have: asking for them is an error, not silently ignored.
+UNSUPPORTED = {"n": 1, "best_of": 1, "echo": None, "logprobs": None, "top_logprobs": None, "suffix": None,
+               "tools": None, "functions": None,
+               "response_format": {"type": "text"}}
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (low < value if low_open else low <= value) and value <= high):
+        bounds = f"above {low:g} and at most {high:g}" if low_open else f"from {low:g} to {high:g}"
+        raise RequestError(f"{key}: must be a number {bounds}", key)
+    return float(value)
+
+
+def _decoding(body: dict) -> dict:
+    """The decoding a request asks for (models.inference.Decoding's fields): greedy unless
+    `temperature` > 0; `top_p`, `seed`, `stop` (a string or up to MAX_STOP of them)."""
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError("seed: must be an integer", "seed")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(x, str) and x for x in stop):
+        raise RequestError(f"stop: must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    return {"temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
+            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), "seed": seed, "stop": tuple(stop)}
+
+
 def parse(body: dict, chat: bool, served: list[str]) -> dict:
     """The arguments of a completion: model, prompt (or messages), max_tokens, stream (and
-    stream_options.include_usage as include_usage). Sampling options (temperature, top_p) are
-    accepted and ignored: the server decodes greedily."""
+    stream_options.include_usage as include_usage), and decoding (`_decoding`: greedy unless the
+    request sets a temperature). Options the server does not have (n > 1, logprobs, echo, tools,
+    ...) are refused by name."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     model = body.get("model")
     if not model:
         raise RequestError(f"model: missing; one of {', '.join(served)}", "model")
+    for key, neutral in UNSUPPORTED.items():
+        if (value := body.get(key)) and value != neutral:
+            also = "" if neutral is None else f" or set it to {json.dumps(neutral)}"
+            raise RequestError(f"{key}: not supported by this server (leave it out{also})", key)
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens", DEFAULT_MAX_TOKENS))
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise RequestError("max_tokens: must be a positive integer", "max_tokens")
@@ -41,7 +79,7 @@ def parse(body: dict, chat: bool, served: list[str]) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("stream_options: must be an object such as {\"include_usage\": true}", "stream_options")
-    args = {"model": model, "max_tokens": max_tokens, "stream": stream,
+    args = {"model": model, "max_tokens": max_tokens, "stream": stream, "decoding": _decoding(body),
             "include_usage": stream and bool(options.get("include_usage"))}
     if chat:
         messages = body.get("messages")
