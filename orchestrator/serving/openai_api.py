@@ -1,6 +1,6 @@
-"""The OpenAI-compatible request and response shapes `orchestrator serve` speaks (the subset a
-greedy server needs: model, prompt or messages, max_tokens, stream); pure functions, no web
-framework."""
+"""The OpenAI-compatible request and response shapes `orchestrator serve` speaks (model, prompt or
+messages, max_tokens, stream, temperature / top_p / seed and stop; the rest of the API refused by
+name); pure functions, no web framework."""
 
 from __future__ import annotations
 
