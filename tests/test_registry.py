@@ -247,6 +247,41 @@ def test_pyfunc_loads_and_predicts_in_a_fresh_process(registered):
         assert alone == [complete(loaded, p, 16) for p in PROMPTS], version
 
 
+def test_a_stream_closed_early_stops_generating(registered):
+    """A streamed completion whose reader goes away (serve: a client that disconnected) stops
+    generating at its next token: when `close()` returns, the guard (serve's adapter lock) is free
+    again and the model ran fewer forward passes than the whole answer takes; so does one whose
+    `cancel` event is set (its pieces then a beginning of the answer). Read to the end, the pieces
+    are the whole answer."""
+    import threading
+
+    from orchestrator.models.inference import complete_formatted, format_prompt, load_adapter, stream_formatted
+
+    loaded = load_adapter(registered["adapter"])
+    text, tokens = format_prompt(loaded, PROMPTS[0]), 48
+    passes: list[int] = []
+    hook = loaded.model.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))  # one per pass
+    try:
+        whole = list(stream_formatted(loaded, text, tokens))
+        assert "".join(whole) == complete_formatted(loaded, text, tokens) and len(whole) >= 4, whole
+        needed = len(passes)
+        passes.clear()
+        lock = threading.Lock()
+        pieces = stream_formatted(loaded, text, tokens, guard=lock)
+        assert next(pieces) == whole[0]
+        pieces.close()
+        assert not lock.locked() and len(passes) < needed, (len(passes), needed)
+        passes.clear()
+        cancel = threading.Event()  # as serve sets it when Serve cancels a stream whose client left
+        pieces = stream_formatted(loaded, text, tokens, cancel=cancel)
+        first = next(pieces)
+        cancel.set()
+        rest = list(pieces)
+        assert "".join(whole).startswith("".join([first, *rest])) and len(passes) < needed, (rest, len(passes))
+    finally:
+        hook.remove()
+
+
 def test_batched_completions_equal_one_at_a_time(registered):
     """`complete_batch` of prompts of very different lengths, left-padded into one batch, against
     each prompt completed alone, on the trained adapter in float32.

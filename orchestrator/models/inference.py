@@ -235,32 +235,41 @@ def _prompt_ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))["input_ids"]
 
 
-def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=None, decoding: Decoding = GREEDY):
+def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=None, decoding: Decoding = GREEDY,
+                     cancel=None):
     """`complete_formatted`'s answer in pieces, as the model writes it: a generator of text whose
     pieces join to exactly `complete_formatted(loaded, text, max_new_tokens, decoding)` (the same
     tokens, decoded as they come, up to a stop string; whitespace at either end held back, as that
     answer is stripped).
 
     Generation runs in a thread of its own, inside `guard` (a context manager; `serve` holds its
-    adapter lock there, so no other request switches the adapter mid-answer). An error in
-    generation is raised from the generator once the pieces before it are out."""
+    adapter lock there, so no other request switches the adapter mid-answer). It stops at the next
+    token once the generator is closed, or once `cancel` (a threading.Event) is set: a reader that
+    went away frees the guard then, not after `max_new_tokens`. An error in generation is raised
+    from the generator once the pieces before it are out."""
     import threading
 
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     tok = loaded.tokenizer
     enc = {"input_ids": torch.tensor([_prompt_ids(tok, text)], device=input_device(loaded.model))}
     enc["attention_mask"] = torch.ones_like(enc["input_ids"])
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     failed: list[BaseException] = []
+    reader_gone = cancel if cancel is not None else threading.Event()
+
+    class UntilTheReaderGoes(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), reader_gone.is_set(), dtype=torch.bool, device=input_ids.device)
 
     def generate() -> None:
         try:
             with guard if guard is not None else contextlib.nullcontext(), torch.no_grad():
                 decoding.seed_rng()
                 loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **decoding.generate_kwargs(tok),
-                                      streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([UntilTheReaderGoes()]),
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         except BaseException as e:  # noqa: BLE001  raised in the caller's thread, below
             failed.append(e)
             streamer.end()  # the reader below stops waiting
@@ -268,15 +277,18 @@ def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=
     thread = threading.Thread(target=generate, daemon=True, name="stream-generate")
     thread.start()
     started, held = False, ""
-    for piece in decoding.until_stop(streamer):
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        body = (held + piece).rstrip()
-        if body:
-            yield body
-        held = (held + piece)[len(body):]
-    thread.join()
+    try:
+        for piece in decoding.until_stop(streamer):
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            body = (held + piece).rstrip()
+            if body:
+                yield body
+            held = (held + piece)[len(body):]
+    finally:  # the answer is out, or the reader left: generation stops at its next token
+        reader_gone.set()
+        thread.join()
     if failed:
         raise failed[0]
 

@@ -129,14 +129,15 @@ class ServedAdapters:
                     self.prompt_tokens(text))
 
     def stream(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
-               max_tokens: int = 64, decoding=None):
+               max_tokens: int = 64, decoding=None, cancel=None):
         """`complete`'s answer in pieces as the model writes them (a generator that joins to the same
-        text), and the prompt's length in tokens."""
+        text; setting the threading.Event `cancel` stops it at the next token), and the prompt's
+        length in tokens."""
         from orchestrator.models.inference import GREEDY, stream_formatted
 
         name, loaded, text = self._prompt(ref, prompt, messages)
-        return (stream_formatted(loaded, text, max_tokens, guard=self._using(name), decoding=decoding or GREEDY),
-                self.prompt_tokens(text))
+        return (stream_formatted(loaded, text, max_tokens, guard=self._using(name), decoding=decoding or GREEDY,
+                                 cancel=cancel), self.prompt_tokens(text))
 
     def prompt_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])

@@ -17,6 +17,8 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 
+    import threading
+
     from orchestrator.models.inference import Decoding
     from orchestrator.serving import openai_api
 
@@ -28,8 +30,6 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
     @serve.ingress(api)
     class OpenAIServer:
         def __init__(self, refs: list[str], tracking_uri: str, reload_every: float | None):
-            import threading
-
             from orchestrator.serving.adapters import ServedAdapters
 
             self.adapters = ServedAdapters(refs, tracking_uri)
@@ -61,12 +61,11 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                 args["decoding"] = Decoding(**args["decoding"])
                 served_as = self.adapters.models()[ref if ref in served else f"models:/{ref}"]
                 if stream:
-                    # Starlette iterates a plain generator in its thread pool: the pieces reach the
-                    # client as the model writes them, with the replica's event loop free.
-                    pieces, prompt_tokens = self.adapters.stream(ref, **args)
-                    return StreamingResponse(openai_api.stream_events(
-                        ref, pieces, served_as, chat, prompt_tokens, self.adapters.count_tokens, args["max_tokens"],
-                        include_usage), media_type="text/event-stream")
+                    cancel = threading.Event()
+                    pieces, prompt_tokens = self.adapters.stream(ref, **args, cancel=cancel)
+                    events = openai_api.stream_events(ref, pieces, served_as, chat, prompt_tokens,
+                                                      self.adapters.count_tokens, args["max_tokens"], include_usage)
+                    return StreamingResponse(_until_disconnected(events, cancel), media_type="text/event-stream")
                 text, prompt_tokens = self.adapters.complete(ref, **args)
             except openai_api.RequestError as e:
                 return JSONResponse(e.to_json(), status_code=e.status)
@@ -90,6 +89,22 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
             return {"models": self.adapters.load()}
 
     return OpenAIServer.bind(refs, tracking_uri, reload_every)
+
+
+async def _until_disconnected(events, cancel):
+    """The server-sent `events` of a streamed answer as the model writes them, each read in a
+    worker thread (the replica's event loop stays free). When the client goes away Serve cancels
+    this generator (a plain generator it would only leave suspended, its generation running on to
+    `max_tokens` with the adapter lock held: measured), and `cancel` stops the generation at its
+    next token."""
+    import asyncio
+
+    done = object()
+    try:
+        while (event := await asyncio.to_thread(next, events, done)) is not done:
+            yield event
+    finally:
+        cancel.set()
 
 
 def app_builder(args: dict):
