@@ -247,6 +247,26 @@ def test_pyfunc_loads_and_predicts_in_a_fresh_process(registered):
         assert alone == [complete(loaded, p, 16) for p in PROMPTS], version
 
 
+def test_merged_and_adapter_versions_are_served_as_generate_answers(registered):
+    """`serve`'s versions (ServedAdapters, as each replica holds them): the merged version as a
+    model of its own beside the adapter version on its base; each answers, whole and streamed,
+    exactly as `generate` answers for it, and counts tokens with its own tokenizer."""
+    from orchestrator.cli import app
+    from orchestrator.serving.adapters import ServedAdapters
+
+    uri, refs = registered["uri"], [f"models:/{NAME}-merged/1", f"models:/{NAME}/1"]
+    served = ServedAdapters(refs, uri)
+    assert served.load() == {ref: ref for ref in refs}
+    assert list(served.whole) == [f"{NAME}-merged/1"] and served.model is not None
+    for ref in refs:
+        result = CliRunner().invoke(app, ["generate", ref, PROMPT, "--max-new-tokens", "16", "--tracking-uri", uri])
+        assert result.exit_code == 0, result.output
+        want = result.stdout.strip()
+        text, prompt_tokens = served.complete(ref, prompt=PROMPT, max_tokens=16)
+        pieces, _ = served.stream(ref, prompt=PROMPT, max_tokens=16)
+        assert text == "".join(pieces) == want and prompt_tokens > 0 and served.count_tokens(ref, text) > 0, ref
+
+
 def test_a_stream_closed_early_stops_generating(registered):
     """A streamed completion whose reader goes away (serve: a client that disconnected) stops
     generating at its next token: when `close()` returns, the guard (serve's adapter lock) is free

@@ -12,22 +12,24 @@ from orchestrator.cli.common import _quiet_transformers, _stdout_for_results_onl
 
 @app.command()
 def serve(models: Optional[List[str]] = typer.Argument(None, help="models:/NAME@ALIAS or models:/NAME/VERSION "
-                                                       "(several: adapters of one base, served by one deployment)."),
+                                                       "(several: adapters of one base, and merged or full "
+                                                       "versions, served by one deployment)."),
           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a "
                                                                         "local Ray)."),
           host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every one)."),
           port: int = typer.Option(8000, "--port", help="HTTP port."),
           replicas: int = typer.Option(1, "--replicas", min=1, help="Replicas of the deployment (each loads "
-                                                                     "the base once)."),
+                                                                     "the base once, and each merged version)."),
           reload_every: Optional[float] = typer.Option(None, "--reload-every", min=1.0,
                                                        help="Re-resolve the aliases every S seconds (every replica)."),
           reload: bool = typer.Option(False, "--reload", help="Do not start a server: tell the one on --host/--port "
                                                               "to re-resolve its aliases now."),
           tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri",
                                            help="MLflow tracking/registry URI.")):
-    """Serve registered adapters over an OpenAI-compatible HTTP API (/v1/completions,
+    """Serve registered versions over an OpenAI-compatible HTTP API (/v1/completions,
     /v1/chat/completions, /v1/models) on Ray Serve; the request's `model` is the reference it was
-    served as. Greedy, formatted as `orchestrator generate` formats prompts. Runs until Ctrl-C."""
+    served as. Greedy unless a request sets a temperature, formatted as `orchestrator generate`
+    formats prompts; streamed on request. Runs until Ctrl-C."""
     from orchestrator.serving import deployment
 
     if reload:

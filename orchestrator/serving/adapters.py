@@ -1,5 +1,6 @@
-"""One base model with every served version's adapter loaded into it (peft multi-adapter): each
-request picks its adapter by the registered reference it was served as (`models:/NAME@ALIAS`).
+"""The registered versions a replica serves: one base model with every adapter version loaded into
+it (peft multi-adapter), and each merged, full or freeze version as a model of its own. Each
+request picks its version by the registered reference it was served as (`models:/NAME@ALIAS`).
 `load` re-resolves the references, so a moved alias is served after the next load."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ def model_id(ref: str) -> str:
 
 
 class ServedAdapters:
-    """Adapters of one base, loaded once each, under the names `NAME/VERSION`."""
+    """Versions loaded once each, under the names `NAME/VERSION`: adapters of one base in one peft
+    model, whole models (merged, full, freeze) on their own."""
 
     def __init__(self, refs: list[str], tracking_uri: str):
         self.refs = [model_id(r) for r in refs]
@@ -24,8 +26,9 @@ class ServedAdapters:
         self.model = None
         self.tokenizer = None
         self.base: tuple | None = None        # (model.base, base sha256) every adapter must share
-        self.specs: dict[str, object] = {}    # adapter name -> the job spec it was trained with
-        self.active: dict[str, str] = {}      # served ref -> adapter name
+        self.specs: dict[str, object] = {}    # version name -> the job spec it was trained with
+        self.whole: dict[str, object] = {}    # version name -> its own model (a models.inference.Loaded)
+        self.active: dict[str, str] = {}      # served ref -> version name
         self.lock = threading.Lock()          # set_adapter + generate is one step per request
 
     def load(self) -> dict[str, str]:
@@ -43,12 +46,13 @@ class ServedAdapters:
                     self._add(name)
             self.active = wanted
             for name in set(self.specs) - set(wanted.values()):
-                self.model.delete_adapter(name)
+                if self.whole.pop(name, None) is None:
+                    self.model.delete_adapter(name)
                 del self.specs[name]
         return {ref: f"models:/{name}" for ref, name in wanted.items()}
 
     def _add(self, name: str) -> None:
-        from orchestrator.models.inference import check_base, is_merged, read_lineage, read_spec
+        from orchestrator.models.inference import check_base, is_merged, load_adapter, read_lineage, read_spec
         from orchestrator.models.loading import load_base_for_inference, load_tokenizer, resolve_base
         from orchestrator.tracking.registry import download_model
 
@@ -58,9 +62,10 @@ class ServedAdapters:
             local = download_model(f"models:/{name}", Path(tmp) / name.replace("/", "-"), self.tracking_uri)
             spec = read_spec(local)
             if is_merged(local) or spec.peft.method in ("full", "freeze"):
-                raise ValueError(f"models:/{name} is not an adapter version ({spec.peft.method}, "
-                                 f"{'merged' if is_merged(local) else 'adapter'}): serve adapter versions of one base, "
-                                 "or export a merged version and serve it with a plain transformers server")
+                # A model of its own, loaded as `generate` loads it: no adapter to switch.
+                self.whole[name] = load_adapter(local)
+                self.specs[name] = spec
+                return
             base = (spec.model.base, read_lineage(local).get("base_sha256"))
             if self.base is not None and base != self.base:
                 raise ValueError(f"models:/{name} was trained on {base[0]}, not on the base the other served "
@@ -97,9 +102,10 @@ class ServedAdapters:
         if ref not in self.active:
             raise KeyError(ref)
         name = self.active[ref]
-        loaded = Loaded(model=self.model, tokenizer=self.tokenizer, spec=self.specs[name])
+        loaded = self.whole.get(name) or Loaded(model=self.model, tokenizer=self.tokenizer, spec=self.specs[name])
         if messages is not None and loaded.spec.data.format == "chat":
-            return name, loaded, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return name, loaded, loaded.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                      add_generation_prompt=True)
         if messages is not None:
             users = [m for m in messages if m.get("role") == "user"]
             prompt = str(users[-1]["content"]) if users else ""
@@ -111,8 +117,13 @@ class ServedAdapters:
         one step under the lock. A reload may have unloaded `name` since the request resolved it
         (the answer then ends in an error)."""
         with self.lock:
-            self.model.set_adapter(name)
+            self._activate(name)
             yield
+
+    def _activate(self, name: str) -> None:
+        """Make `name` the adapter the shared model runs (a whole model needs nothing)."""
+        if name not in self.whole:
+            self.model.set_adapter(name)
 
     def complete(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
                  max_tokens: int = 64, decoding=None) -> tuple[str, int]:
@@ -123,10 +134,10 @@ class ServedAdapters:
 
         with self.lock:  # the adapter resolved, set and used in one step: a reload waits
             name, loaded, text = self._prompt(ref, prompt, messages)
-            self.model.set_adapter(name)
+            self._activate(name)
             # `complete` is format_prompt + complete_formatted: the same answer as `generate`.
             return (complete_formatted(loaded, text, max_new_tokens=max_tokens, decoding=decoding or GREEDY),
-                    self.prompt_tokens(text))
+                    self.count_tokens(ref, text, prompt=True))
 
     def stream(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
                max_tokens: int = 64, decoding=None, cancel=None):
@@ -137,10 +148,11 @@ class ServedAdapters:
 
         name, loaded, text = self._prompt(ref, prompt, messages)
         return (stream_formatted(loaded, text, max_tokens, guard=self._using(name), decoding=decoding or GREEDY,
-                                 cancel=cancel), self.prompt_tokens(text))
+                                 cancel=cancel), self.count_tokens(ref, text, prompt=True))
 
-    def prompt_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def count_tokens(self, ref: str, text: str, prompt: bool = False) -> int:
+        """Tokens of `text` by the tokenizer of the version `ref` is served as (a prompt with the
+        special tokens it is given, an answer without)."""
+        name = self.active[model_id(ref)]
+        tokenizer = self.whole[name].tokenizer if name in self.whole else self.tokenizer
+        return len(tokenizer(text, add_special_tokens=prompt)["input_ids"])

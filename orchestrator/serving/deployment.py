@@ -64,13 +64,14 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                     cancel = threading.Event()
                     pieces, prompt_tokens = self.adapters.stream(ref, **args, cancel=cancel)
                     events = openai_api.stream_events(ref, pieces, served_as, chat, prompt_tokens,
-                                                      self.adapters.count_tokens, args["max_tokens"], include_usage)
+                                                      lambda answer: self.adapters.count_tokens(ref, answer),
+                                                      args["max_tokens"], include_usage)
                     return StreamingResponse(_until_disconnected(events, cancel), media_type="text/event-stream")
                 text, prompt_tokens = self.adapters.complete(ref, **args)
             except openai_api.RequestError as e:
                 return JSONResponse(e.to_json(), status_code=e.status)
-            return openai_api.completion(ref, text, served_as, chat, prompt_tokens, self.adapters.count_tokens(text),
-                                         args["max_tokens"])
+            return openai_api.completion(ref, text, served_as, chat, prompt_tokens,
+                                         self.adapters.count_tokens(ref, text), args["max_tokens"])
 
         @api.get("/v1/models")
         def models(self):
