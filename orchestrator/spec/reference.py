@@ -48,9 +48,9 @@ orchestrator run jobs/quickstart.yaml --set training.max_steps=50 --set distribu
 
 A record is one JSON object per line of a JSONL file, or one row of a Parquet file (its columns
 are the fields). A JSONL file may be compressed, as its name says: `.jsonl.gz`, `.jsonl.zst`,
-`.jsonl.bz2` or `.jsonl.lz4` (decompressed as it is read, by the driver and by Ray Data alike). `data.train` and `data.eval` name a file, a directory or glob of files
-(`data/*.jsonl`), or an `s3://` / `gs://` URI (read where it is, with credentials from the
-environment). Three formats:
+`.jsonl.bz2` or `.jsonl.lz4` (decompressed as it is read, by the driver and by Ray Data alike).
+`data.train` and `data.eval` name a file, a directory or glob of files (`data/*.jsonl`), or an
+`s3://` / `gs://` URI (read where it is, with credentials from the environment). Three formats:
 
 - `alpaca`: `{"instruction", "input" (optional), "output"}`; the prompt is masked, `output` and
   the end-of-sequence token are trained;
