@@ -230,7 +230,8 @@ def test_zero3_load_puts_the_files_weights_in_the_partitions(tmp_path_factory):
 
 
 # ~154M parameters: 11 layers of hidden 1024 / MLP 2816 and a small vocabulary, so no single tensor
-# (the largest, an MLP matrix, is 2.9M elements) weighs much next to the model (308 MB in bf16).
+# (the largest, the embedding and the output head, 8.4M elements each; an MLP matrix 2.9M) weighs much
+# next to the model (308 MB in bf16).
 MID = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=11,
            num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64, tie_word_embeddings=False)
 
