@@ -92,6 +92,8 @@ def scan_jsonl(path: str | Path, field_path: str = "data.train") -> Iterator[tup
                f"re-encode the file as UTF-8, compressed as its name says ({', '.join(COMPRESSED_SUFFIXES)})")
         raise _data_error(field_path, f"{path} is not UTF-8 text", fix) from None
     except OSError as e:  # a compressed file that does not decompress (pyarrow's errors are OSErrors)
+        if not path.name.endswith(COMPRESSED_SUFFIXES):
+            raise
         raise _data_error(field_path, f"{path} cannot be decompressed ({e})",
                           "check that the file is whole and compressed as its name says") from None
     if not seen:

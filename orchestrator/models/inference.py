@@ -220,13 +220,20 @@ def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, b
         enc = tok.pad({"input_ids": [ids[i] for i in chunk]}, padding=True, padding_side="left", return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.no_grad():
-            out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **decoding.generate_kwargs(tok),
-                                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            out = _generate(loaded, enc, max_new_tokens, decoding)
         for i, row in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
             if tok.eos_token_id in row:  # a finished prompt waits for the batch's others, padded
                 row = row[:row.index(tok.eos_token_id)]
             completions[i] = decoding.cut(tok.decode(row, skip_special_tokens=True)).strip()
     return completions
+
+
+def _generate(loaded: Loaded, enc: dict, max_new_tokens: int, decoding: Decoding, **extra):
+    """`model.generate` on encoded prompts as every completion here runs it: decoded as `decoding`
+    says, padded and ended with the tokenizer's own tokens; `extra`: a streamer, stopping criteria."""
+    tok = loaded.tokenizer
+    return loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **decoding.generate_kwargs(tok),
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
 
 
 def _prompt_ids(tok, text: str) -> list[int]:
@@ -267,9 +274,8 @@ def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=
         try:
             with guard if guard is not None else contextlib.nullcontext(), torch.no_grad():
                 decoding.seed_rng()
-                loaded.model.generate(**enc, max_new_tokens=max_new_tokens, **decoding.generate_kwargs(tok),
-                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([UntilTheReaderGoes()]),
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                _generate(loaded, enc, max_new_tokens, decoding, streamer=streamer,
+                          stopping_criteria=StoppingCriteriaList([UntilTheReaderGoes()]))
         except BaseException as e:  # noqa: BLE001  raised in the caller's thread, below
             failed.append(e)
             streamer.end()  # the reader below stops waiting

@@ -13,11 +13,11 @@ APP_NAME = "orchestrator"
 def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_every: float | None = None,
               cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0):
     """The bound Serve application (not started)."""
+    import threading
+
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
-
-    import threading
 
     from orchestrator.models.inference import Decoding
     from orchestrator.serving import openai_api
