@@ -43,7 +43,8 @@ def model():
 
 def ds(fused, allreduce=True):
     m = model(); cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=K * R, trainable_params=sum(p.numel() for p in m.parameters() if p.requires_grad),
-                                                            largest_param=max(p.numel() for p in m.parameters()))
+                                                            largest_param=max(p.numel() for p in m.parameters()),
+                                                            hidden_size=m.config.hidden_size)
     cfg["optimizer"]["params"]["fused"] = fused
     eng, *_ = deepspeed.initialize(model=m, model_parameters=[p for p in m.parameters() if p.requires_grad], config=cfg)
     eng.enable_backward_allreduce = allreduce

@@ -119,9 +119,11 @@ def run_case(case: Case, model_dir: Path, steps: int) -> dict:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend="nccl")
     spec = case.spec(str(model_dir))
-    counts = count_params(architecture_for(spec), spec)
+    arch = architecture_for(spec)
+    counts = count_params(arch, spec)
     config = deepspeed_config(spec, world_size=1, use_gpu=True, total_steps=steps + 1,
-                              trainable_params=counts.trainable, largest_param=counts.largest)
+                              trainable_params=counts.trainable, largest_param=counts.largest,
+                              hidden_size=arch.hidden_size)
     model = trainable_model(spec, str(model_dir), "cuda", config)  # as the worker builds it
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)

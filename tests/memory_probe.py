@@ -236,9 +236,11 @@ def _deepspeed_config(spec, world: int, total_steps: int) -> dict:
     from orchestrator.planning.deepspeed import deepspeed_config
     from orchestrator.planning.parameters import count_params
 
-    counts = count_params(architecture_for(spec), spec)
+    arch = architecture_for(spec)
+    counts = count_params(arch, spec)
     return deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=total_steps,
-                            trainable_params=counts.trainable, largest_param=counts.largest)
+                            trainable_params=counts.trainable, largest_param=counts.largest,
+                            hidden_size=arch.hidden_size)
 
 
 def _run_case(case: dict, rank: int, world: int) -> dict:
@@ -441,7 +443,8 @@ def _zero3_weights_worker(rank: int, world: int, port: int, spec_dump: dict, out
     from orchestrator.spec import JobSpec
 
     spec = JobSpec.model_validate(spec_dump)
-    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2, trainable_params=1, largest_param=1)
+    config = deepspeed_config(spec, world_size=world, use_gpu=False, total_steps=2, trainable_params=1, largest_param=1,
+                             hidden_size=1)
     model = load_base_for_training(spec, spec.model.base, "cpu", config)
     saved = {}
     for f in sorted(Path(spec.model.base).glob("*.safetensors")):

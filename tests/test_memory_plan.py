@@ -210,7 +210,8 @@ def test_bucket_terms_follow_the_generated_deepspeed_config(method, stage, devic
     raw = job("meta-llama/Llama-2-7b-hf", method, stage=stage, world=2)
     p = plan(raw, world=2, device=device)
     cfg = deepspeed_config(parse_spec(raw), world_size=2, use_gpu=device == "cuda", total_steps=10,
-                           trainable_params=p.params.trainable, largest_param=p.params.largest)
+                           trainable_params=p.params.trainable, largest_param=p.params.largest,
+                           hidden_size=p.architecture.hidden_size)
     zero, e = cfg["zero_optimization"], 2  # bf16
     if stage in (1, 2):
         buffers = 2 if zero["overlap_comm"] else 1

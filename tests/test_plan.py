@@ -10,6 +10,7 @@ from orchestrator.spec import parse_spec
 
 ADAPTER = 20_000_000  # trainable parameters: a LoRA adapter of a 7B model
 LARGEST = 32_000 * 4096  # elements of a 7B Llama's largest weight (the embedding)
+HIDDEN = 4096  # a 7B Llama's hidden size
 
 
 def spec_with(stage=2, **training):
@@ -45,7 +46,7 @@ def parsed(cfg: dict, world_size: int, monkeypatch):
 @pytest.mark.parametrize("use_gpu", [False, True])
 def test_deepspeed_config_per_stage(stage, use_gpu, monkeypatch):
     spec = spec_with(stage, micro_batch_size=8, grad_accum=4)
-    cfg = deepspeed_config(spec, world_size=2, use_gpu=use_gpu, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST)
+    cfg = deepspeed_config(spec, world_size=2, use_gpu=use_gpu, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
     assert "auto" not in list(walk(cfg)), "DeepSpeed config must hold concrete values only"
     ds = parsed(cfg, 2, monkeypatch)
     zero = ds.zero_config
@@ -62,7 +63,8 @@ def test_deepspeed_config_per_stage(stage, use_gpu, monkeypatch):
     if stage >= 1:
         assert zero.reduce_bucket_size == zero.allgather_bucket_size == ADAPTER
     if stage == 3:
-        assert zero.prefetch_bucket_size == 50_000_000  # gathers the frozen base ahead: sized for it
+        # Gathers the frozen base ahead, a layer's weight at a time: transformers' 0.9 x hidden².
+        assert zero.prefetch_bucket_size == round(0.9 * HIDDEN * HIDDEN) == 15_099_494
         # At most the largest weight held gathered besides the one in use, not DeepSpeed's 1e9
         # elements (the whole of any model under 1B parameters from the second step on).
         assert zero.max_live_parameters == zero.max_reuse_distance == LARGEST
@@ -78,7 +80,7 @@ def test_offload_settings(use_gpu, monkeypatch):
     raw = {"name": "t", "data": {"train": "x"}, "training": {"max_steps": 10},
            "distributed": {"num_workers": 4, "deepspeed": {"stage": 3, "offload_optimizer": True,
                                                            "offload_params": True}}}
-    cfg = deepspeed_config(parse_spec(raw), world_size=4, use_gpu=use_gpu, total_steps=10, trainable_params=ADAPTER, largest_param=LARGEST)
+    cfg = deepspeed_config(parse_spec(raw), world_size=4, use_gpu=use_gpu, total_steps=10, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
     zero = parsed(cfg, 4, monkeypatch).zero_config
     assert zero.offload_optimizer.device == "cpu" and zero.offload_param.device == "cpu"
     # Pinned host memory speeds up copies to and from a GPU; without one it only locks RAM.
@@ -92,7 +94,7 @@ def test_offload_settings(use_gpu, monkeypatch):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_buckets_follow_the_trainable_count(trainable, bucket, stage, monkeypatch):
     """Every bucket size DeepSpeed's parser accepts, capped at its default for full fine-tuning."""
-    cfg = deepspeed_config(spec_with(stage), world_size=2, use_gpu=True, total_steps=10, trainable_params=trainable, largest_param=LARGEST)
+    cfg = deepspeed_config(spec_with(stage), world_size=2, use_gpu=True, total_steps=10, trainable_params=trainable, largest_param=LARGEST, hidden_size=HIDDEN)
     zero = parsed(cfg, 2, monkeypatch).zero_config
     assert zero.reduce_bucket_size == zero.allgather_bucket_size == bucket
 
@@ -105,7 +107,7 @@ def test_every_variant_passes_deepspeeds_parser(stage, offload, dtype, monkeypat
            "distributed": {"num_workers": 2, "deepspeed": {"stage": stage, "offload_optimizer": offload}}}
     for use_gpu in (False, True):
         cfg = deepspeed_config(parse_spec(raw), world_size=2, use_gpu=use_gpu, total_steps=10,
-                               trainable_params=ADAPTER, largest_param=LARGEST)
+                               trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
         ds = parsed(cfg, 2, monkeypatch)
         assert ds.zero_optimization_stage == stage
         assert (ds.float16_config.enabled, ds.bfloat16_config.enabled) == (dtype == "float16", dtype == "bfloat16")
@@ -115,7 +117,7 @@ def test_every_variant_passes_deepspeeds_parser(stage, offload, dtype, monkeypat
                                           ("constant", "WarmupLR")])
 def test_scheduler_translation(name, ds_type, monkeypatch):
     spec = spec_with(lr_scheduler=name, warmup_ratio=0.1)
-    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST)
+    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
     sched = cfg["scheduler"]
     assert parsed(cfg, 1, monkeypatch).scheduler_name == sched["type"] == ds_type
     assert sched["params"]["warmup_num_steps"] == 10
@@ -126,7 +128,7 @@ def test_scheduler_translation(name, ds_type, monkeypatch):
 def test_zero_warmup_still_valid_for_deepspeed(monkeypatch):
     spec = spec_with(warmup_ratio=0.0)
     assert warmup_steps(spec, 100) == 0
-    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST)
+    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
     assert parsed(cfg, 1, monkeypatch).scheduler_params["warmup_num_steps"] == 1
 
 
@@ -139,7 +141,7 @@ def test_without_warmup_the_first_step_trains_at_the_full_rate(name):
     from deepspeed.runtime import lr_schedules
 
     spec = spec_with(lr_scheduler=name, warmup_ratio=0.0)
-    sched = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST)["scheduler"]
+    sched = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)["scheduler"]
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=spec.training.learning_rate)
     scheduler = getattr(lr_schedules, sched["type"])(optimizer, **sched["params"])
     for step in (1, 2):  # the engine steps the optimizer, then the scheduler

@@ -65,7 +65,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     tspec, res, total = trial_setup(spec, values, ctx.data.train_examples, ctx.gpus)
     memory = space.plan_trial(spec, values, ctx.gpu_memory_bytes, ctx.gpu_memory_source).plan
     ds_config = deepspeed_config(tspec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total,
-                                 trainable_params=memory.params.trainable, largest_param=memory.params.largest)
+                                 trainable_params=memory.params.trainable, largest_param=memory.params.largest,
+                                 hidden_size=memory.architecture.hidden_size)
     trial_id = launch.trial_id()
     handle = runs.start_run(
         tspec, run_name=f"{spec.name}-{trial_id}", parent_run_id=ctx.parent_run_id,

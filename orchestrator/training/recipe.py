@@ -269,7 +269,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, verbose: bool = False,
         base_path, data, res, memory = p.base_path, p.data, p.resources, p.memory
         total = optimizer_steps(spec, data.train_examples, res.num_workers)
         ds_config = deepspeed_config(spec, world_size=res.num_workers, use_gpu=res.use_gpu, total_steps=total,
-                                     trainable_params=memory.params.trainable, largest_param=memory.params.largest)
+                                     trainable_params=memory.params.trainable, largest_param=memory.params.largest,
+                                     hidden_size=memory.architecture.hidden_size)
 
         with watch("plan"):
             lineage = lineage_of(spec, base_path, data.files_sha256)
