@@ -321,6 +321,37 @@ def test_serve_samples_and_stops_as_asked(versions, served):
         assert code == 400 and body["error"]["param"] == param, body
 
 
+def test_serve_completes_concurrent_requests_together(versions, served):
+    """Eight non-streamed requests sent at once, four to each served version: every one answered
+    (its usage counted); the replica gathered some of them into one batched generation (the
+    x-orchestrator-batch-size header says with how many requests an answer was completed), and an
+    answer completed alone is the answer that request gets when sent by itself. (A batched answer
+    equals the lone one up to the last float bits of the padding's arithmetic: tests/test_registry.py
+    checks complete_many against complete_batch.)"""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.serving.deployment import BATCH_HEADER
+
+    prompts = [PROMPT, "There is a cat.", PROMPT + " It is big.", "A small fish in a lake."]
+    asks = [{"model": ref, "prompt": p, "max_tokens": 2 * TOKENS}
+            for ref in (f"models:/{NAME}/1", f"models:/{NAME}@production") for p in prompts]
+
+    def send(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{served}/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return int(response.headers[BATCH_HEADER]), json.loads(response.read())
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(send, asks))
+    assert max(size for size, _ in together) >= 2, [size for size, _ in together]
+    for ask, (size, answer) in zip(asks, together):
+        assert 1 <= size <= len(prompts) and answer["usage"]["prompt_tokens"] > 0, (size, answer)
+        if size == 1:
+            assert answer["choices"][0]["text"] == send(ask)[1]["choices"][0]["text"], ask
+
+
 def test_serve_follows_alias_moves_on_reload(versions, served):
     """production rolled back to version 1: after a reload the deployment serves version 1 under
     models:/prod@production, with no restart; promoted to 2 again, version 2."""

@@ -267,6 +267,45 @@ def test_merged_and_adapter_versions_are_served_as_generate_answers(registered):
         assert text == "".join(pieces) == want and prompt_tokens > 0 and served.count_tokens(ref, text) > 0, ref
 
 
+def test_served_requests_gathered_together_share_one_generation(registered):
+    """`complete_many`, what a replica runs on the requests Serve gathers: the greedy requests to
+    one version run as one left-padded batch (the model's passes see all of them at once) and get
+    `complete_batch`'s answers for them; a request to another version, and a sampled one, run on
+    their own and answer as alone; a reference not served is that request's KeyError only. The
+    answers come back in the requests' order."""
+    from orchestrator.models.inference import Decoding, complete_batch, format_prompt
+    from orchestrator.serving.adapters import Answer, ServedAdapters
+
+    uri, refs = registered["uri"], [f"models:/{NAME}-merged/1", f"models:/{NAME}/1"]
+    served = ServedAdapters(refs, uri)
+    served.load()
+    merged, adapter = refs
+    sampled = Decoding(temperature=1.0, seed=3)
+    requests = [dict(ref=adapter, prompt=p, max_tokens=16) for p in PROMPTS]
+    requests.insert(1, dict(ref=merged, prompt=PROMPT, max_tokens=16))
+    requests.insert(3, dict(ref=adapter, prompt=PROMPT, max_tokens=16, decoding=sampled))
+    requests.append(dict(ref="models:/nope/1", prompt=PROMPT, max_tokens=16))
+    rows: list[int] = []  # the batch size of each pass of the adapters' model
+    hook = served.model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        answers = served.complete_many(requests)
+    finally:
+        hook.remove()
+    assert isinstance(answers[-1], KeyError), answers[-1]
+    assert all(isinstance(a, Answer) for a in answers[:-1]), answers
+    assert [a.batch_size for a in answers[:-1]] == [len(PROMPTS), 1, len(PROMPTS), 1, len(PROMPTS)]
+    assert max(rows) == len(PROMPTS) and rows.count(1) >= 1, rows  # the batch, and the sampled request alone
+    greedy = [answers[i] for i in (0, 2, 4)]
+    served._activate(served.active[adapter])
+    loaded = served._prompt(adapter, PROMPT, None)[1]
+    want = complete_batch(loaded, [format_prompt(loaded, p) for p in PROMPTS], 16, batch_size=len(PROMPTS))
+    assert [a.text for a in greedy] == want
+    assert answers[1].text == served.complete(merged, prompt=PROMPT, max_tokens=16)[0]
+    assert answers[3].text == served.complete(adapter, prompt=PROMPT, max_tokens=16, decoding=sampled)[0]
+    for request, answer in zip(requests, answers[:-1]):
+        assert answer.tokens == served.count_tokens(request["ref"], answer.text) and answer.prompt_tokens > 0
+
+
 def test_a_stream_closed_early_stops_generating(registered):
     """A streamed completion whose reader goes away (serve: a client that disconnected) stops
     generating at its next token: when `close()` returns, the guard (serve's adapter lock) is free

@@ -29,7 +29,8 @@ def serve(models: Optional[List[str]] = typer.Argument(None, help="models:/NAME@
     """Serve registered versions over an OpenAI-compatible HTTP API (/v1/completions,
     /v1/chat/completions, /v1/models) on Ray Serve; the request's `model` is the reference it was
     served as. Greedy unless a request sets a temperature, formatted as `orchestrator generate`
-    formats prompts; streamed on request. Runs until Ctrl-C."""
+    formats prompts; streamed on request; requests that arrive together completed in one batch.
+    Runs until Ctrl-C."""
     from orchestrator.serving import deployment
 
     if reload:

@@ -9,11 +9,22 @@ import contextlib
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 
 def model_id(ref: str) -> str:
     """The served name of a reference: always with the `models:/` prefix."""
     return ref if ref.startswith("models:/") else f"models:/{ref}"
+
+
+class Answer(NamedTuple):
+    """One request's completion: its text, its prompt's and its own length in tokens, and how many
+    requests were gathered into its batch, itself included (`ServedAdapters.complete_many`)."""
+
+    text: str
+    prompt_tokens: int
+    tokens: int
+    batch_size: int
 
 
 class ServedAdapters:
@@ -129,15 +140,54 @@ class ServedAdapters:
                  max_tokens: int = 64, decoding=None) -> tuple[str, int]:
         """Greedy completion with the adapter `ref` is served as (`_prompt` formats the request;
         `decoding`, a models.inference.Decoding, may sample or stop early), and the prompt's length
-        in tokens."""
-        from orchestrator.models.inference import GREEDY, complete_formatted
+        in tokens: `complete_many` of one request."""
+        answer = self.complete_many([dict(ref=ref, prompt=prompt, messages=messages, max_tokens=max_tokens,
+                                          decoding=decoding)])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer.text, answer.prompt_tokens
 
-        with self.lock:  # the adapter resolved, set and used in one step: a reload waits
-            name, loaded, text = self._prompt(ref, prompt, messages)
-            self._activate(name)
-            # `complete` is format_prompt + complete_formatted: the same answer as `generate`.
-            return (complete_formatted(loaded, text, max_new_tokens=max_tokens, decoding=decoding or GREEDY),
-                    self.count_tokens(ref, text, prompt=True))
+    def complete_many(self, requests: list[dict]) -> list:
+        """The completions of several requests (each `complete`'s arguments as a dict), in their
+        order: an `Answer` each, or the exception that request raised (a reference not
+        served: KeyError), the others answered all the same.
+
+        Greedy requests to one version with the same `max_tokens` and stop strings are completed
+        together, left-padded into one batch (`complete_batch`: the answers each would get alone,
+        up to the last float bits of the padded positions; a prompt or prefix tuning adapter's
+        batch generates prompts of one length at a time); a sampled request is completed alone,
+        so its seed gives the answer it gives alone. All under the lock: the versions resolved,
+        set and used in one step, a reload waits."""
+        from orchestrator.models.inference import GREEDY, complete_batch
+
+        answers: list = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        with self.lock:
+            prompts = []
+            for i, r in enumerate(requests):
+                try:
+                    prompts.append(self._prompt(r["ref"], r.get("prompt"), r.get("messages")))
+                except Exception as e:  # noqa: BLE001  this request's answer
+                    prompts.append(None)
+                    answers[i] = e
+                    continue
+                decoding = r.get("decoding") or GREEDY
+                alone = i if decoding.samples else None
+                groups.setdefault((prompts[i][0], r.get("max_tokens", 64), decoding, alone), []).append(i)
+            for (name, max_tokens, decoding, _), members in groups.items():
+                self._activate(name)
+                loaded = prompts[members[0]][1]
+                try:
+                    texts = complete_batch(loaded, [prompts[i][2] for i in members], max_new_tokens=max_tokens,
+                                           batch_size=len(members), decoding=decoding)
+                except Exception as e:  # noqa: BLE001  the group's answers
+                    texts = [e] * len(members)
+                for i, text in zip(members, texts):
+                    ref = requests[i]["ref"]
+                    answers[i] = text if isinstance(text, Exception) else Answer(
+                        text, self.count_tokens(ref, prompts[i][2], prompt=True), self.count_tokens(ref, text),
+                        len(members))
+        return answers
 
     def stream(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
                max_tokens: int = 64, decoding=None, cancel=None):

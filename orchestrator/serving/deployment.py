@@ -8,11 +8,19 @@ imported inside `build_app`) as objects; as strings it could not resolve them an
 `request` for a query parameter (HTTP 422)."""
 
 APP_NAME = "orchestrator"
+# Requests a replica completes together: concurrent non-streamed greedy requests to one version
+# (with the same max_tokens and stop strings) share one batched generation
+# (ServedAdapters.complete_many). Serve gathers a batch for up to BATCH_WAIT_S after its first
+# request, and lets a replica hold two batches' worth, so the next batch gathers while one runs.
+MAX_BATCH = 8
+BATCH_WAIT_S = 0.01
+BATCH_HEADER = "x-orchestrator-batch-size"  # on a non-streamed answer: the requests completed with it
 
 
 def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_every: float | None = None,
               cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0):
     """The bound Serve application (not started)."""
+    import asyncio
     import threading
 
     from fastapi import FastAPI, Request
@@ -24,7 +32,7 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
 
     api = FastAPI(title="orchestrator serve")
 
-    @serve.deployment(name="OpenAIServer", num_replicas=replicas,
+    @serve.deployment(name="OpenAIServer", num_replicas=replicas, max_ongoing_requests=2 * MAX_BATCH,
                       ray_actor_options={"num_cpus": cpus_per_replica,
                                          **({"num_gpus": gpus_per_replica} if gpus_per_replica else {})})
     @serve.ingress(api)
@@ -49,7 +57,13 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
 
                 threading.Thread(target=poll, daemon=True, name="alias-poll").start()
 
-        def _answer(self, body: dict, chat: bool):
+        @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+        async def _complete(self, requests: list[dict]) -> list:
+            """The requests Serve gathered, completed together in a worker thread (the replica's
+            event loop stays free to take the next ones): an Answer or an exception each."""
+            return await asyncio.to_thread(self.adapters.complete_many, requests)
+
+        async def _answer(self, body: dict, chat: bool):
             served = list(self.adapters.models())
             try:
                 args = openai_api.parse(body, chat, served)
@@ -67,11 +81,14 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                                                       lambda answer: self.adapters.count_tokens(ref, answer),
                                                       args["max_tokens"], include_usage)
                     return StreamingResponse(_until_disconnected(events, cancel), media_type="text/event-stream")
-                text, prompt_tokens = self.adapters.complete(ref, **args)
+                answer = await self._complete(dict(ref=ref, **args))
             except openai_api.RequestError as e:
                 return JSONResponse(e.to_json(), status_code=e.status)
-            return openai_api.completion(ref, text, served_as, chat, prompt_tokens,
-                                         self.adapters.count_tokens(ref, text), args["max_tokens"])
+            if isinstance(answer, Exception):
+                raise answer
+            body = openai_api.completion(ref, answer.text, served_as, chat, answer.prompt_tokens, answer.tokens,
+                                         args["max_tokens"])
+            return JSONResponse(body, headers={BATCH_HEADER: str(answer.batch_size)})
 
         @api.get("/v1/models")
         def models(self):
@@ -79,11 +96,11 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
 
         @api.post("/v1/completions")
         async def completions(self, request: Request):
-            return self._answer(await request.json(), chat=False)
+            return await self._answer(await request.json(), chat=False)
 
         @api.post("/v1/chat/completions")
         async def chat_completions(self, request: Request):
-            return self._answer(await request.json(), chat=True)
+            return await self._answer(await request.json(), chat=True)
 
         @api.post("/v1/reload")
         def reload(self):
