@@ -372,6 +372,32 @@ def test_serve_follows_alias_moves_on_reload(versions, served):
     assert result.exit_code == 0 and f"{ref} -> models:/{NAME}/2" in result.output, result.output
 
 
+def test_a_stream_keeps_its_version_through_a_reload(versions):
+    """A streamed answer is resolved to its version when it arrives and generated when the replica
+    is free: a reload in between (the alias moved) leaves that version loaded for it, so it
+    answers whole, as that version; once the stream is gone, the next request unloads it."""
+    import gc
+
+    from orchestrator.serving.adapters import ServedAdapters
+
+    uri, ref = versions["uri"], f"models:/{NAME}@production"
+    adapters = ServedAdapters([ref], uri)
+    assert adapters.load() == {ref: f"models:/{NAME}/2"}
+    stream = adapters.stream(ref, PROMPT, max_tokens=TOKENS)
+    try:
+        cli("registry", "promote", NAME, "1", "--alias", "production", "--tracking-uri", uri)
+        assert adapters.load() == {ref: f"models:/{NAME}/1"}
+        assert set(adapters.specs) == {f"{NAME}/1", f"{NAME}/2"}, adapters.specs  # 2 kept for the stream
+        assert stream.version == f"models:/{NAME}/2"
+        assert "".join(stream.pieces) == generated(uri, f"models:/{NAME}/2")
+        del stream
+        gc.collect()
+        assert adapters.complete(ref, PROMPT, max_tokens=TOKENS)[0] == generated(uri, f"models:/{NAME}/1")
+        assert set(adapters.specs) == set(adapters.model.peft_config) == {f"{NAME}/1"}, adapters.specs
+    finally:
+        cli("registry", "promote", NAME, "2", "--alias", "production", "--tracking-uri", uri)
+
+
 def test_served_adapters_keep_no_download_on_disk(versions, tmp_path, monkeypatch):
     """Serve kills a replica at shutdown (no exit handler runs), so nothing may wait for the
     replica's exit to be cleaned up: each version's download is removed once it is loaded, and

@@ -263,7 +263,7 @@ def test_merged_and_adapter_versions_are_served_as_generate_answers(registered):
         assert result.exit_code == 0, result.output
         want = result.stdout.strip()
         text, prompt_tokens = served.complete(ref, prompt=PROMPT, max_tokens=16)
-        pieces, _ = served.stream(ref, prompt=PROMPT, max_tokens=16)
+        pieces = served.stream(ref, prompt=PROMPT, max_tokens=16).pieces
         assert text == "".join(pieces) == want and prompt_tokens > 0 and served.count_tokens(ref, text) > 0, ref
 
 

@@ -1,13 +1,16 @@
 """The registered versions a replica serves: one base model with every adapter version loaded into
 it (peft multi-adapter), and each merged, full or freeze version as a model of its own. Each
 request picks its version by the registered reference it was served as (`models:/NAME@ALIAS`).
-`load` re-resolves the references, so a moved alias is served after the next load."""
+`load` re-resolves the references, so a moved alias is served after the next load; a version a
+streamed answer was resolved to stays loaded until that stream is done."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,13 +21,25 @@ def model_id(ref: str) -> str:
 
 
 class Answer(NamedTuple):
-    """One request's completion: its text, its prompt's and its own length in tokens, and how many
-    requests were gathered into its batch, itself included (`ServedAdapters.complete_many`)."""
+    """One request's completion: its text, its prompt's and its own length in tokens, how many
+    requests were gathered into its batch, itself included (`ServedAdapters.complete_many`), and
+    the version that answered (models:/NAME/VERSION)."""
 
     text: str
     prompt_tokens: int
     tokens: int
     batch_size: int
+    version: str
+
+
+class Stream(NamedTuple):
+    """One request's streamed completion (`ServedAdapters.stream`): its pieces, its prompt's length
+    in tokens, a function counting the answer's tokens, and the version that answers."""
+
+    pieces: object
+    prompt_tokens: int
+    count: object
+    version: str
 
 
 class ServedAdapters:
@@ -41,6 +56,11 @@ class ServedAdapters:
         self.whole: dict[str, object] = {}    # version name -> its own model (a models.inference.Loaded)
         self.active: dict[str, str] = {}      # served ref -> version name
         self.lock = threading.Lock()          # set_adapter + generate is one step per request
+        # Streams resolve their version when they arrive and generate later: a reload between the
+        # two leaves their version loaded ("retired") until the last of them is gone.
+        self.in_use: collections.Counter = collections.Counter()  # version name -> streams not gone
+        self.retired: set[str] = set()
+        self._gone: collections.deque = collections.deque()        # streams gone, counted under the lock
 
     def load(self) -> dict[str, str]:
         """Resolve every reference (aliases may have moved) and load the versions not loaded yet;
@@ -52,14 +72,14 @@ class ServedAdapters:
             v = resolve_version(self.tracking_uri, ref)
             wanted[ref] = f"{v.name}/{v.version}"
         with self.lock:
+            self._settle()
             for name in dict.fromkeys(wanted.values()):
+                self.retired.discard(name)
                 if name not in self.specs:
                     self._add(name)
             self.active = wanted
-            for name in set(self.specs) - set(wanted.values()):
-                if self.whole.pop(name, None) is None:
-                    self.model.delete_adapter(name)
-                del self.specs[name]
+            for name in set(self.specs) - set(wanted.values()) - self.retired:
+                self._unload(name)
         return {ref: f"models:/{name}" for ref, name in wanted.items()}
 
     def _add(self, name: str) -> None:
@@ -99,6 +119,28 @@ class ServedAdapters:
                 self.model.load_adapter(str(local), adapter_name=name)
         self.specs[name] = spec
 
+    def _unload(self, name: str) -> None:
+        """Drop version `name` (under the lock), or retire it while streams still use it."""
+        if self.in_use[name]:
+            self.retired.add(name)
+            return
+        if self.whole.pop(name, None) is None:
+            self.model.delete_adapter(name)
+        del self.specs[name]
+
+    def _settle(self) -> None:
+        """Count the streams gone since the last call (under the lock); unload the retired versions
+        no stream uses any more. A stream's end is only queued where it happens (`weakref.finalize`
+        runs wherever the generator is collected, perhaps in a thread holding the lock)."""
+        while self._gone:
+            name = self._gone.popleft()
+            self.in_use[name] -= 1
+            if self.in_use[name] <= 0:
+                del self.in_use[name]
+                if name in self.retired:
+                    self.retired.discard(name)
+                    self._unload(name)
+
     def models(self) -> dict[str, str]:
         """Served ref -> the version it is now served as."""
         return {ref: f"models:/{name}" for ref, name in self.active.items()}
@@ -125,9 +167,9 @@ class ServedAdapters:
     @contextlib.contextmanager
     def _using(self, name: str):
         """The model with adapter `name` active, for one generation: set_adapter + generate is
-        one step under the lock. A reload may have unloaded `name` since the request resolved it
-        (the answer then ends in an error)."""
+        one step under the lock."""
         with self.lock:
+            self._settle()
             self._activate(name)
             yield
 
@@ -163,6 +205,7 @@ class ServedAdapters:
         answers: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         with self.lock:
+            self._settle()
             prompts = []
             for i, r in enumerate(requests):
                 try:
@@ -183,26 +226,36 @@ class ServedAdapters:
                 except Exception as e:  # noqa: BLE001  the group's answers
                     texts = [e] * len(members)
                 for i, text in zip(members, texts):
-                    ref = requests[i]["ref"]
                     answers[i] = text if isinstance(text, Exception) else Answer(
-                        text, self.count_tokens(ref, prompts[i][2], prompt=True), self.count_tokens(ref, text),
-                        len(members))
+                        text, _count(loaded.tokenizer, prompts[i][2], prompt=True), _count(loaded.tokenizer, text),
+                        len(members), f"models:/{name}")
         return answers
 
     def stream(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
                max_tokens: int = 64, decoding=None, cancel=None):
         """`complete`'s answer in pieces as the model writes them (a generator that joins to the same
-        text; setting the threading.Event `cancel` stops it at the next token), and the prompt's
-        length in tokens."""
+        text; setting the threading.Event `cancel` stops it at the next token), as a `Stream`, by
+        the version `ref` is served as now: a reload before the generation starts leaves that
+        version loaded for it."""
         from orchestrator.models.inference import GREEDY, stream_formatted
 
-        name, loaded, text = self._prompt(ref, prompt, messages)
-        return (stream_formatted(loaded, text, max_tokens, guard=self._using(name), decoding=decoding or GREEDY,
-                                 cancel=cancel), self.count_tokens(ref, text, prompt=True))
+        with self.lock:
+            self._settle()
+            name, loaded, text = self._prompt(ref, prompt, messages)
+            self.in_use[name] += 1
+        pieces = stream_formatted(loaded, text, max_tokens, guard=self._using(name), decoding=decoding or GREEDY,
+                                  cancel=cancel)
+        weakref.finalize(pieces, self._gone.append, name)  # read to the end, closed, or never started
+        return Stream(pieces, _count(loaded.tokenizer, text, prompt=True), lambda answer: _count(loaded.tokenizer, answer),
+                      f"models:/{name}")
 
     def count_tokens(self, ref: str, text: str, prompt: bool = False) -> int:
         """Tokens of `text` by the tokenizer of the version `ref` is served as (a prompt with the
         special tokens it is given, an answer without)."""
         name = self.active[model_id(ref)]
-        tokenizer = self.whole[name].tokenizer if name in self.whole else self.tokenizer
-        return len(tokenizer(text, add_special_tokens=prompt)["input_ids"])
+        return _count(self.whole[name].tokenizer if name in self.whole else self.tokenizer, text, prompt)
+
+
+def _count(tokenizer, text: str, prompt: bool = False) -> int:
+    """Tokens of `text` (a prompt with the special tokens it is given, an answer without)."""
+    return len(tokenizer(text, add_special_tokens=prompt)["input_ids"])

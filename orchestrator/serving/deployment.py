@@ -73,12 +73,11 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                                                   "model", status=404)
                 stream, include_usage = args.pop("stream"), args.pop("include_usage")
                 args["decoding"] = Decoding(**args["decoding"])
-                served_as = self.adapters.models()[ref if ref in served else f"models:/{ref}"]
                 if stream:
                     cancel = threading.Event()
-                    pieces, prompt_tokens = self.adapters.stream(ref, **args, cancel=cancel)
-                    events = openai_api.stream_events(ref, pieces, served_as, chat, prompt_tokens,
-                                                      lambda answer: self.adapters.count_tokens(ref, answer),
+                    # Resolved under the replica's lock, which a generation may hold: off the event loop.
+                    s = await asyncio.to_thread(self.adapters.stream, ref, **args, cancel=cancel)
+                    events = openai_api.stream_events(ref, s.pieces, s.version, chat, s.prompt_tokens, s.count,
                                                       args["max_tokens"], include_usage)
                     return StreamingResponse(_until_disconnected(events, cancel), media_type="text/event-stream")
                 answer = await self._complete(dict(ref=ref, **args))
@@ -86,7 +85,7 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                 return JSONResponse(e.to_json(), status_code=e.status)
             if isinstance(answer, Exception):
                 raise answer
-            body = openai_api.completion(ref, answer.text, served_as, chat, answer.prompt_tokens, answer.tokens,
+            body = openai_api.completion(ref, answer.text, answer.version, chat, answer.prompt_tokens, answer.tokens,
                                          args["max_tokens"])
             return JSONResponse(body, headers={BATCH_HEADER: str(answer.batch_size)})
 
