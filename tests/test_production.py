@@ -322,9 +322,10 @@ def test_serve_samples_and_stops_as_asked(versions, served):
 
 
 def test_serve_completes_concurrent_requests_together(versions, served):
-    """Eight non-streamed requests sent at once, four to each served version: every one answered
-    (its usage counted); the replica gathered some of them into one batched generation (the
-    x-orchestrator-batch-size header says with how many requests an answer was completed), and an
+    """Eight non-streamed requests sent at once, four to each served version (two LoRA adapters of
+    one base): every one answered (its usage counted); the replica gathered some of them into one
+    batched generation (the x-orchestrator-batch-size header says with how many requests an answer
+    was completed; both versions' requests may share one), and an
     answer completed alone is the answer that request gets when sent by itself. (A batched answer
     equals the lone one up to the last float bits of the padding's arithmetic: tests/test_registry.py
     checks complete_many against complete_batch.)"""
@@ -347,7 +348,7 @@ def test_serve_completes_concurrent_requests_together(versions, served):
         together = list(pool.map(send, asks))
     assert max(size for size, _ in together) >= 2, [size for size, _ in together]
     for ask, (size, answer) in zip(asks, together):
-        assert 1 <= size <= len(prompts) and answer["usage"]["prompt_tokens"] > 0, (size, answer)
+        assert 1 <= size <= len(asks) and answer["usage"]["prompt_tokens"] > 0, (size, answer)
         if size == 1:
             assert answer["choices"][0]["text"] == send(ask)[1]["choices"][0]["text"], ask
 
@@ -370,6 +371,47 @@ def test_serve_follows_alias_moves_on_reload(versions, served):
     port = served.rsplit(":", 1)[1]
     result = CliRunner().invoke(app, ["serve", "--reload", "--port", port])
     assert result.exit_code == 0 and f"{ref} -> models:/{NAME}/2" in result.output, result.output
+
+
+def test_requests_to_two_adapters_share_one_batch(versions):
+    """Greedy requests to the LoRA adapters of one base are completed in one batch (peft's
+    mixed-adapter batches). In one forward pass of the prompt, a row per adapter, each row's logits
+    are its own adapter's alone, within a bound from the model's dtype, and the two adapters'
+    logits differ by more than twice that bound (so the rows are told apart); `complete_many` runs
+    requests to both versions as one batch of the model (its passes see every row at once), and
+    each answer names the version that wrote it."""
+    import torch
+
+    from orchestrator.models.inference import _prompt_ids
+    from orchestrator.serving.adapters import ServedAdapters
+
+    refs = [f"models:/{NAME}/1", f"models:/{NAME}/2"]
+    adapters = ServedAdapters(refs, versions["uri"])
+    adapters.load()
+    names, model = [f"{NAME}/1", f"{NAME}/2"], adapters.model
+    ids = torch.tensor([_prompt_ids(adapters.tokenizer, adapters._prompt(refs[0], PROMPT, None)[2])] * 2)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits[:, -1].float()
+        alone = []
+        for name in names:
+            model.set_adapter(name)
+            alone.append(model(input_ids=ids[:1]).logits[0, -1].float())
+    # A few roundings of a logit in the compute dtype (bf16: eps 2^-8 x |logit| <= 10).
+    tol = 4 * torch.finfo(model.dtype).eps * mixed.abs().max().item()
+    assert (alone[0] - alone[1]).abs().max() > 2 * tol, "the two adapters' logits are too close to tell apart"
+    for row in range(2):
+        assert (mixed[row] - alone[row]).abs().max() <= tol, (row, (mixed[row] - alone[row]).abs().max(), tol)
+
+    rows: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        answers = adapters.complete_many([dict(ref=ref, prompt=p, max_tokens=TOKENS)
+                                          for ref in refs for p in (PROMPT, "There is a cat.")])
+    finally:
+        hook.remove()
+    assert rows and set(rows) == {4}, rows
+    assert [a.batch_size for a in answers] == [4] * 4 and all(a.text for a in answers), answers
+    assert [a.version for a in answers] == [refs[0]] * 2 + [refs[1]] * 2
 
 
 def test_a_stream_keeps_its_version_through_a_reload(versions):

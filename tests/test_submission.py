@@ -388,13 +388,13 @@ def test_k8s_render_cli(tmp_path):
 def test_rendered_rayservice_is_what_serve_deploys(gpu):
     """`k8s render --serve`: a RayService the KubeRay schema accepts, whose Serve config Ray Serve's
     own schema accepts and whose import path builds `orchestrator serve`'s application with the
-    replicas and resources asked for, on a cluster of one pod per replica."""
+    replicas, resources and batch size asked for, on a cluster of one pod per replica."""
     from ray._common.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
 
     options = kuberay.ServeOptions(models=("models:/quickstart@production", "models:/quickstart/1"),
                                    tracking_uri="http://mlflow.mlflow.svc.cluster.local:5000", replicas=3,
-                                   cpus_per_replica=4, gpu=gpu)
+                                   cpus_per_replica=4, gpu=gpu, max_batch=12)
     assert kuberay.serve_problems(options) == []
     doc = kuberay.service_manifest(options, kuberay.K8sOptions(namespace="ml"))
     validate(doc, "RayService")
@@ -405,6 +405,9 @@ def test_rendered_rayservice_is_what_serve_deploys(gpu):
     deployment = app._bound_deployment  # what serve.run would deploy (no public accessor)
     assert deployment.num_replicas == 3
     assert deployment.ray_actor_options == {"num_cpus": 4.0, **({"num_gpus": 1.0} if gpu else {})}
+    # Serve gathers up to 12 requests into a batch, and a replica holds two batches' worth.
+    assert deployment.func_or_class._complete._get_max_batch_size() == 12
+    assert deployment.max_ongoing_requests == 24
     [group] = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]

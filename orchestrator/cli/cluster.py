@@ -22,6 +22,7 @@ from rich.table import Table
 from orchestrator.cli.common import _fail, _load, err
 from orchestrator.cluster.jobs import Cluster, ClusterError, find_token
 from orchestrator.cluster.submission import ClusterInfo
+from orchestrator.serving.deployment import MAX_BATCH
 from orchestrator.spec import JobSpec, Problem, SpecError
 
 jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
@@ -299,7 +300,9 @@ def k8s_render(job: Optional[Path] = typer.Argument(None, help="The job file (YA
                cpus_per_replica: int = typer.Option(2, "--cpus-per-replica", min=1, help="With --serve."),
                gpu: bool = typer.Option(False, "--gpu", help="With --serve: one GPU per replica."),
                reload_every: float = typer.Option(60.0, "--reload-every", min=1.0, help="With --serve: seconds "
-                                                  "between the replicas' alias re-resolutions.")):
+                                                  "between the replicas' alias re-resolutions."),
+               max_batch: int = typer.Option(MAX_BATCH, "--max-batch", min=1, help="With --serve: requests a "
+                                             "replica completes together at most (1: each alone).")):
     """Write a KubeRay RayJob (and a ConfigMap with the job and its data) for `kubectl apply -f`;
     with --serve, a RayService running `orchestrator serve` for registered versions."""
     from orchestrator.cluster.kuberay import (K8sOptions, ServeOptions, manifests, render_problems, serve_problems,
@@ -316,6 +319,7 @@ def k8s_render(job: Optional[Path] = typer.Argument(None, help="The job file (YA
                                          "names the server)")]))
         options = ServeOptions(models=tuple(serve), tracking_uri=uri, replicas=replicas,
                                cpus_per_replica=cpus_per_replica, gpu=gpu, reload_every=reload_every,
+                               max_batch=max_batch,
                                **({"name": f"{spec.name}-serve"} if spec else {}))
         problems = serve_problems(options)
         if problems:

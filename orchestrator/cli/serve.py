@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from orchestrator.cli.common import _quiet_transformers, _stdout_for_results_only, app, err
+from orchestrator.serving.deployment import MAX_BATCH
 
 
 @app.command()
@@ -22,6 +23,9 @@ def serve(models: Optional[List[str]] = typer.Argument(None, help="models:/NAME@
                                                                      "the base once, and each merged version)."),
           reload_every: Optional[float] = typer.Option(None, "--reload-every", min=1.0,
                                                        help="Re-resolve the aliases every S seconds (every replica)."),
+          max_batch: int = typer.Option(MAX_BATCH, "--max-batch", min=1,
+                                        help="Requests a replica completes together at most (1: each alone, "
+                                             "answers exactly `generate`'s)."),
           reload: bool = typer.Option(False, "--reload", help="Do not start a server: tell the one on --host/--port "
                                                               "to re-resolve its aliases now."),
           tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri",
@@ -48,10 +52,10 @@ def serve(models: Optional[List[str]] = typer.Argument(None, help="models:/NAME@
     if not models:
         err.print("[bold red]error:[/] MODELS: none given. Fix: pass one or more models:/NAME@ALIAS", highlight=False)
         raise typer.Exit(code=2)
-    _serve(models, address, host, port, replicas, reload_every, tracking_uri)
+    _serve(models, address, host, port, replicas, reload_every, tracking_uri, max_batch)
 
 
-def _serve(models, address, host, port, replicas, reload_every, tracking_uri) -> None:
+def _serve(models, address, host, port, replicas, reload_every, tracking_uri, max_batch) -> None:
     import signal
     import time
 
@@ -83,7 +87,8 @@ def _serve(models, address, host, port, replicas, reload_every, tracking_uri) ->
             connect(address)
             on_signals()
             err.print(f"[dim]•[/] Deploying {', '.join(models)} ({replicas} replica(s))", highlight=False)
-            url = deployment.start(models, uri, host=host, port=port, replicas=replicas, reload_every=reload_every)
+            url = deployment.start(models, uri, host=host, port=port, replicas=replicas, reload_every=reload_every,
+                                   max_batch=max_batch)
             err.print(f"[green]ok[/] serving on {url}/v1 (models: {', '.join(models)}); Ctrl-C stops", highlight=False)
             while True:
                 time.sleep(3600)

@@ -19,6 +19,7 @@ import yaml
 from orchestrator.spec import JobSpec, Problem, redact_uri
 from orchestrator.cluster.submission import (JOB_FILE, ClusterInfo, entrypoint, local_model_dir, metadata,
                                              package_files, submission_problems, tracking_location)
+from orchestrator.serving.deployment import MAX_BATCH
 
 RAY_VERSION = "2.60.0"
 JOB_MOUNT = "/home/ray/job"
@@ -164,6 +165,7 @@ class ServeOptions:
     cpus_per_replica: int = 2
     gpu: bool = False
     reload_every: float | None = 60.0
+    max_batch: int = MAX_BATCH  # requests a replica completes together at most
 
 
 def serve_problems(serve: ServeOptions) -> list[Problem]:
@@ -191,7 +193,8 @@ def serve_config(serve: ServeOptions) -> dict:
                 "name": "orchestrator", "route_prefix": "/", "import_path": SERVE_IMPORT_PATH,
                 "args": {"models": list(serve.models), "tracking_uri": serve.tracking_uri,
                          "replicas": serve.replicas, "reload_every": serve.reload_every,
-                         "cpus_per_replica": serve.cpus_per_replica, "gpus_per_replica": 1 if serve.gpu else 0},
+                         "cpus_per_replica": serve.cpus_per_replica, "gpus_per_replica": 1 if serve.gpu else 0,
+                         "max_batch": serve.max_batch},
             }]}
 
 

@@ -188,7 +188,7 @@ def complete_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, deco
 
 
 def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
-                   decoding: Decoding = GREEDY) -> list[str]:
+                   decoding: Decoding = GREEDY, adapters: list[str] | None = None) -> list[str]:
     """Greedy completions of `texts` (formatted as the model was trained; or decoded as `decoding`
     says), in their order, up to `batch_size` at a time: each cut at its first EOS (and before a
     stop string), the prompt not repeated.
@@ -197,7 +197,11 @@ def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, b
     generation starts and no padding is attended to; the texts are batched in order of length, so a
     batch pads little. The same completions as one at a time, up to the last float bits of the
     padded positions' arithmetic. A prompt or prefix tuning adapter shares a batch only with
-    prompts of its own length (`_padding_shifts_positions`)."""
+    prompts of its own length (`_padding_shifts_positions`).
+
+    `adapters`: each text's LoRA adapter in `loaded.model` (a peft model holding several), for a
+    batch of texts to different adapters (peft's mixed-adapter batches: each row runs through its
+    own adapter's weights)."""
     import torch
 
     if batch_size < 1:
@@ -220,7 +224,8 @@ def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, b
         enc = tok.pad({"input_ids": [ids[i] for i in chunk]}, padding=True, padding_side="left", return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.no_grad():
-            out = _generate(loaded, enc, max_new_tokens, decoding)
+            out = _generate(loaded, enc, max_new_tokens, decoding,
+                            **({"adapter_names": [adapters[i] for i in chunk]} if adapters else {}))
         for i, row in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
             if tok.eos_token_id in row:  # a finished prompt waits for the batch's others, padded
                 row = row[:row.index(tok.eos_token_id)]

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 
+LORA = "LoRA adapters"  # complete_many's group of the LoRA adapters of the shared base
+
+
 def model_id(ref: str) -> str:
     """The served name of a reference: always with the `models:/` prefix."""
     return ref if ref.startswith("models:/") else f"models:/{ref}"
@@ -194,12 +197,13 @@ class ServedAdapters:
         order: an `Answer` each, or the exception that request raised (a reference not
         served: KeyError), the others answered all the same.
 
-        Greedy requests to one version with the same `max_tokens` and stop strings are completed
-        together, left-padded into one batch (`complete_batch`: the answers each would get alone,
-        up to the last float bits of the padded positions; a prompt or prefix tuning adapter's
-        batch generates prompts of one length at a time); a sampled request is completed alone,
-        so its seed gives the answer it gives alone. All under the lock: the versions resolved,
-        set and used in one step, a reload waits."""
+        Greedy requests with the same `max_tokens` and stop strings are completed together,
+        left-padded into one batch (`complete_batch`: the answers each would get alone, up to the
+        last float bits of the padded positions), when they go to one version, or to LoRA adapters
+        of the shared base (peft's mixed-adapter batch: each row through its own adapter); a prompt
+        or prefix tuning adapter's batch generates prompts of one length at a time. A sampled
+        request is completed alone, so its seed gives the answer it gives alone. All under the
+        lock: the versions resolved, set and used in one step, a reload waits."""
         from orchestrator.models.inference import GREEDY, complete_batch
 
         answers: list = [None] * len(requests)
@@ -216,19 +220,23 @@ class ServedAdapters:
                     continue
                 decoding = r.get("decoding") or GREEDY
                 alone = i if decoding.samples else None
-                groups.setdefault((prompts[i][0], r.get("max_tokens", 64), decoding, alone), []).append(i)
-            for (name, max_tokens, decoding, _), members in groups.items():
-                self._activate(name)
+                name = prompts[i][0]
+                shared = name if name in self.whole or self.specs[name].peft.method != "lora" else LORA
+                groups.setdefault((shared, r.get("max_tokens", 64), decoding, alone), []).append(i)
+            for (_, max_tokens, decoding, _), members in groups.items():
+                names = [prompts[i][0] for i in members]
+                self._activate(names[0])
                 loaded = prompts[members[0]][1]
                 try:
                     texts = complete_batch(loaded, [prompts[i][2] for i in members], max_new_tokens=max_tokens,
-                                           batch_size=len(members), decoding=decoding)
+                                           batch_size=len(members), decoding=decoding,
+                                           adapters=names if len(set(names)) > 1 else None)
                 except Exception as e:  # noqa: BLE001  the group's answers
                     texts = [e] * len(members)
                 for i, text in zip(members, texts):
                     answers[i] = text if isinstance(text, Exception) else Answer(
                         text, _count(loaded.tokenizer, prompts[i][2], prompt=True), _count(loaded.tokenizer, text),
-                        len(members), f"models:/{name}")
+                        len(members), f"models:/{prompts[i][0]}")
         return answers
 
     def stream(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,

@@ -8,8 +8,8 @@ imported inside `build_app`) as objects; as strings it could not resolve them an
 `request` for a query parameter (HTTP 422)."""
 
 APP_NAME = "orchestrator"
-# Requests a replica completes together: concurrent non-streamed greedy requests to one version
-# (with the same max_tokens and stop strings) share one batched generation
+# Requests a replica completes together (the default of `max_batch`): concurrent non-streamed greedy
+# requests with the same max_tokens and stop strings share one batched generation
 # (ServedAdapters.complete_many). Serve gathers a batch for up to BATCH_WAIT_S after its first
 # request, and lets a replica hold two batches' worth, so the next batch gathers while one runs.
 MAX_BATCH = 8
@@ -18,8 +18,9 @@ BATCH_HEADER = "x-orchestrator-batch-size"  # on a non-streamed answer: the requ
 
 
 def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_every: float | None = None,
-              cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0):
-    """The bound Serve application (not started)."""
+              cpus_per_replica: float = 1.0, gpus_per_replica: float = 0.0, max_batch: int = MAX_BATCH):
+    """The bound Serve application (not started). `max_batch`: requests a replica completes
+    together at most (1: each alone, every answer exactly `generate`'s)."""
     import asyncio
     import threading
 
@@ -32,7 +33,7 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
 
     api = FastAPI(title="orchestrator serve")
 
-    @serve.deployment(name="OpenAIServer", num_replicas=replicas, max_ongoing_requests=2 * MAX_BATCH,
+    @serve.deployment(name="OpenAIServer", num_replicas=replicas, max_ongoing_requests=max(2 * max_batch, 8),
                       ray_actor_options={"num_cpus": cpus_per_replica,
                                          **({"num_gpus": gpus_per_replica} if gpus_per_replica else {})})
     @serve.ingress(api)
@@ -57,7 +58,7 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
 
                 threading.Thread(target=poll, daemon=True, name="alias-poll").start()
 
-        @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=BATCH_WAIT_S)
         async def _complete(self, requests: list[dict]) -> list:
             """The requests Serve gathered, completed together in a worker thread (the replica's
             event loop stays free to take the next ones): an Answer or an exception each."""
@@ -127,21 +128,22 @@ async def _until_disconnected(events, cancel):
 def app_builder(args: dict):
     """The application a Serve config names (`import_path: orchestrator.serving.deployment:app_builder`,
     written by `orchestrator k8s render --serve`), built from the config's `args`: models,
-    tracking_uri, replicas, reload_every, cpus_per_replica, gpus_per_replica."""
+    tracking_uri, replicas, reload_every, cpus_per_replica, gpus_per_replica, max_batch."""
     reload_every = args.get("reload_every")
     return build_app(list(args["models"]), str(args["tracking_uri"]), int(args.get("replicas", 1)),
                      float(reload_every) if reload_every else None, float(args.get("cpus_per_replica", 1.0)),
-                     float(args.get("gpus_per_replica", 0.0)))
+                     float(args.get("gpus_per_replica", 0.0)), int(args.get("max_batch", MAX_BATCH)))
 
 
 def start(refs: list[str], tracking_uri: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-          reload_every: float | None = None, cpus_per_replica: float = 1.0) -> str:
+          reload_every: float | None = None, cpus_per_replica: float = 1.0, max_batch: int = MAX_BATCH) -> str:
     """Deploy the application on the connected Ray instance and wait until it serves; returns
     its base URL."""
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(refs, tracking_uri, replicas, reload_every, cpus_per_replica), name=APP_NAME,
+    serve.run(build_app(refs, tracking_uri, replicas, reload_every, cpus_per_replica, max_batch=max_batch),
+              name=APP_NAME,
               route_prefix="/")
     return f"http://{host}:{port}"
 
