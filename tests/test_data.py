@@ -236,6 +236,35 @@ def test_compressed_jsonl_gives_the_examples_of_the_plain_file(tmp_path, tiny_ba
     assert results[0] == results[1] == results[2] and len(results[0]) == 30
 
 
+@pytest.mark.parametrize("codec", ["gzip", "bz2", "parquet"])
+def test_a_source_is_large_by_the_data_it_holds_not_its_file_size(tmp_path, codec):
+    """Where a source is tokenized (the driver, or Ray Data over `DRIVER_MAX_BYTES`) goes by the data
+    it holds: a 20 MiB JSONL compressed (or Parquet written) to far less than 16 MiB is large; the
+    same records, 2 MiB of them, are not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data import pipeline
+    from orchestrator.data.sources import resolve_source, source_bytes
+
+    record = json.dumps({"instruction": "Describe the animal.", "input": "A brown owl {:07d}.",
+                         "output": "It is an owl. " * 20})
+    for name, mib in (("big", 20), ("small", 2)):
+        lines = [record.replace("{:07d}", f"{i:07d}") for i in range(mib * 2**20 // (len(record) + 1) + 1)]
+        if codec == "parquet":
+            path = tmp_path / f"{name}.parquet"
+            pq.write_table(pa.table({"text": lines}), path, compression="zstd")
+        else:
+            path = tmp_path / f"{name}.jsonl{'.gz' if codec == 'gzip' else '.bz2'}"
+            with pa.output_stream(str(path), compression=codec) as out:
+                out.write("".join(line + "\n" for line in lines).encode())
+        source = resolve_source(str(path), "data.train")
+        assert path.stat().st_size < pipeline.DRIVER_MAX_BYTES // 8, path.stat().st_size  # the file is small
+        assert pipeline.is_large(source) is (name == "big"), (name, source_bytes(source))
+        if codec != "parquet":  # the whole text, when no limit stops the count
+            assert source_bytes(source) == sum(len(line) + 1 for line in lines)
+
+
 def test_missing_fields_are_named(tokenizer):
     with pytest.raises(SpecError) as exc:
         prepare_records([{"instruction": "x"}], DataSpec(train="x", format="alpaca"), tokenizer, "f.jsonl", "data.train")

@@ -1,7 +1,8 @@
 """The tokenized data set as Parquet: records -> format + tokenize (batched, the fast tokenizer)
 -> int32 columns, written once per cache key and read straight from its files by every worker.
 
-A source larger than `DRIVER_MAX_BYTES` (or remote) is tokenized by Ray Data (read -> `map_batches`
+A source holding more than `DRIVER_MAX_BYTES` of data (a compressed file counted as the text it
+holds: `sources.source_bytes`), or remote, is tokenized by Ray Data (read -> `map_batches`
 in parallel over the cluster's CPUs); a small one is streamed through the same batch function on
 the driver (no Ray needed: its problems are found before Ray starts). Either way the driver writes
 the tokenized tables as numbered Parquet parts (`write_parts`), each appearing whole, so that
@@ -93,7 +94,7 @@ def _tokenize_ray_batch(batch, *, data_json: dict, tokenizer_args: tuple, seed: 
 
 def is_large(source: Source) -> bool:
     """Tokenized by Ray Data (by size, when not told): over `DRIVER_MAX_BYTES`, or remote."""
-    return source.remote or source_bytes(source) > DRIVER_MAX_BYTES
+    return source.remote or source_bytes(source, DRIVER_MAX_BYTES) > DRIVER_MAX_BYTES
 
 
 def _sources(data: DataSpec) -> dict[str, Source]:

@@ -113,11 +113,43 @@ def iter_records(source: Source) -> Iterator[tuple[str, dict]]:
                 yield f"{label}:{number}", record
 
 
-def source_bytes(source: Source) -> int:
-    """The source's size in bytes (what decides between tokenizing on the driver and on Ray Data)."""
+def source_bytes(source: Source, limit: int | None = None) -> int:
+    """The source's size in bytes as data (what decides between tokenizing on the driver and on
+    Ray Data): a compressed JSONL file counts as the text it holds, decompressed as far as `limit`
+    (the count stops once past it: past `limit` is all the caller asks), a Parquet file as its
+    columns uncompressed (its metadata says). A remote source: its files' sizes."""
     if source.remote:
         return sum(i.size for i in source.filesystem().get_file_info(list(source.files)))
-    return sum(Path(f).stat().st_size for f in source.files)
+    total = 0
+    for f in source.files:
+        total += _data_bytes(f, None if limit is None else limit - total)
+        if limit is not None and total > limit:
+            break
+    return total
+
+
+def _data_bytes(path: str, limit: int | None) -> int:
+    size = Path(path).stat().st_size
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path).metadata  # dictionary-encoded repeats count once, as stored
+        return max(size, sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)))
+    if not path.endswith(COMPRESSED_SUFFIXES):
+        return size
+    import pyarrow as pa
+
+    total = 0
+    try:
+        with pa.input_stream(path, compression="detect") as stream:
+            while limit is None or total <= limit:
+                chunk = stream.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+    except OSError:  # not compressed as its name says: reading it names the file (scan_jsonl)
+        return size
+    return total
 
 
 def first_eval_records(data, seed: int, n: int) -> list[dict]:
