@@ -691,3 +691,16 @@ def test_a_record_problem_found_by_ray_data_is_said_once(tmp_path, ray_local, ti
         prepare_datasets(DataSpec(train=str(train), eval=0.05), 42, str(tiny_base), cache_dir=tmp_path, use_ray=True)
     err = capfd.readouterr().err
     assert "Say owl" not in err and "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("record,expected", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "chat"),
+    ({"conversations": [{"from": "human", "value": "hi"}]}, "chat"),  # ShareGPT
+    ({"instruction": "x", "output": "y"}, "alpaca"),
+    ({"text": "x"}, "text"),
+    ({"question": "x"}, "alpaca"),  # none of them: the job's own format, whose check names what is missing
+])
+def test_evaluate_reads_a_records_format_from_its_fields(record, expected):
+    from orchestrator.evaluation.evaluate import detect_format
+
+    assert detect_format(record, DataSpec(train="x", format="alpaca")) == expected

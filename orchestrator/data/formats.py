@@ -49,14 +49,21 @@ def _format_text(record: dict, tokenizer, data: DataSpec) -> tuple[str, list[tup
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+def chat_key(record: dict) -> str | None:
+    """The field holding a chat record's turns: `messages`, or ShareGPT's `conversations`; None
+    when the record has neither."""
+    return next((key for key in ("messages", "conversations") if key in record), None)
+
+
 def chat_messages(record: dict):
     """A chat record's messages: its `messages`, or a ShareGPT record's `conversations` (each
     `from`/`value` turn as a role/content message, human -> user and gpt -> assistant; the record's
     `system`, if any, first); None when the record has neither. A turn that is not a from/value
     object is passed on as it is (the record's check then names it)."""
-    if "messages" in record:
-        return record["messages"]
-    turns = record.get("conversations")
+    key = chat_key(record)
+    if key != "conversations":
+        return record.get("messages")
+    turns = record[key]
     if not isinstance(turns, list):
         return turns
     system = [{"role": "system", "content": record["system"]}] if record.get("system") else []

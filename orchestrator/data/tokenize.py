@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 
-from orchestrator.data.formats import _FORMATTERS, chat_messages
+from orchestrator.data.formats import _FORMATTERS, chat_key, chat_messages
 from orchestrator.data.records import IGNORE_INDEX, DataSets, Example, _data_error, in_eval
 from orchestrator.spec import DataSpec
 
@@ -107,7 +107,7 @@ def _not_text(record: dict, required: tuple[str, ...], fmt: str) -> str | None:
     if fmt == "chat":
         messages = chat_messages(record)
         if not isinstance(messages, list) or not messages:
-            return f"{'messages' if 'messages' in record else 'conversations'}: {json.dumps(messages)[:60]}"
+            return f"{chat_key(record)}: {json.dumps(messages)[:60]}"
         bad = next((m for m in messages if not isinstance(m, dict) or "role" not in m), None)
         return None if bad is None else f"a message without a role: {json.dumps(bad)[:60]}"
     for key in (*required, *(("input",) if fmt == "alpaca" else ())):
@@ -129,7 +129,7 @@ def tokenize_records(records: list[dict], wheres: list[str], data: DataSpec, tok
     required = required or (data.text_field,)
     formatted = []
     for where, record in zip(wheres, records):
-        missing = [k for k in required if k not in record and not (k == "messages" and "conversations" in record)]
+        missing = [k for k in required if k not in record and not (k == "messages" and chat_key(record))]
         if missing:
             needs = ", ".join(required) + (" (or ShareGPT's conversations)" if data.format == "chat" else "")
             raise _data_error(field_path, f"{where} lacks {', '.join(missing)} (format '{data.format}' needs {needs})",

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from orchestrator.data.files import source_sha256
+from orchestrator.data.formats import chat_key
 from orchestrator.data.records import read_jsonl
 from orchestrator.evaluation import metrics
 from orchestrator.spec import DataSpec, Problem, SpecError
@@ -81,7 +82,7 @@ def detect_format(record: dict, data: DataSpec) -> str:
     """A record's format from its fields: `messages` (or ShareGPT's `conversations`) is chat,
     `instruction` + `output` alpaca, the text field text; otherwise the job's own format (whose
     check then names what is missing)."""
-    if "messages" in record or "conversations" in record:
+    if chat_key(record):
         return "chat"
     if "instruction" in record and "output" in record:
         return "alpaca"
