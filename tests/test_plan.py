@@ -13,6 +13,12 @@ LARGEST = 32_000 * 4096  # elements of a 7B Llama's largest weight (the embeddin
 HIDDEN = 4096  # a 7B Llama's hidden size
 
 
+def ds_config(spec, world_size: int, use_gpu: bool, total_steps: int, trainable: int = ADAPTER) -> dict:
+    """The DeepSpeed config of `spec` for a 7B Llama's counts (an adapter of `trainable` parameters)."""
+    return deepspeed_config(spec, world_size=world_size, use_gpu=use_gpu, total_steps=total_steps,
+                            trainable_params=trainable, largest_param=LARGEST, hidden_size=HIDDEN)
+
+
 def spec_with(stage=2, **training):
     raw = {"name": "t", "data": {"train": "x"}, "training": {"max_steps": 100, **training},
            "distributed": {"num_workers": 2, "deepspeed": {"stage": stage}}}
@@ -46,7 +52,7 @@ def parsed(cfg: dict, world_size: int, monkeypatch):
 @pytest.mark.parametrize("use_gpu", [False, True])
 def test_deepspeed_config_per_stage(stage, use_gpu, monkeypatch):
     spec = spec_with(stage, micro_batch_size=8, grad_accum=4)
-    cfg = deepspeed_config(spec, world_size=2, use_gpu=use_gpu, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
+    cfg = ds_config(spec, 2, use_gpu, 100)
     assert "auto" not in list(walk(cfg)), "DeepSpeed config must hold concrete values only"
     ds = parsed(cfg, 2, monkeypatch)
     zero = ds.zero_config
@@ -80,7 +86,7 @@ def test_offload_settings(use_gpu, monkeypatch):
     raw = {"name": "t", "data": {"train": "x"}, "training": {"max_steps": 10},
            "distributed": {"num_workers": 4, "deepspeed": {"stage": 3, "offload_optimizer": True,
                                                            "offload_params": True}}}
-    cfg = deepspeed_config(parse_spec(raw), world_size=4, use_gpu=use_gpu, total_steps=10, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
+    cfg = ds_config(parse_spec(raw), 4, use_gpu, 10)
     zero = parsed(cfg, 4, monkeypatch).zero_config
     assert zero.offload_optimizer.device == "cpu" and zero.offload_param.device == "cpu"
     # Pinned host memory speeds up copies to and from a GPU; without one it only locks RAM.
@@ -94,7 +100,7 @@ def test_offload_settings(use_gpu, monkeypatch):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_buckets_follow_the_trainable_count(trainable, bucket, stage, monkeypatch):
     """Every bucket size DeepSpeed's parser accepts, capped at its default for full fine-tuning."""
-    cfg = deepspeed_config(spec_with(stage), world_size=2, use_gpu=True, total_steps=10, trainable_params=trainable, largest_param=LARGEST, hidden_size=HIDDEN)
+    cfg = ds_config(spec_with(stage), 2, True, 10, trainable=trainable)
     zero = parsed(cfg, 2, monkeypatch).zero_config
     assert zero.reduce_bucket_size == zero.allgather_bucket_size == bucket
 
@@ -106,8 +112,7 @@ def test_every_variant_passes_deepspeeds_parser(stage, offload, dtype, monkeypat
            "training": {"max_steps": 10},
            "distributed": {"num_workers": 2, "deepspeed": {"stage": stage, "offload_optimizer": offload}}}
     for use_gpu in (False, True):
-        cfg = deepspeed_config(parse_spec(raw), world_size=2, use_gpu=use_gpu, total_steps=10,
-                               trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
+        cfg = ds_config(parse_spec(raw), 2, use_gpu, 10)
         ds = parsed(cfg, 2, monkeypatch)
         assert ds.zero_optimization_stage == stage
         assert (ds.float16_config.enabled, ds.bfloat16_config.enabled) == (dtype == "float16", dtype == "bfloat16")
@@ -117,7 +122,7 @@ def test_every_variant_passes_deepspeeds_parser(stage, offload, dtype, monkeypat
                                           ("constant", "WarmupLR")])
 def test_scheduler_translation(name, ds_type, monkeypatch):
     spec = spec_with(lr_scheduler=name, warmup_ratio=0.1)
-    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
+    cfg = ds_config(spec, 1, False, 100)
     sched = cfg["scheduler"]
     assert parsed(cfg, 1, monkeypatch).scheduler_name == sched["type"] == ds_type
     assert sched["params"]["warmup_num_steps"] == 10
@@ -128,7 +133,7 @@ def test_scheduler_translation(name, ds_type, monkeypatch):
 def test_zero_warmup_still_valid_for_deepspeed(monkeypatch):
     spec = spec_with(warmup_ratio=0.0)
     assert warmup_steps(spec, 100) == 0
-    cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)
+    cfg = ds_config(spec, 1, False, 100)
     assert parsed(cfg, 1, monkeypatch).scheduler_params["warmup_num_steps"] == 1
 
 
@@ -141,7 +146,7 @@ def test_without_warmup_the_first_step_trains_at_the_full_rate(name):
     from deepspeed.runtime import lr_schedules
 
     spec = spec_with(lr_scheduler=name, warmup_ratio=0.0)
-    sched = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=100, trainable_params=ADAPTER, largest_param=LARGEST, hidden_size=HIDDEN)["scheduler"]
+    sched = ds_config(spec, 1, False, 100)["scheduler"]
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=spec.training.learning_rate)
     scheduler = getattr(lr_schedules, sched["type"])(optimizer, **sched["params"])
     for step in (1, 2):  # the engine steps the optimizer, then the scheduler

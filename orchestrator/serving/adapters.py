@@ -254,8 +254,8 @@ class ServedAdapters:
         pieces = stream_formatted(loaded, text, max_tokens, guard=self._using(name), decoding=decoding or GREEDY,
                                   cancel=cancel)
         weakref.finalize(pieces, self._gone.append, name)  # read to the end, closed, or never started
-        return Stream(pieces, _count(loaded.tokenizer, text, prompt=True), lambda answer: _count(loaded.tokenizer, answer),
-                      f"models:/{name}")
+        return Stream(pieces, _count(loaded.tokenizer, text, prompt=True),
+                      lambda answer: _count(loaded.tokenizer, answer), f"models:/{name}")
 
     def count_tokens(self, ref: str, text: str, prompt: bool = False) -> int:
         """Tokens of `text` by the tokenizer of the version `ref` is served as (a prompt with the
