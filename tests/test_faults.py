@@ -122,8 +122,11 @@ def test_rng_states_round_trip():
 def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once(tmp_path, ray_local, tiny_base):
     from orchestrator.training.recipe import run_job
 
-    every, total = 5, 30
-    settings = {"training.max_steps": total, "training.checkpoint_every": every, "training.eval_every": 4,
+    # The kill waits for a checkpoint Ray Train has recorded and for a progress update after it
+    # (the driver polls every 0.5 s): 50 steps after the first checkpoint leave several polls on a
+    # fast machine (with 30 steps and a checkpoint every 5, a quick run once ended first).
+    every, total, evals = 10, 60, 6
+    settings = {"training.max_steps": total, "training.checkpoint_every": every, "training.eval_every": evals,
                 "training.eval_batches": 1, "distributed.max_failures": 1}
     spec = quickstart(tmp_path, name="fault-worker", **settings)
     killed: dict = {}
@@ -144,7 +147,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once
     assert client_for(uri).get_run(summary.run_id).info.status == "FINISHED"
     # Every step exactly once, the final one included, although steps after the checkpoint ran twice.
     assert steps(uri, summary.run_id, "train_loss") == list(range(1, total + 1))
-    assert steps(uri, summary.run_id, "eval_loss") == [0, *range(4, total, 4), total]
+    assert steps(uri, summary.run_id, "eval_loss") == [0, *range(evals, total, evals), total]
     # Resumed from the latest checkpoint Ray Train had recorded when the worker died (or one it
     # recorded after the test looked), never from one past the step the worker died at. How many
     # steps that loses is not fixed: the progress updates the kill waits for come at most twice a
@@ -296,9 +299,10 @@ def _sid(pid: int) -> int | None:
 
 
 def _stopped_and_resumed(first_cli: list[str], first_env: dict[str, str], second_cli: list[str],
-                         second_env: dict[str, str], cwd: Path, saved_step) -> dict:
+                         second_env: dict[str, str], cwd: Path, saved_step, between=None) -> dict:
     """Run `first_cli` until `saved_step()` finds a checkpoint Ray Train recorded, stop the driver
-    (its whole session, its Ray instance with it), then run `second_cli`, the same job, to the end."""
+    (its whole session, its Ray instance with it), call `between(first attempt's stderr)`, then run
+    `second_cli`, the same job, to the end."""
     first = subprocess.Popen(first_cli, cwd=cwd, env=first_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
     try:
@@ -313,10 +317,24 @@ def _stopped_and_resumed(first_cli: list[str], first_env: dict[str, str], second
         if first.poll() is None:
             _stop_session(first)
     first_out, first_err = first.communicate()
+    if between is not None:
+        between(first_err)
     second = subprocess.run(second_cli, cwd=cwd, env=second_env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     return {"saved": saved, "console": first_out + first_err + second.stdout + second.stderr,
             "first_err": first_err, "second_err": second.stderr, "summary": json.loads(second.stdout)}
+
+
+def _killed_mid_save(temp: Path, first_err: str) -> None:
+    """What a worker killed while writing a checkpoint leaves in its temporary directory (the kill
+    lands there only sometimes, so it is put there for certain): rank 0's staging directory for
+    the run, an adapter half written."""
+    from orchestrator.training.worker import checkpoint_staging
+
+    run_id = re.search(r"MLflow run (\w+)", first_err)[1]
+    staging = temp / checkpoint_staging(run_id, 0).name / "adapter"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "adapter_config.json").write_text("{}")
 
 
 def _bucket_objects(bucket) -> dict[str, bytes]:
@@ -357,7 +375,8 @@ def stopped_and_resumed(tmp_path_factory, tiny_base, auth_server, ray_tmp):
             bucket.upload_file(str(REPO / "jobs" / "data" / "quickstart" / f"{split}.jsonl"), BUCKET, f"data/{split}.jsonl")
         r = _stopped_and_resumed(_cli(_sets(auth_server.uri_with_password)), first_env,
                                  _cli(_sets(auth_server.uri)), second_env, tmp,
-                                 saved_step=lambda: _s3_saved_step(bucket))
+                                 saved_step=lambda: _s3_saved_step(bucket),
+                                 between=lambda err: _killed_mid_save(temp, err))
         return {"tmp": tmp, "temp": temp, "objects": _bucket_objects(bucket), **r}
 
 
@@ -365,7 +384,8 @@ def test_a_stopped_driver_is_resumed_by_running_the_job_again(stopped_and_resume
     """The same MLflow run continues from the checkpoint the stopped attempt saved in the bucket,
     though the password moved from `tracking.uri` to the environment: every step logged once,
     one run of the job, the model registered once (its adapter fetched from the bucket, no copy
-    of it left behind), the data read from the bucket."""
+    of it left behind, nor the half-written one a worker killed while saving left), the data read
+    from the bucket."""
     from orchestrator.tracking.registry import download_model
 
     r = stopped_and_resumed

@@ -304,7 +304,8 @@ def train_loop_per_worker(config: dict) -> None:
         logger.log(state.step, {"resumed_from_step": state.step})
     if state.step >= job.total_steps:  # stopped after its last checkpoint: report that state again
         report(engine, spec, rank, state, run_eval(state.step), save=True,
-               pending=logger.close(job.final_flush_timeout_s) if logger else [], total_steps=job.total_steps)
+               pending=logger.close(job.final_flush_timeout_s) if logger else [], total_steps=job.total_steps,
+               run_id=job.run_id)
         return
 
     if logger:
@@ -343,28 +344,43 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics = {**metrics, **watch.metrics(), "tokens_trained": tokens, "worker_started_at": started_at,
                            "worker_loop_s": time.time() - started_at}
             with watch("checkpoint" if save else "report"):
-                report(engine, spec, rank, state, metrics, save, pending, total_steps=job.total_steps)
+                report(engine, spec, rank, state, metrics, save, pending, total_steps=job.total_steps,
+                       run_id=job.run_id)
 
 
 def report(engine, spec: JobSpec, rank: int, state: TrainState, metrics: dict, save: bool,
-           pending: list | None = None, *, total_steps: int) -> None:
+           pending: list | None = None, *, total_steps: int, run_id: str) -> None:
     """Report to Ray Train (a barrier across workers), with a full-state checkpoint when `save`:
     every rank adds its files to the same checkpoint, which Ray persists to `storage.path`; the
     `adapter/` of the last one is what gets registered. Each report says the run's total steps,
     so a search's scheduler can tell a trial's last evaluation from the others."""
+    import shutil
+
     import ray.train
 
     metrics = {"step": state.step, "total_steps": total_steps, "base_eval_loss": state.base_eval_loss, **metrics}
     if not save:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_trained(engine, os.path.join(tmp, ADAPTER_DIR), rank, spec.distributed.deepspeed.stage,
-                     spec.peft.method)
-        save_state(engine, tmp, rank, state)
+    tmp = checkpoint_staging(run_id, rank)
+    shutil.rmtree(tmp, ignore_errors=True)  # what an attempt killed mid-save left (the run resumed)
+    tmp.mkdir(parents=True)
+    try:
+        save_trained(engine, str(tmp / ADAPTER_DIR), rank, spec.distributed.deepspeed.stage, spec.peft.method)
+        save_state(engine, str(tmp), rank, state)
         if rank == 0 and pending:
             Path(tmp, PENDING_METRICS_FILE).write_text(json.dumps(pending), encoding="utf-8")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_staging(run_id: str, rank: int) -> Path:
+    """Where rank `rank` writes a checkpoint of run `run_id` before Ray Train persists it: a
+    directory of its own in the temporary directory, removed once the checkpoint is reported. A
+    worker killed while saving (its node lost, the driver stopped) cannot remove it; named for the
+    run and rank, it is removed by the next checkpoint of the resumed run on that node."""
+    return Path(tempfile.gettempdir(), f"orchestrator-checkpoint-{run_id}-rank{rank}")
 
 
 class ProgressSender:
