@@ -257,12 +257,6 @@ class ServedAdapters:
         return Stream(pieces, _count(loaded.tokenizer, text, prompt=True),
                       lambda answer: _count(loaded.tokenizer, answer), f"models:/{name}")
 
-    def count_tokens(self, ref: str, text: str, prompt: bool = False) -> int:
-        """Tokens of `text` by the tokenizer of the version `ref` is served as (a prompt with the
-        special tokens it is given, an answer without)."""
-        name = self.active[model_id(ref)]
-        return _count(self.whole[name].tokenizer if name in self.whole else self.tokenizer, text, prompt)
-
 
 def _count(tokenizer, text: str, prompt: bool = False) -> int:
     """Tokens of `text` (a prompt with the special tokens it is given, an answer without)."""

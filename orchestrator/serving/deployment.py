@@ -143,8 +143,7 @@ def start(refs: list[str], tracking_uri: str, *, host: str = "127.0.0.1", port: 
 
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(refs, tracking_uri, replicas, reload_every, cpus_per_replica, max_batch=max_batch),
-              name=APP_NAME,
-              route_prefix="/")
+              name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 

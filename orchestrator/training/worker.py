@@ -369,7 +369,7 @@ def report(engine, spec: JobSpec, rank: int, state: TrainState, metrics: dict, s
         save_trained(engine, str(tmp / ADAPTER_DIR), rank, spec.distributed.deepspeed.stage, spec.peft.method)
         save_state(engine, str(tmp), rank, state)
         if rank == 0 and pending:
-            Path(tmp, PENDING_METRICS_FILE).write_text(json.dumps(pending), encoding="utf-8")
+            (tmp / PENDING_METRICS_FILE).write_text(json.dumps(pending), encoding="utf-8")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
