@@ -325,10 +325,10 @@ def test_serve_completes_concurrent_requests_together(versions, served):
     """Eight non-streamed requests sent at once, four to each served version (two LoRA adapters of
     one base): every one answered (its usage counted); the replica gathered some of them into one
     batched generation (the x-orchestrator-batch-size header says with how many requests an answer
-    was completed; both versions' requests may share one), and an
-    answer completed alone is the answer that request gets when sent by itself. (A batched answer
-    equals the lone one up to the last float bits of the padding's arithmetic: tests/test_registry.py
-    checks complete_many against complete_batch.)"""
+    was completed; both versions' requests may share one), and an answer completed alone is the
+    answer that request gets when sent by itself. (A batched answer equals the lone one up to the
+    last float bits of the padding's arithmetic: tests/test_registry.py checks complete_many
+    against complete_batch.)"""
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
