@@ -22,7 +22,7 @@ from orchestrator.planning.deepspeed import deepspeed_config
 from orchestrator.models.loading import load_base, resolve_base
 from orchestrator.models.adapters import prepare_for_training
 from orchestrator.data.tokenize import load_datasets, load_tokenizer, collate
-from orchestrator.training.steps import micro_batches, train_step
+from orchestrator.training.steps import StepFeed, micro_batches, train_step
 from orchestrator.training.worker import skip_shared_memory_comm_op
 import importlib.util
 spec_ = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "run.py")
@@ -49,8 +49,10 @@ def ds(fused, allreduce=True):
     eng, *_ = deepspeed.initialize(model=m, model_parameters=[p for p in m.parameters() if p.requires_grad], config=cfg)
     eng.enable_backward_allreduce = allreduce
     stream = micro_batches(lambda: iter(data.train), len(data.train), t.micro_batch_size, 0, 1, t.seed)
+    feed, n = StepFeed(stream, t.grad_accum, data.pad_id, torch.device("cpu")), [0]
     def step():
-        return train_step(eng, stream, t.grad_accum, data.pad_id, torch.device("cpu"))["step_time_s"]
+        n[0] += 1
+        return train_step(eng, feed, n[0], K * R + 3 - n[0], torch.device("cpu"))["step_time_s"]
     return step
 
 def hf_like():

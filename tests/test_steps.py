@@ -57,7 +57,7 @@ def test_train_loss_is_the_mean_over_every_trained_token_of_the_step(model):
     import torch
     import torch.nn.functional as F
 
-    from orchestrator.training.steps import train_step
+    from orchestrator.training.steps import StepFeed, train_step
 
     long, short = _example(6, 40, 0), _example(6, 3, 500)
     token_losses = []
@@ -73,10 +73,14 @@ def test_train_loss_is_the_mean_over_every_trained_token_of_the_step(model):
     expected_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    metrics = train_step(GradAccumulatingEngine(model, 2), iter([[long], [short]]), 2, 0, torch.device("cpu"))
-    assert metrics["train_loss"] == pytest.approx(by_token.item(), rel=1e-5)
+    feed = StepFeed(iter([[long], [short]]), 2, 0, torch.device("cpu"))
+    train_step(GradAccumulatingEngine(model, 2), feed, 1, 1, torch.device("cpu"))
+    assert feed.losses() == {}  # summed over the ranks at the next read, or when settled
+    feed.settle()
+    [(step, train_loss)] = feed.losses().items()
+    assert step == 1 and train_loss == pytest.approx(by_token.item(), rel=1e-5)
     mean_of_means = (token_losses[0].mean() + token_losses[1].mean()).item() / 2
-    assert abs(metrics["train_loss"] - mean_of_means) > 1e-3  # the two bases differ on this batch
+    assert abs(train_loss - mean_of_means) > 1e-3  # the two bases differ on this batch
     for got, want in zip((p.grad for p in model.parameters()), expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     model.zero_grad()
@@ -174,3 +178,67 @@ def test_packed_micro_batches_resume_exactly_where_they_stopped(start):
         batches = lambda start=0: packed_micro_batches(one_pass, 2, rank, 2, 3, 8, start=start, window=4)  # noqa: E731
         uninterrupted = [[r.input_ids for r in b] for b in itertools.islice(batches(), start, start + 5)]
         assert [[r.input_ids for r in b] for b in itertools.islice(batches(start), 5)] == uninterrupted
+
+
+def _feed_on_rank(rank: int, world: int, port: int, results) -> None:
+    """Rank `rank` of a gloo group: 7 steps through a StepFeed reading 4 ahead, each step's
+    'loss' a known number; what it saw, and the size of each all-reduce it made."""
+    import torch
+    import torch.distributed as dist
+
+    from orchestrator.training.steps import StepFeed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    sizes, all_reduce = [], dist.all_reduce
+
+    def counted(tensor, *args, **kwargs):  # the real collective, its size noted
+        sizes.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    # Step i's micro batch on rank r: one example of 2 prompt and 2 + r + i answer tokens.
+    stream = iter([[_example(2, 2 + rank + i, 10 * i)] for i in range(1, 11)])
+    feed, seen, losses = StepFeed(stream, 1, 0, torch.device("cpu"), ahead=4), {}, {}
+    for step in range(1, 8):
+        batches = feed.next(remaining=8 - step)
+        seen[step] = (batches.counts, batches.total, batches.tokens, batches.local_tokens)
+        feed.trained(step, torch.tensor(float(step * (rank + 1)), dtype=torch.float64), batches.total)
+        losses[step] = feed.losses()
+    feed.settle()
+    losses["settled"] = feed.losses()
+    dist.destroy_process_group()
+    results.put((rank, sizes, seen, losses))
+
+
+def test_the_step_feed_sums_a_window_of_steps_and_their_losses_in_one_all_reduce():
+    """Two gloo ranks, 7 steps read 4 ahead: one all-reduce per read (the 4 steps' trained and
+    real token counts, plus the losses of the steps trained since the read before) and one to
+    settle the rest. Each step's total is both ranks' trained tokens, and each loss is the two
+    ranks' summed loss over that total, known at the next read."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_feed_on_rank, args=(rank, 2, port, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r[0], r[1:]) for r in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+    for rank, (sizes, seen, losses) in got.items():
+        # Steps 1-4 (4 + 4 counts), steps 5-7 (3 + 3, and steps 1-4's losses), then 5-7's losses.
+        assert sizes == [8, 10, 3]
+        for step in range(1, 8):
+            answer = 2 + rank + step  # every answer token is trained (the label of position 0 never is)
+            total = (2 + step) + (3 + step)  # both ranks'
+            assert seen[step] == ([answer], total, total + 2 * 2, answer + 2)
+        loss = {s: 3 * s / ((2 + s) + (3 + s)) for s in range(1, 8)}  # (s x 1 + s x 2) / total
+        assert losses[1] == losses[2] == losses[3] == losses[4] == {}
+        assert losses[5] == pytest.approx({s: loss[s] for s in range(1, 5)}, rel=1e-12)
+        assert losses[6] == losses[7] == {}
+        assert losses["settled"] == pytest.approx({s: loss[s] for s in range(5, 8)}, rel=1e-12)

@@ -9,6 +9,7 @@ import math
 import random
 import threading
 import time
+from dataclasses import dataclass
 
 from orchestrator.data.records import IGNORE_INDEX, Example
 from orchestrator.data.tokenize import collate, pack_examples
@@ -164,12 +165,14 @@ def eval_batches(examples, size: int, rank: int, world: int, cap: int | None):
 # --- steps -----------------------------------------------------------------------------------
 
 
-def all_reduce_sum(values: list, device) -> list[float]:
-    """Sum over all ranks of a few numbers (floats or 0-d tensors on `device`): one transfer."""
+def all_reduce_sum(values, device) -> list[float]:
+    """Sum over all ranks of a few numbers (floats or 0-d tensors on `device`, or one 1-d float64
+    tensor there): one transfer."""
     import torch
     import torch.distributed as dist
 
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    t = values if isinstance(values, torch.Tensor) else torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -192,35 +195,110 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(engine, stream, grad_accum: int, pad_id: int, device, world: int = 1) -> dict:
-    """One optimizer step over `grad_accum` micro batches. The loss is weighted by token: the
-    step's trained tokens on all ranks (T, one all-reduce up front) weigh equally, as one mean
-    over all of them. DeepSpeed divides each micro batch's loss by grad_accum and averages the
-    gradients over ranks, so micro batch b's mean loss over its n_b tokens is scaled by
-    n_b x grad_accum x world / T: the gradients sum to d(sum of token losses / T). The summed
-    loss stays on the device and reaches the host once per step."""
+# How many steps' micro batches a worker reads ahead: their token counts are summed over the ranks
+# in one all-reduce, which also carries the losses of the steps trained since the one before.
+# Two all-reduces of a few numbers per step (the counts before it, the loss after it) each made
+# both ranks wait for the slower one: 6-8% of a 2-rank QLoRA step on 2 CPU cores
+# (docs/benchmarks.md), and on a GPU each is a host sync.
+STEPS_AHEAD = 16
+
+
+@dataclass
+class StepBatches:
+    """One optimizer step's micro batches (collated, on the host) and their token counts."""
+
+    batches: list  # grad_accum collated micro batches
+    counts: list[int]  # trained tokens (scored positions) of each, on this rank
+    total: float  # the step's trained tokens on all ranks
+    tokens: float  # the step's real tokens (padding left out) on all ranks
+    local_tokens: int  # this rank's real tokens
+    slots: int  # this rank's rows x width
+
+
+class StepFeed:
+    """The micro batches of a worker's coming steps, read `ahead` steps at a time. One all-reduce
+    per read sums the steps' token counts over the ranks and the train losses of the steps
+    trained since the last read (each rank reads, trains and settles the same steps, so their
+    collectives match). A step's loss is known at the next read, or at `settle()`."""
+
+    def __init__(self, stream, grad_accum: int, pad_id: int, device, ahead: int = STEPS_AHEAD):
+        self.stream, self.grad_accum, self.pad_id, self.device, self.ahead = stream, grad_accum, pad_id, device, ahead
+        self._queue: list[StepBatches] = []
+        self._trained: list[tuple[int, object, float]] = []  # (step, summed loss on the device, total)
+        self._losses: dict[int, float] = {}
+
+    def next(self, remaining: int) -> StepBatches:
+        """The next step's batches, read with the next min(ahead, remaining) steps' when none
+        are left (every rank passes the same `remaining`: the steps left in the run)."""
+        self.read(remaining)
+        return self._queue.pop(0)
+
+    def read(self, remaining: int) -> None:
+        """Read the next min(ahead, remaining) steps' batches, unless some are still unused."""
+        if not self._queue:
+            steps = []
+            for _ in range(max(1, min(self.ahead, remaining))):
+                examples = [next(self.stream) for _ in range(self.grad_accum)]
+                batches = [collate(b, self.pad_id) for b in examples]
+                steps.append((batches, [trained_tokens(b["labels"]) for b in batches],
+                              sum(len(e.input_ids) for b in examples for e in b),
+                              sum(b["input_ids"].numel() for b in batches)))
+            sums = self._reduce([float(sum(c)) for _, c, _, _ in steps] + [float(t) for _, _, t, _ in steps])
+            self._queue = [StepBatches(b, c, total, tokens, t, slots)
+                           for (b, c, t, slots), total, tokens in zip(steps, sums, sums[len(steps):])]
+
+    def trained(self, step: int, loss_sum, total: float) -> None:
+        """Step `step` summed `loss_sum` (a 0-d tensor on the device) over its trained tokens on this rank."""
+        self._trained.append((step, loss_sum, total))
+
+    def settle(self) -> None:
+        """Sum the losses not yet summed over the ranks now (every rank calls it at the same step)."""
+        if self._trained:
+            self._reduce([])
+
+    def losses(self) -> dict[int, float]:
+        """The train losses summed over the ranks since the last call, by step."""
+        done, self._losses = self._losses, {}
+        return done
+
+    def _reduce(self, numbers: list[float]) -> list[float]:
+        """`numbers` and the pending losses summed over the ranks in one all-reduce: the numbers' sums."""
+        import torch
+
+        trained, self._trained = self._trained, []
+        values = torch.tensor(numbers, dtype=torch.float64, device=self.device)
+        if trained:
+            values = torch.cat([values, torch.stack([loss for _, loss, _ in trained])])
+        sums = all_reduce_sum(values, self.device) if values.numel() else []
+        for (step, _, total), loss in zip(trained, sums[len(numbers):]):
+            self._losses[step] = loss / max(total, 1.0)
+        return sums[:len(numbers)]
+
+
+def train_step(engine, feed: StepFeed, step: int, remaining: int, device, world: int = 1) -> dict:
+    """One optimizer step over the feed's next `grad_accum` micro batches. The loss is weighted by
+    token: the step's trained tokens on all ranks (T, summed ahead by the feed) weigh equally, as
+    one mean over all of them. DeepSpeed divides each micro batch's loss by grad_accum and
+    averages the gradients over ranks, so micro batch b's mean loss over its n_b tokens is scaled
+    by n_b x grad_accum x world / T: the gradients sum to d(sum of token losses / T). The summed
+    loss stays on the device; the feed sums it over the ranks later (`StepFeed.losses`)."""
     import torch
 
     start = time.perf_counter()
     engine.train()
-    examples = [next(stream) for _ in range(grad_accum)]
-    batches = [to_device(collate(b, pad_id), device) for b in examples]
-    counts = [trained_tokens(b["labels"]) for b in batches]
-    tokens = sum(len(e.input_ids) for b in examples for e in b)  # real tokens, padding left out
-    slots = sum(b["input_ids"].numel() for b in batches)
-    [total] = all_reduce_sum([float(sum(counts))], device)
+    batch_set = feed.next(remaining)
+    total, grad_accum = batch_set.total, len(batch_set.batches)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, n in zip(batches, counts):
-        loss = engine(**batch).loss
+    for batch, n in zip(batch_set.batches, batch_set.counts):
+        loss = engine(**to_device(batch, device)).loss
         loss = torch.nan_to_num(loss) if n == 0 else loss  # a micro batch with no trained token adds 0
         engine.backward(loss * (n * grad_accum * world / max(total, 1.0)))
         engine.step()
         loss_sum += loss.detach().double() * n
-    loss_total, tokens_total = all_reduce_sum([loss_sum, float(tokens)], device)
+    feed.trained(step, loss_sum, total)
     elapsed = time.perf_counter() - start
-    return {"train_loss": loss_total / max(total, 1.0), "learning_rate": engine.get_lr()[0],
-            "tokens_per_s": tokens_total / elapsed, "step_time_s": elapsed,
-            "real_token_share": tokens / max(slots, 1)}  # rank 0's: real tokens / (rows x width)
+    return {"learning_rate": engine.get_lr()[0], "tokens_per_s": batch_set.tokens / elapsed, "step_time_s": elapsed,
+            "real_token_share": batch_set.local_tokens / max(batch_set.slots, 1)}  # rank 0's: real / (rows x width)
 
 
 def chunked_token_loss_sum(logits, labels, chunk_tokens: int):

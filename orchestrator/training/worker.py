@@ -27,7 +27,8 @@ from orchestrator.timing import Stopwatch
 from orchestrator.training.checkpoint import (ADAPTER_DIR, PENDING_METRICS_FILE, TrainState, restore_state,
                                               save_state, save_trained)
 from orchestrator.training.steps import (DEFAULT_EVAL_BATCHES, dataset_examples, eval_batches, evaluate_batches,
-                                         micro_batches, packed_micro_batches, peak_memory_bytes, train_step)
+                                         micro_batches, packed_micro_batches, peak_memory_bytes, StepFeed,
+                                         train_step)
 
 
 @dataclass
@@ -308,25 +309,38 @@ def train_loop_per_worker(config: dict) -> None:
                run_id=job.run_id)
         return
 
+    feed = StepFeed(stream, t.grad_accum, job.pad_id, device)
+    with watch("setup"):  # the first steps' batches, read before the loop as HF Trainer's first is
+        feed.read(job.total_steps - state.step)
     if logger:
         # The first send on this thread, before training: it imports MLflow's store, most of a
         # CPU-second that would slow the first steps beside it (docs/benchmarks.md). From here on
         # sends leave the training thread.
         logger.send()
         logger.start_background()
-    tokens = 0.0
+    tokens, train_loss = 0.0, None
     for step in range(state.step + 1, job.total_steps + 1):
-        with watch("steps"):
-            metrics = train_step(engine, stream, t.grad_accum, job.pad_id, device, world)
-        tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
         last = step == job.total_steps
-        if step % t.eval_every == 0 or last:
+        evaluated = step % t.eval_every == 0 or last
+        save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+        with watch("steps"):
+            metrics = train_step(engine, feed, step, job.total_steps - step + 1, device, world)
+            if evaluated or save:  # a step that is reported or checkpointed carries its own loss
+                feed.settle()
+        tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
+        # Losses arrive with the feed's next read: each is logged at its own step.
+        losses = feed.losses()
+        if step in losses:
+            metrics["train_loss"] = losses.pop(step)
+        train_loss = metrics.get("train_loss", losses[max(losses)] if losses else train_loss)
+        if evaluated:
             metrics.update(run_eval(step))
         if last:  # rank 0's peak memory, for `orchestrator compare`
             metrics["peak_memory_bytes"] = float(peak_memory_bytes(job.use_gpu))
-        save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
         with watch("log"):
             if logger:
+                for earlier in sorted(losses):
+                    logger.log(earlier, {"train_loss": losses[earlier]})
                 logger.log(step, metrics)
                 # An unreachable MLflow never stops training: what is not sent stays buffered,
                 # and at the end whatever is still unsent travels in the final checkpoint.
@@ -336,7 +350,7 @@ def train_loop_per_worker(config: dict) -> None:
                     logger.flush()
                 elif "eval_loss" in metrics and not last:
                     logger.send()  # the MLflow UI shows each evaluation as it happens
-            progress(step, metrics)
+            progress(step, metrics if train_loss is None else {"train_loss": train_loss, **metrics})
         if save or (job.report_evals and "eval_loss" in metrics):
             pending = logger.close(job.final_flush_timeout_s) if logger and last else []
             state.step = step
