@@ -265,6 +265,31 @@ def test_a_source_is_large_by_the_data_it_holds_not_its_file_size(tmp_path, code
             assert source_bytes(source) == sum(len(line) + 1 for line in lines)
 
 
+def test_a_parquet_source_counts_a_repeated_value_in_every_row(tmp_path):
+    """Parquet stores a value repeated in every row once (a dictionary page), and its metadata
+    counts it once; the data set decodes it in each. 20 MiB of rows that all carry one 4 KiB
+    system prompt is large, though its file and its metadata's size are a few KiB; 2 MiB of the
+    same is not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data import pipeline
+    from orchestrator.data.sources import resolve_source, source_bytes
+
+    system = "You are a careful assistant. " * 140  # about 4 KiB
+    for name, mib in (("big", 20), ("small", 2)):
+        rows = mib * 2**20 // len(system) + 1
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"system": [system] * rows, "text": [f"row {i}" for i in range(rows)]}), path,
+                       compression="zstd")
+        meta = pq.ParquetFile(path).metadata
+        stored = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        assert max(stored, path.stat().st_size) < pipeline.DRIVER_MAX_BYTES // 64, (stored, path.stat().st_size)
+        source = resolve_source(str(path), "data.train")
+        assert pipeline.is_large(source) is (name == "big"), (name, source_bytes(source))
+        assert source_bytes(source) >= rows * len(system)  # every row's copy counted
+
+
 def test_missing_fields_are_named(tokenizer):
     with pytest.raises(SpecError) as exc:
         prepare_records([{"instruction": "x"}], DataSpec(train="x", format="alpaca"), tokenizer, "f.jsonl", "data.train")

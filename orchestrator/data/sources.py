@@ -117,7 +117,7 @@ def source_bytes(source: Source, limit: int | None = None) -> int:
     """The source's size in bytes as data (what decides between tokenizing on the driver and on
     Ray Data): a compressed JSONL file counts as the text it holds, decompressed as far as `limit`
     (the count stops once past it: past `limit` is all the caller asks), a Parquet file as its
-    columns uncompressed (its metadata says). A remote source: its files' sizes."""
+    columns decoded (`_parquet_bytes`). A remote source: its files' sizes."""
     if source.remote:
         return sum(i.size for i in source.filesystem().get_file_info(list(source.files)))
     total = 0
@@ -131,10 +131,7 @@ def source_bytes(source: Source, limit: int | None = None) -> int:
 def _data_bytes(path: str, limit: int | None) -> int:
     size = Path(path).stat().st_size
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        meta = pq.ParquetFile(path).metadata  # dictionary-encoded repeats count once, as stored
-        return max(size, sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)))
+        return max(size, _parquet_bytes(path))
     if not path.endswith(COMPRESSED_SUFFIXES):
         return size
     import pyarrow as pa
@@ -150,6 +147,25 @@ def _data_bytes(path: str, limit: int | None) -> int:
     except OSError:  # not compressed as its name says: reading it names the file (scan_jsonl)
         return size
     return total
+
+
+# How many rows of a Parquet file are read to size its rows decoded (`_parquet_bytes`).
+PARQUET_SAMPLE_ROWS = 1024
+
+
+def _parquet_bytes(path: str) -> int:
+    """A Parquet file's columns uncompressed: the larger of what its metadata says and its first
+    rows' decoded size scaled to all its rows. The metadata counts a dictionary-encoded value
+    once however often it repeats (a system prompt in every row), where reading decodes each."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as f:
+        meta = f.metadata
+        stored = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        first = next(f.iter_batches(batch_size=PARQUET_SAMPLE_ROWS), None)
+    if first is None or not first.num_rows:
+        return stored
+    return max(stored, first.nbytes * meta.num_rows // first.num_rows)
 
 
 def first_eval_records(data, seed: int, n: int) -> list[dict]:

@@ -68,7 +68,7 @@ Records are formatted and tokenized in batches with the base's fast tokenizer, o
 ids are cached as Parquet under `~/.cache/orchestrator/tokenized/`, keyed by the data files, the
 `data` section, the seed and the tokenizer, so a job run again tokenizes nothing. Sources over
 16 MiB of data (a compressed file counted as the text it holds, a Parquet file as its columns
-uncompressed) and remote ones are tokenized by Ray Data in parallel over the cluster's CPUs (a local
+decoded, a value repeated in every row counted in each) and remote ones are tokenized by Ray Data in parallel over the cluster's CPUs (a local
 source is read on the driver's node) and streamed back to the driver, which writes the cache;
 smaller ones are tokenized on the driver (problems are then named by file and line before Ray
 starts). Neither the driver nor any worker holds the whole data set: each worker streams the
