@@ -26,8 +26,8 @@ from orchestrator.spec import JobSpec
 from orchestrator.timing import Stopwatch
 from orchestrator.training.checkpoint import (ADAPTER_DIR, PENDING_METRICS_FILE, TrainState, restore_state,
                                               save_state, save_trained)
-from orchestrator.training.steps import (DEFAULT_EVAL_BATCHES, dataset_examples, eval_batches, evaluate_batches,
-                                         micro_batches, packed_micro_batches, peak_memory_bytes, StepFeed,
+from orchestrator.training.steps import (DEFAULT_EVAL_BATCHES, StepFeed, dataset_examples, eval_batches,
+                                         evaluate_batches, micro_batches, packed_micro_batches, peak_memory_bytes,
                                          train_step)
 
 
