@@ -103,8 +103,11 @@ def _progress_bar():
     that adds one bar per label (pre-training, training) and shows the latest losses."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # Redrawn twice a second, as often as the driver polls the workers' progress: rich's default
+    # 10 redraws cost 1% of a core over a run (measured: 103 ms of CPU per 10 s, 21 at 2 a second),
+    # taken from the training workers on a small node.
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err)
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err, refresh_per_second=2)
     tasks: dict[str, int] = {}
 
     def on_progress(label: str, done: int, total: int | None, metrics: dict) -> None:
