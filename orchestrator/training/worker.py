@@ -328,11 +328,13 @@ def train_loop_per_worker(config: dict) -> None:
             if evaluated or save:  # a step that is reported or checkpointed carries its own loss
                 feed.settle()
         tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
-        # Losses arrive with the feed's next read: each is logged at its own step.
+        # Losses arrive with the feed's next read: each is logged at its own step; the progress
+        # bar shows the latest one known.
         losses = feed.losses()
+        if losses:
+            train_loss = losses[max(losses)]
         if step in losses:
             metrics["train_loss"] = losses.pop(step)
-        train_loss = metrics.get("train_loss", losses[max(losses)] if losses else train_loss)
         if evaluated:
             metrics.update(run_eval(step))
         if last:  # rank 0's peak memory, for `orchestrator compare`
@@ -350,7 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
                     logger.flush()
                 elif "eval_loss" in metrics and not last:
                     logger.send()  # the MLflow UI shows each evaluation as it happens
-            progress(step, metrics if train_loss is None else {"train_loss": train_loss, **metrics})
+            progress(step, metrics if train_loss is None else {**metrics, "train_loss": train_loss})
         if save or (job.report_evals and "eval_loss" in metrics):
             pending = logger.close(job.final_flush_timeout_s) if logger and last else []
             state.step = step
