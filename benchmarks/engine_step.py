@@ -1,5 +1,6 @@
 """The orchestrator's training step in one process, no Ray: its DeepSpeed engine (ZeRO-0, the job's
-generated config, `train_step`) under variants, against an HF-Trainer-like step (forward, backward,
+generated config, `train_step`; the model's own loss or the worker's, its output layer on the
+trained positions only) under variants, against an HF-Trainer-like step (forward, backward,
 torch `clip_grad_norm_`, fused AdamW, scheduler), on the `lora-fp32` job's model and batches.
 Blocks of K steps alternate across the variants for R rounds; prints each round and the median
 throughput of each variant relative to the HF-like step.
@@ -22,7 +23,7 @@ from orchestrator.planning.deepspeed import deepspeed_config
 from orchestrator.models.loading import load_base, resolve_base
 from orchestrator.models.adapters import prepare_for_training
 from orchestrator.data.tokenize import load_datasets, load_tokenizer, collate
-from orchestrator.training.steps import StepFeed, micro_batches, train_step
+from orchestrator.training.steps import StepFeed, TrainedPositionsLoss, micro_batches, train_step
 from orchestrator.training.worker import skip_shared_memory_comm_op
 import importlib.util
 spec_ = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "run.py")
@@ -41,7 +42,7 @@ def model():
     m = load_base(spec, base); m.config.use_cache = False
     return prepare_for_training(spec, m, base)
 
-def ds(fused, allreduce=True):
+def ds(fused, allreduce=True, rows=False):
     m = model(); cfg = deepspeed_config(spec, world_size=1, use_gpu=False, total_steps=K * R, trainable_params=sum(p.numel() for p in m.parameters() if p.requires_grad),
                                                             largest_param=max(p.numel() for p in m.parameters()),
                                                             hidden_size=m.config.hidden_size)
@@ -50,9 +51,10 @@ def ds(fused, allreduce=True):
     eng.enable_backward_allreduce = allreduce
     stream = micro_batches(lambda: iter(data.train), len(data.train), t.micro_batch_size, 0, 1, t.seed)
     feed, n = StepFeed(stream, t.grad_accum, data.pad_id, torch.device("cpu")), [0]
+    loss_of = TrainedPositionsLoss(eng.module) if rows else None
     def step():
         n[0] += 1
-        return train_step(eng, feed, n[0], K * R + 3 - n[0], torch.device("cpu"))["step_time_s"]
+        return train_step(eng, feed, n[0], K * R + 3 - n[0], torch.device("cpu"), 1, loss_of)["step_time_s"]
     return step
 
 def hf_like():
@@ -71,6 +73,7 @@ def hf_like():
     return step
 
 variants = {"ds, AdamW not fused (before)": ds(False), "ds + fused AdamW": ds(True), "ds + fused, no world-1 all-reduce": ds(True, False),
+            "ds + fused, no all-reduce, trained rows (the worker's)": ds(True, False, True),
             "HF-like (fused AdamW, torch clip)": hf_like()}
 for f in variants.values(): f(); f()  # warm up
 times = {k: [] for k in variants}
@@ -82,5 +85,5 @@ for r in range(R):
 ref = times["HF-like (fused AdamW, torch clip)"]
 for k, v in times.items():
     ratios = [b / a for a, b in zip(v, ref)]  # throughput relative to HF-like: t_ref / t_variant
-    print(f"{k:40s} median step {1000*statistics.median(v):6.1f} ms  throughput vs HF-like {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, n={len(ratios)})")
+    print(f"{k:56s} median step {1000*statistics.median(v):6.1f} ms  throughput vs HF-like {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, n={len(ratios)})")
 print("load", os.getloadavg())

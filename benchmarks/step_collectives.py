@@ -3,7 +3,9 @@ per rank, gloo), in one pair of processes, no Ray. Variants stepped in alternati
 for R rounds, each with its own engine (the same seed and batches):
 
 - `feed 16`: `train_step` as the worker runs it, its `StepFeed` reading 16 steps ahead (one
-  all-reduce of token counts and earlier losses per 16 steps);
+  all-reduce of token counts and earlier losses per 16 steps), with the model's own loss as the
+  other variants have it (the worker's output layer on the trained positions only is measured by
+  `benchmarks/engine_step.py`): the variants differ in their collectives alone;
 - `feed 1`: the same reading one step at a time (one all-reduce per step);
 - `bare`: forward, `engine.backward`, `engine.step` and nothing else (no token weighting);
 - `ddp`: HF Trainer's step without DeepSpeed: torch DDP, bf16 autocast, torch clipping, fused

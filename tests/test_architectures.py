@@ -65,7 +65,7 @@ def build_family(family: str, tiny_base, folder):
     return folder
 
 
-def family_spec(tmp, family: str, base, stage: int = 2, steps: int = STEPS):
+def family_spec(tmp, family: str, base, stage: int = 2, steps: int = STEPS, extra: tuple[str, ...] = ()):
     sets = {"name": f"arch-{family}", "model.base": str(base), "registry.name": f"arch-{family.replace('_', '-')}",
             "tracking.uri": f"sqlite:///{tmp}/mlflow.db", "storage.path": str(tmp / "runs"),
             "training.max_steps": steps, "training.eval_every": steps, "training.eval_batches": 1,
@@ -73,7 +73,7 @@ def family_spec(tmp, family: str, base, stage: int = 2, steps: int = STEPS):
             # ZeRO-3 shards over 2 workers; a ZeRO-2 run checks the family, not the sharding
             # (the quickstart's runs train on 2): one worker starts some 4 s sooner on 2 cores.
             "distributed.num_workers": 2 if stage == 3 else 1, "distributed.deepspeed.stage": stage}
-    return load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
+    return load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()] + list(extra))
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +288,35 @@ def test_attention_kernel_auto_follows_the_architecture(tmp_path, family_base):
     with pytest.raises(SpecError, match="model.attn_implementation: sdpa is not supported") as refused:
         load_base(asked, str(gemma.model.base))
     assert "auto" in refused.value.problems[0].fix
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_runs_its_output_layer_on_the_trained_positions_only(tmp_path, family_base, family):
+    """The worker's loss (`TrainedPositionsLoss`) holds for every family: its output layer sees one
+    row per trained position and the loss is the model's own, on the LoRA model the worker
+    trains (fp32 here, so that the two agree to fp32 rounding)."""
+    import torch
+
+    from orchestrator.data.records import Example
+    from orchestrator.data.tokenize import collate
+    from orchestrator.models.adapters import prepare_for_training
+    from orchestrator.models.loading import load_base
+    from orchestrator.training.steps import TrainedPositionsLoss
+
+    spec = family_spec(tmp_path, family, family_base(family), extra=("quantization.bits=null", "model.dtype=float32"))
+    model = prepare_for_training(spec, load_base(spec, str(spec.model.base)), str(spec.model.base))
+    examples = [Example(input_ids=list(range(20, 20 + n)), labels=[-100] * p + list(range(20 + p, 20 + n)))
+                for p, n in ((6, 30), (9, 14))]
+    batch = collate(examples, 0)
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
+    torch.manual_seed(0)
+    want = model(**batch).loss
+    loss_of = TrainedPositionsLoss(model)
+    torch.manual_seed(0)
+    got = loss_of(model, batch)
+    assert loss_of.enabled and tuple(rows[-1]) == (24 + 5,)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if family == "mixtral":  # its router loss is added to the loss only by the model, given labels
+        model.config.output_router_logits = True
+        assert not TrainedPositionsLoss(model).enabled

@@ -57,7 +57,7 @@ def test_train_loss_is_the_mean_over_every_trained_token_of_the_step(model):
     import torch
     import torch.nn.functional as F
 
-    from orchestrator.training.steps import StepFeed, train_step
+    from orchestrator.training.steps import StepFeed, TrainedPositionsLoss, train_step
 
     long, short = _example(6, 40, 0), _example(6, 3, 500)
     token_losses = []
@@ -73,17 +73,83 @@ def test_train_loss_is_the_mean_over_every_trained_token_of_the_step(model):
     expected_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    feed = StepFeed(iter([[long], [short]]), 2, 0, torch.device("cpu"))
-    train_step(GradAccumulatingEngine(model, 2), feed, 1, 1, torch.device("cpu"))
-    assert feed.losses() == {}  # summed over the ranks at the next read, or when settled
-    feed.settle()
-    [(step, train_loss)] = feed.losses().items()
-    assert step == 1 and train_loss == pytest.approx(by_token.item(), rel=1e-5)
     mean_of_means = (token_losses[0].mean() + token_losses[1].mean()).item() / 2
-    assert abs(train_loss - mean_of_means) > 1e-3  # the two bases differ on this batch
-    for got, want in zip((p.grad for p in model.parameters()), expected_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    model.zero_grad()
+    # Both losses: the model's own (every position's logits) and the worker's (the output layer on
+    # the trained positions only: 40 rows, then 3, of 45 and 8 positions).
+    rows = []
+    seen = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
+    loss_of = TrainedPositionsLoss(model)
+    try:
+        for scored in (None, loss_of):
+            feed = StepFeed(iter([[long], [short]]), 2, 0, torch.device("cpu"))
+            train_step(GradAccumulatingEngine(model, 2), feed, 1, 1, torch.device("cpu"), loss_of=scored)
+            assert feed.losses() == {}  # summed over the ranks at the next read, or when settled
+            feed.settle()
+            [(step, train_loss)] = feed.losses().items()
+            assert step == 1 and train_loss == pytest.approx(by_token.item(), rel=1e-5)
+            assert abs(train_loss - mean_of_means) > 1e-3  # the two bases differ on this batch
+            for got, want in zip((p.grad for p in model.parameters()), expected_grads):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+            model.zero_grad()
+    finally:
+        seen.remove()
+        loss_of._hook.remove()
+    assert loss_of.enabled and [tuple(r) for r in rows] == [(1, 46), (1, 9), (40,), (3,)]
+
+
+def test_prompt_tuning_scores_only_its_trained_positions_after_its_virtual_tokens(tiny_base):
+    """Prompt tuning puts its virtual tokens' hidden states before the batch's: the rows kept for
+    the output layer are found after them, and the loss is the model's own (given the labels)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.data.tokenize import collate
+    from orchestrator.training.steps import TrainedPositionsLoss
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    batch = collate([_example(5, 30, 0), _example(3, 7, 300)], 0)
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
+    want = model(**batch).loss
+    loss_of = TrainedPositionsLoss(model)
+    got = loss_of(model, batch)
+    assert loss_of.enabled and rows[1] == (37, 128)  # 30 + 7 trained positions, not 2 x (5 + 35)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _ReshapingLM:
+    """A causal LM whose forward reshapes its logits to (batch, length, vocab) after its output
+    layer: the rows-only path cannot hold, and the first batch finds that out."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def __call__(self, input_ids, attention_mask, labels=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        out.logits = out.logits.view(*input_ids.shape, -1)
+        return out
+
+
+def test_a_model_whose_logits_do_not_come_back_as_rows_keeps_its_own_loss(model):
+    import torch
+
+    from orchestrator.data.tokenize import collate
+    from orchestrator.training.steps import TrainedPositionsLoss
+
+    lm = _ReshapingLM(model)
+    batch = collate([_example(5, 30, 0), _example(3, 7, 300)], 0)
+    loss_of = TrainedPositionsLoss(lm)
+    assert loss_of.enabled
+    first = loss_of(lm, batch)
+    assert not loss_of.enabled and not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone
+    torch.testing.assert_close(first, model(**batch).loss)
+    torch.testing.assert_close(loss_of(lm, batch), first)
 
 
 def test_chunked_evaluation_loss_equals_the_full_fp32_one(model):

@@ -160,6 +160,9 @@ def activation_bytes(spec: JobSpec, arch: Architecture, device: str = "cuda") ->
     head = norm(trains_below) + (e * h * t if full else 0)  # final norm; lm_head's input if it trains
     head += 8 * t * (2 if full else 1) + 4  # int64 labels (and input ids for the embedding gradient)
     misc = e * b * s * s + 2 * e * s * d  # the 4D attention mask and RoPE cos/sin, shared by all layers
+    # The worker runs the output layer on the trained positions only (training.steps.
+    # TrainedPositionsLoss): its logits terms count every position, the most it can be (every
+    # position trained), since which positions are trained is the data's.
     logits_saved = 4 * v * t  # fp32 log-softmax, saved by the loss
     # The loss upcasts the logits to fp32; its backward holds the saved log-softmax, the gradient
     # coming in and the one going out, all fp32 and vocabulary-wide: 12 B x vocab per token.

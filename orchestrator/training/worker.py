@@ -26,9 +26,9 @@ from orchestrator.spec import JobSpec
 from orchestrator.timing import Stopwatch
 from orchestrator.training.checkpoint import (ADAPTER_DIR, PENDING_METRICS_FILE, TrainState, restore_state,
                                               save_state, save_trained)
-from orchestrator.training.steps import (DEFAULT_EVAL_BATCHES, StepFeed, dataset_examples, eval_batches,
-                                         evaluate_batches, micro_batches, packed_micro_batches, peak_memory_bytes,
-                                         train_step)
+from orchestrator.training.steps import (DEFAULT_EVAL_BATCHES, StepFeed, TrainedPositionsLoss, dataset_examples,
+                                         eval_batches, evaluate_batches, micro_batches, packed_micro_batches,
+                                         peak_memory_bytes, train_step)
 
 
 @dataclass
@@ -310,6 +310,7 @@ def train_loop_per_worker(config: dict) -> None:
         return
 
     feed = StepFeed(stream, t.grad_accum, job.pad_id, device)
+    loss_of = TrainedPositionsLoss(engine.module)  # the output layer on the trained positions only
     with watch("setup"):  # the first steps' batches, read before the loop as HF Trainer's first is
         feed.read(job.total_steps - state.step)
     if logger:
@@ -324,7 +325,7 @@ def train_loop_per_worker(config: dict) -> None:
         evaluated = step % t.eval_every == 0 or last
         save = last or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
         with watch("steps"):
-            metrics = train_step(engine, feed, step, job.total_steps - step + 1, device, world)
+            metrics = train_step(engine, feed, step, job.total_steps - step + 1, device, world, loss_of)
             if evaluated or save:  # a step that is reported or checkpointed carries its own loss
                 feed.settle()
         tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
