@@ -115,7 +115,7 @@ def test_prompt_tuning_scores_only_its_trained_positions_after_its_virtual_token
     model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
     want = model(**batch).loss
     loss_of = TrainedPositionsLoss(model)
-    got = loss_of(model, batch)
+    got = loss_of(model, batch, torch.device("cpu"))
     assert loss_of.enabled and rows[1] == (37, 128)  # 30 + 7 trained positions, not 2 x (5 + 35)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -146,10 +146,10 @@ def test_a_model_whose_logits_do_not_come_back_as_rows_keeps_its_own_loss(model)
     batch = collate([_example(5, 30, 0), _example(3, 7, 300)], 0)
     loss_of = TrainedPositionsLoss(lm)
     assert loss_of.enabled
-    first = loss_of(lm, batch)
+    first = loss_of(lm, batch, torch.device("cpu"))
     assert not loss_of.enabled and not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone
     torch.testing.assert_close(first, model(**batch).loss)
-    torch.testing.assert_close(loss_of(lm, batch), first)
+    torch.testing.assert_close(loss_of(lm, batch, torch.device("cpu")), first)
 
 
 def test_chunked_evaluation_loss_equals_the_full_fp32_one(model):

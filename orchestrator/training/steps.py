@@ -1,6 +1,7 @@
 """What one worker does with its batches: the data order (`micro_batches`, `eval_batches`, streamed
-straight from the tokenized Parquet files), an optimizer step (loss weighted by token), an evaluation, and its peak
-memory. torch is imported inside the functions."""
+straight from the tokenized Parquet files), an optimizer step (loss weighted by token, the output
+layer run on the trained positions only), an evaluation, and its peak memory. torch is imported
+inside the functions."""
 
 from __future__ import annotations
 
@@ -295,45 +296,44 @@ class TrainedPositionsLoss:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         config = getattr(model, "config", None)
         self.enabled = head is not None and not getattr(config, "output_router_logits", False)
-        self._targets = None  # the next forward's shifted labels, taken by the hook
-        self._kept = None  # the labels of the rows the hook kept
+        self._where = None  # the next forward's trained positions (rows, columns, width), taken by the hook
+        self._kept = False  # whether the hook kept them
         self._checked = False
         self._hook = head.register_forward_pre_hook(self._keep_trained_rows) if self.enabled else None
 
     def _keep_trained_rows(self, module, args):
-        import torch.nn.functional as F
-
-        targets, self._targets = self._targets, None
-        if targets is None:  # evaluation, generation: every position
-            return None
+        where, self._where = self._where, None
         hidden = args[0]
-        extra = hidden.size(1) - targets.size(1)  # prompt tuning's virtual tokens come first
-        if hidden.dim() != 3 or extra < 0:
-            return None
-        flat = F.pad(targets, (extra, 0), value=IGNORE_INDEX).reshape(-1)
-        rows = (flat != IGNORE_INDEX).nonzero().squeeze(-1)
-        self._kept = flat.index_select(0, rows)
-        return (hidden.reshape(-1, hidden.size(-1)).index_select(0, rows), *args[1:])
+        if where is None or hidden.dim() != 3 or hidden.size(1) < where[2]:
+            return None  # evaluation, generation: every position
+        rows, columns, width = where
+        extra = hidden.size(1) - width  # prompt tuning's virtual tokens come first
+        self._kept = True
+        flat = hidden.reshape(-1, hidden.size(-1))
+        return (flat.index_select(0, rows * hidden.size(1) + extra + columns), *args[1:])
 
-    def __call__(self, engine, batch: dict):
-        """The mean loss over `batch`'s trained positions (a 0-d tensor; 0 when it has none)."""
+    def __call__(self, engine, batch: dict, device):
+        """The mean loss over the trained positions of `batch` (collated on the host; moved to
+        `device` here): a 0-d tensor, 0 when it has none. The positions are found on the host, so
+        a GPU step waits for nothing."""
         import torch.nn.functional as F
 
         if not self.enabled:
-            return self._model_loss(engine, batch)
-        labels = batch["labels"]
-        self._targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        self._kept = None
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+            return self._model_loss(engine, batch, device)
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts label i + 1
+        rows, columns = (targets != IGNORE_INDEX).nonzero().unbind(1)
+        moved = to_device({**batch, "rows": rows, "columns": columns, "kept": targets[rows, columns]}, device)
+        rows, columns, kept, labels = (moved.pop(k) for k in ("rows", "columns", "kept", "labels"))
+        self._where, self._kept = (rows, columns, targets.size(1)), False
         if self._checked:
-            logits = engine(**inputs).logits
+            logits = engine(**moved).logits
         else:  # the first batch finds out whether the model's output layer takes the rows
             try:
-                logits = engine(**inputs).logits
-                fits = self._kept is not None and logits.dim() == 2 and logits.size(0) == self._kept.numel()
+                logits = engine(**moved).logits
+                fits = self._kept and logits.dim() == 2 and logits.size(0) == kept.numel()
             except Exception:  # e.g. logits reshaped to (batch, length, vocab) after the layer
                 fits = False
-            self._targets, self._checked = None, True
+            self._where, self._checked = None, True
             if not fits:
                 self.enabled = False
                 self._hook.remove()
@@ -342,19 +342,18 @@ class TrainedPositionsLoss:
                     "model type %s does not take rows of hidden states in its output layer: training with the "
                     "model's own loss (every position's logits)",
                     getattr(getattr(module, "config", None), "model_type", type(module).__name__))
-                return self._model_loss(engine, batch)
-        kept, self._kept = self._kept, None
+                return engine(**moved, labels=labels).loss
         return F.cross_entropy(logits.float(), kept, reduction="sum") / max(kept.numel(), 1)
 
     @staticmethod
-    def _model_loss(engine, batch: dict):
-        return engine(**batch).loss
+    def _model_loss(engine, batch: dict, device):
+        return engine(**to_device(batch, device)).loss
 
 
 def train_step(engine, feed: StepFeed, step: int, remaining: int, device, world: int = 1,
                loss_of: TrainedPositionsLoss | None = None) -> dict:
     """One optimizer step over the feed's next `grad_accum` micro batches, each one's loss
-    `loss_of(engine, batch)` (default: the model's own). The loss is weighted by
+    `loss_of(engine, batch, device)` (default: the model's own). The loss is weighted by
     token: the step's trained tokens on all ranks (T, summed ahead by the feed) weigh equally, as
     one mean over all of them. DeepSpeed divides each micro batch's loss by grad_accum and
     averages the gradients over ranks, so micro batch b's mean loss over its n_b tokens is scaled
@@ -369,7 +368,7 @@ def train_step(engine, feed: StepFeed, step: int, remaining: int, device, world:
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_of = loss_of or TrainedPositionsLoss._model_loss
     for batch, n in zip(batch_set.batches, batch_set.counts):
-        loss = loss_of(engine, to_device(batch, device))
+        loss = loss_of(engine, batch, device)
         loss = torch.nan_to_num(loss) if n == 0 else loss  # a micro batch with no trained token adds 0
         engine.backward(loss * (n * grad_accum * world / max(total, 1.0)))
         engine.step()
