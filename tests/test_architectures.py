@@ -294,7 +294,8 @@ def test_attention_kernel_auto_follows_the_architecture(tmp_path, family_base):
 def test_each_family_runs_its_output_layer_on_the_trained_positions_only(tmp_path, family_base, family):
     """The worker's loss (`TrainedPositionsLoss`) holds for every family: its output layer sees one
     row per trained position and the loss is the model's own, on the LoRA model the worker
-    trains (fp32 here, so that the two agree to fp32 rounding)."""
+    trains (fp32 here, so that the two agree to fp32 rounding). A mixture of experts asked for its
+    router loss trains on the model's own loss, which adds it."""
     import torch
 
     from orchestrator.data.records import Example
@@ -318,5 +319,11 @@ def test_each_family_runs_its_output_layer_on_the_trained_positions_only(tmp_pat
     assert loss_of.enabled and tuple(rows[-1]) == (24 + 5,)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     if family == "mixtral":  # its router loss is added to the loss only by the model, given labels
+        loss_of.close()
         model.config.output_router_logits = True
-        assert not TrainedPositionsLoss(model).enabled
+        routed = TrainedPositionsLoss(model)
+        torch.manual_seed(0)
+        with_router = model(**batch).loss
+        torch.manual_seed(0)
+        torch.testing.assert_close(routed(model, batch, torch.device("cpu")), with_router)
+        assert tuple(rows[-1]) == (2, 30) and abs(with_router.item() - got.item()) > 1e-5  # every position

@@ -153,11 +153,13 @@ def test_a_model_whose_logits_do_not_come_back_as_rows_keeps_its_own_loss(model)
 
 
 def test_chunked_evaluation_loss_equals_the_full_fp32_one(model):
+    """Evaluation's loss (the trained positions' logits, an fp32 chunk of rows at a time) equals
+    the plain fp32 cross-entropy over every position's logits, whatever the chunk."""
     import torch
     import torch.nn.functional as F
 
     from orchestrator.data.tokenize import collate
-    from orchestrator.training.steps import chunked_token_loss_sum, evaluate
+    from orchestrator.training.steps import TrainedPositionsLoss, chunked_loss_sum, evaluate
 
     examples = [_example(5, 30, 0), _example(3, 7, 300), _example(8, 12, 600)]
     batch = collate(examples, 0)
@@ -166,10 +168,13 @@ def test_chunked_evaluation_loss_equals_the_full_fp32_one(model):
     labels = batch["labels"][:, 1:]
     full = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+    with TrainedPositionsLoss(model) as scorer, torch.no_grad():
+        rows, kept = scorer.logits(model, batch, torch.device("cpu"))
+    assert rows.shape == (49, logits.size(-1)) and kept.numel() == int((labels != IGNORE_INDEX).sum())
     for chunk in (1, 7, 4096):
-        total, n = chunked_token_loss_sum(logits, batch["labels"], chunk)
-        assert n == int((labels != IGNORE_INDEX).sum()) and total.item() == pytest.approx(full.item(), rel=1e-6)
-    assert evaluate(model, examples, 2, 0, 0, 1, torch.device("cpu")) == pytest.approx(full.item() / n, rel=1e-5)
+        assert chunked_loss_sum(rows, kept, chunk).item() == pytest.approx(full.item(), rel=1e-6)
+    assert evaluate(model, examples, 2, 0, 0, 1, torch.device("cpu")) == pytest.approx(full.item() / 49, rel=1e-5)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # evaluate took its hook off again
 
 
 def _per_example_logits(model, examples, packed: bool):

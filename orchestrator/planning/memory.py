@@ -189,7 +189,8 @@ def eval_activation_bytes(spec: JobSpec, arch: Architecture) -> int:
     Forward: nothing is saved for backward, so only one layer's tensors are live: the residual
     stream, its normed copy and RMSNorm's fp32 upcast, and the MLP's three I-wide tensors (silu(gate), up, their
     product; a LoRA-wrapped gate or up adds its own I-wide output). Loss: the logits in the
-    model dtype for the whole micro batch (`model(...).logits`), and the cross-entropy over at
+    model dtype of the micro batch's trained positions (`TrainedPositionsLoss.logits`; counted
+    here as every position, the most they can be), and the cross-entropy over at
     most EVAL_LOSS_CHUNK_TOKENS positions at a time, in fp32: the upcast chunk and its
     log-softmax, e.g. 1024 x 128,256 x 4 B x 2 = 1 GiB for Llama 3, against 16 GiB of fp32
     logits for a micro batch of 8 x 4096 tokens without chunks."""

@@ -287,15 +287,19 @@ class TrainedPositionsLoss:
     backward through them cover those alone: the same loss and gradients for less time (7-9% of a
     step on the benchmark jobs, docs/benchmarks.md) and, on a large vocabulary, far less memory.
 
-    Models keep their own loss where this cannot hold: no output layer found
-    (`get_output_embeddings`), a mixture of experts that adds its router loss (which the model
-    adds only when given the labels), or a first batch whose logits do not come back as one row
-    per trained position (an output layer called elsewhere, logits reshaped after it)."""
+    Evaluation takes the same rows (`logits`), so its logits are those of the trained positions too.
+    Every position's logits are computed where the rows cannot be taken in the output layer: no
+    output layer found (`get_output_embeddings`), or a first batch whose logits do not come back as
+    one row per trained position (an output layer called elsewhere, logits reshaped after it). A
+    mixture of experts that adds its router loss (which the model adds only when given the labels)
+    trains on the model's own loss."""
 
     def __init__(self, model):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        config = getattr(model, "config", None)
-        self.enabled = head is not None and not getattr(config, "output_router_logits", False)
+        # A mixture of experts' router loss is added to the loss by the model, and only when it is
+        # given the labels: such a model trains on its own loss (evaluation takes the rows still).
+        self._router_loss = bool(getattr(getattr(model, "config", None), "output_router_logits", False))
+        self.enabled = head is not None
         self._where = None  # the next forward's trained positions (rows, columns, width), taken by the hook
         self._kept = False  # whether the hook kept them
         self._checked = False
@@ -310,40 +314,63 @@ class TrainedPositionsLoss:
         extra = hidden.size(1) - width  # prompt tuning's virtual tokens come first
         self._kept = True
         flat = hidden.reshape(-1, hidden.size(-1))
-        return (flat.index_select(0, rows * hidden.size(1) + extra + columns), *args[1:])
+        index = (rows * hidden.size(1) + extra + columns).to(hidden.device)  # a model split over GPUs
+        return (flat.index_select(0, index), *args[1:])
 
-    def __call__(self, engine, batch: dict, device):
-        """The mean loss over the trained positions of `batch` (collated on the host; moved to
-        `device` here): a 0-d tensor, 0 when it has none. The positions are found on the host, so
-        a GPU step waits for nothing."""
+    def logits(self, engine, batch: dict, device):
+        """The logits of `batch`'s trained positions, (N, vocabulary), and their labels, (N,):
+        `batch` collated on the host, moved to `device` here. The positions are found on the host,
+        so a GPU step waits for nothing. Without the hook, every position's logits are computed
+        and the trained rows taken from them."""
         import torch.nn.functional as F
 
-        if not self.enabled:
-            return self._model_loss(engine, batch, device)
         targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts label i + 1
         rows, columns = (targets != IGNORE_INDEX).nonzero().unbind(1)
         moved = to_device({**batch, "rows": rows, "columns": columns, "kept": targets[rows, columns]}, device)
-        rows, columns, kept, labels = (moved.pop(k) for k in ("rows", "columns", "kept", "labels"))
-        self._where, self._kept = (rows, columns, targets.size(1)), False
-        if self._checked:
-            logits = engine(**moved).logits
-        else:  # the first batch finds out whether the model's output layer takes the rows
-            try:
+        rows, columns, kept, _ = (moved.pop(k) for k in ("rows", "columns", "kept", "labels"))
+        width = targets.size(1)
+        if self.enabled:
+            self._where, self._kept = (rows, columns, width), False
+            if self._checked:
+                return engine(**moved).logits, kept
+            try:  # the first batch finds out whether the model's output layer takes the rows
                 logits = engine(**moved).logits
                 fits = self._kept and logits.dim() == 2 and logits.size(0) == kept.numel()
             except Exception:  # e.g. logits reshaped to (batch, length, vocab) after the layer
                 fits = False
             self._where, self._checked = None, True
-            if not fits:
-                self.enabled = False
-                self._hook.remove()
-                module = getattr(engine, "module", engine)
-                logging.getLogger(__name__).warning(
-                    "model type %s does not take rows of hidden states in its output layer: training with the "
-                    "model's own loss (every position's logits)",
-                    getattr(getattr(module, "config", None), "model_type", type(module).__name__))
-                return engine(**moved, labels=labels).loss
-        return F.cross_entropy(logits.float(), kept, reduction="sum") / max(kept.numel(), 1)
+            if fits:
+                return logits, kept
+            self.close()
+            module = getattr(engine, "module", engine)
+            logging.getLogger(__name__).warning(
+                "model type %s does not take rows of hidden states in its output layer: every position's "
+                "logits are computed", getattr(getattr(module, "config", None), "model_type", type(module).__name__))
+        logits = engine(**moved).logits[:, -width:]  # prompt tuning's virtual tokens come first
+        return logits[rows.to(logits.device), columns.to(logits.device)], kept
+
+    def __call__(self, engine, batch: dict, device):
+        """The mean loss over the trained positions of `batch` (collated on the host): a 0-d
+        tensor, 0 when it has none; the model's own loss where its router loss belongs in it."""
+        import torch.nn.functional as F
+
+        if self._router_loss:
+            return self._model_loss(engine, batch, device)
+        logits, kept = self.logits(engine, batch, device)
+        return F.cross_entropy(logits.float(), kept.to(logits.device), reduction="sum") / max(kept.numel(), 1)
+
+    def close(self) -> None:
+        """Take the hook off the model: every position's logits from here on."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.enabled = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def _model_loss(engine, batch: dict, device):
@@ -379,25 +406,21 @@ def train_step(engine, feed: StepFeed, step: int, remaining: int, device, world:
             "real_token_share": batch_set.local_tokens / max(batch_set.slots, 1)}  # rank 0's: real / (rows x width)
 
 
-def chunked_token_loss_sum(logits, labels, chunk_tokens: int):
-    """Sum of the cross-entropy over the trained positions, `chunk_tokens` positions at a time in
-    fp32 (never an fp32 copy of the whole logits), and the number of positions."""
+def chunked_loss_sum(logits, labels, chunk_rows: int):
+    """Sum of the cross-entropy of `logits` rows (N, vocabulary) against `labels` (N,), `chunk_rows`
+    rows at a time in fp32 (never an fp32 copy of them all)."""
     import torch
     import torch.nn.functional as F
 
-    logits = logits[:, :-1].reshape(-1, logits.size(-1))
-    labels = labels[:, 1:].reshape(-1)
-    keep = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for i in range(0, keep.numel(), chunk_tokens):
-        rows = keep[i:i + chunk_tokens]
-        total += F.cross_entropy(logits[rows].float(), labels[rows], reduction="sum").double()
-    return total, keep.numel()
+    for i in range(0, labels.numel(), chunk_rows):
+        total += F.cross_entropy(logits[i:i + chunk_rows].float(), labels[i:i + chunk_rows], reduction="sum").double()
+    return total
 
 
-def evaluate_batches(engine, batches, pad_id: int, device) -> float:
-    """Mean loss per trained token over (examples, weight) batches, all ranks together: one
-    transfer to the host at the end."""
+def evaluate_batches(engine, batches, pad_id: int, device, scorer: TrainedPositionsLoss) -> float:
+    """Mean loss per trained token over (examples, weight) batches, all ranks together, the logits
+    of the trained positions only (`scorer`): one transfer to the host at the end."""
     import torch
 
     from orchestrator.planning.memory import EVAL_LOSS_CHUNK_TOKENS
@@ -409,21 +432,20 @@ def evaluate_batches(engine, batches, pad_id: int, device) -> float:
     count = 0.0
     with torch.no_grad():
         for batch_examples, weight in batches:
-            batch = to_device(collate(batch_examples, pad_id), device)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # Prompt tuning prepends its virtual tokens' logits; score the real tokens only.
-            logits = logits[:, -batch["input_ids"].size(1):]
-            summed, n = chunked_token_loss_sum(logits, batch["labels"], EVAL_LOSS_CHUNK_TOKENS)
-            loss_sum += weight * summed
-            count += weight * n
+            logits, labels = scorer.logits(engine, collate(batch_examples, pad_id), device)
+            # The logits are on the output layer's device (the last one of a model split over GPUs).
+            summed = chunked_loss_sum(logits, labels.to(logits.device), EVAL_LOSS_CHUNK_TOKENS)
+            loss_sum += weight * summed.to(device)
+            count += weight * labels.numel()
     total, n = all_reduce_sum([loss_sum, count], device)
     return total / max(n, 1.0)
 
 
-def evaluate(engine, examples: list[Example], size: int, pad_id: int, rank: int, world: int,
+def evaluate(model, examples: list[Example], size: int, pad_id: int, rank: int, world: int,
              device, cap: int | None = None) -> float:
     """Mean loss per trained token over a list of examples (all ranks together)."""
-    return evaluate_batches(engine, eval_batches(examples, size, rank, world, cap), pad_id, device)
+    with TrainedPositionsLoss(model) as scorer:
+        return evaluate_batches(model, eval_batches(examples, size, rank, world, cap), pad_id, device, scorer)
 
 
 def peak_memory_bytes(use_gpu: bool) -> int:

@@ -278,6 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
     # A job without eval examples (data.eval: null) is never evaluated: no eval_loss at all,
     # rather than NaN in MLflow, the progress bar and the summary.
     evaluates = job.eval_examples != 0
+    loss_of = TrainedPositionsLoss(engine.module)  # training and evaluation: logits of the trained positions only
 
     def run_eval(step: int) -> dict:
         """{"eval_loss": ...} at `step`, or {} for a job without eval examples."""
@@ -288,7 +289,7 @@ def train_loop_per_worker(config: dict) -> None:
             if eval_set is None:
                 eval_set = list(eval_batches(eval_pass(), t.micro_batch_size, rank, world,
                                               t.eval_batches or DEFAULT_EVAL_BATCHES))
-            loss = evaluate_batches(engine, eval_set, job.pad_id, device)
+            loss = evaluate_batches(engine, eval_set, job.pad_id, device, loss_of)
             if log_generations:
                 log_generations(step)
             return {"eval_loss": loss}
@@ -310,7 +311,6 @@ def train_loop_per_worker(config: dict) -> None:
         return
 
     feed = StepFeed(stream, t.grad_accum, job.pad_id, device)
-    loss_of = TrainedPositionsLoss(engine.module)  # the output layer on the trained positions only
     with watch("setup"):  # the first steps' batches, read before the loop as HF Trainer's first is
         feed.read(job.total_steps - state.step)
     if logger:
