@@ -301,7 +301,6 @@ class TrainedPositionsLoss:
         self._router_loss = bool(getattr(getattr(model, "config", None), "output_router_logits", False))
         self.enabled = head is not None
         self._where = None  # the next forward's trained positions (rows, columns, width), taken by the hook
-        self._kept = False  # whether the hook kept them
         self._checked = False
         self._hook = head.register_forward_pre_hook(self._keep_trained_rows) if self.enabled else None
 
@@ -312,7 +311,6 @@ class TrainedPositionsLoss:
             return None  # evaluation, generation: every position
         rows, columns, width = where
         extra = hidden.size(1) - width  # prompt tuning's virtual tokens come first
-        self._kept = True
         flat = hidden.reshape(-1, hidden.size(-1))
         index = (rows * hidden.size(1) + extra + columns).to(hidden.device)  # a model split over GPUs
         return (flat.index_select(0, index), *args[1:])
@@ -326,16 +324,19 @@ class TrainedPositionsLoss:
 
         targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # position i predicts label i + 1
         rows, columns = (targets != IGNORE_INDEX).nonzero().unbind(1)
-        moved = to_device({**batch, "rows": rows, "columns": columns, "kept": targets[rows, columns]}, device)
-        rows, columns, kept, _ = (moved.pop(k) for k in ("rows", "columns", "kept", "labels"))
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        moved = to_device({**inputs, "rows": rows, "columns": columns, "kept": targets[rows, columns]}, device)
+        rows, columns, kept = (moved.pop(k) for k in ("rows", "columns", "kept"))
         width = targets.size(1)
         if self.enabled:
-            self._where, self._kept = (rows, columns, width), False
+            self._where = (rows, columns, width)
             if self._checked:
                 return engine(**moved).logits, kept
             try:  # the first batch finds out whether the model's output layer takes the rows
                 logits = engine(**moved).logits
-                fits = self._kept and logits.dim() == 2 and logits.size(0) == kept.numel()
+                # One row per trained position: the hook took them. Without it the logits are
+                # (batch, length, vocabulary), or batch x length rows: more than N.
+                fits = logits.dim() == 2 and logits.size(0) == kept.numel()
             except Exception:  # e.g. logits reshaped to (batch, length, vocab) after the layer
                 fits = False
             self._where, self._checked = None, True
