@@ -91,10 +91,11 @@ def test_train_loss_is_the_mean_over_every_trained_token_of_the_step(model):
             for got, want in zip((p.grad for p in model.parameters()), expected_grads):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
             model.zero_grad()
+        assert loss_of.enabled
     finally:
         seen.remove()
-        loss_of._hook.remove()
-    assert loss_of.enabled and [tuple(r) for r in rows] == [(1, 46), (1, 9), (40,), (3,)]
+        loss_of.close()
+    assert [tuple(r) for r in rows] == [(1, 46), (1, 9), (40,), (3,)]
 
 
 def test_prompt_tuning_scores_only_its_trained_positions_after_its_virtual_tokens(tiny_base):
