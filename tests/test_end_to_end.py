@@ -52,7 +52,7 @@ def test_run_is_tracked_with_metrics_params_artifacts_and_tags(zero2_run):
         return [m.step for m in client.get_metric_history(summary.run_id, key)]
 
     assert steps("train_loss") == list(range(1, 61))
-    for key in ("learning_rate", "tokens_per_s", "step_time_s"):
+    for key in ("grad_norm", "learning_rate", "tokens_per_s", "step_time_s"):
         assert len(steps(key)) == 60
     assert sorted(steps("eval_loss")) == [0, 20, 40, 60]
     # The training workers ran at niceness 0, not Ray's 15 for its worker processes.

@@ -83,10 +83,12 @@ def test_train_loss_is_the_mean_over_every_trained_token_of_the_step(model):
         for scored in (None, loss_of):
             feed = StepFeed(iter([[long], [short]]), 2, 0, torch.device("cpu"))
             train_step(GradAccumulatingEngine(model, 2), feed, 1, 1, torch.device("cpu"), loss_of=scored)
-            assert feed.losses() == {}  # summed over the ranks at the next read, or when settled
+            assert feed.step_metrics() == {}  # summed over the ranks at the next read, or when settled
             feed.settle()
-            [(step, train_loss)] = feed.losses().items()
-            assert step == 1 and train_loss == pytest.approx(by_token.item(), rel=1e-5)
+            [(step, known)] = feed.step_metrics().items()
+            assert step == 1 and set(known) == {"train_loss"}  # this engine computes no gradient norm
+            train_loss = known["train_loss"]
+            assert train_loss == pytest.approx(by_token.item(), rel=1e-5)
             assert abs(train_loss - mean_of_means) > 1e-3  # the two bases differ on this batch
             for got, want in zip((p.grad for p in model.parameters()), expected_grads):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -274,10 +276,12 @@ def _feed_on_rank(rank: int, world: int, port: int, results) -> None:
     for step in range(1, 8):
         batches = feed.next(remaining=8 - step)
         seen[step] = (batches.counts, batches.total, batches.tokens, batches.local_tokens)
-        feed.trained(step, torch.tensor(float(step * (rank + 1)), dtype=torch.float64), batches.total)
-        losses[step] = feed.losses()
+        # A gradient norm on odd steps, a 0-d tensor or a number (as DeepSpeed's engines keep it).
+        norm = (torch.tensor(0.5 * step) if step % 3 else 0.5 * step) if step % 2 else None
+        feed.trained(step, torch.tensor(float(step * (rank + 1)), dtype=torch.float64), batches.total, norm)
+        losses[step] = feed.step_metrics()
     feed.settle()
-    losses["settled"] = feed.losses()
+    losses["settled"] = feed.step_metrics()
     dist.destroy_process_group()
     results.put((rank, sizes, seen, losses))
 
@@ -286,7 +290,8 @@ def test_the_step_feed_sums_a_window_of_steps_and_their_losses_in_one_all_reduce
     """Two gloo ranks, 7 steps read 4 ahead: one all-reduce per read (the 4 steps' trained and
     real token counts, plus the losses of the steps trained since the read before) and one to
     settle the rest. Each step's total is both ranks' trained tokens, and each loss is the two
-    ranks' summed loss over that total, known at the next read."""
+    ranks' summed loss over that total, known at the next read, with the step's gradient norm
+    where it has one (never part of the all-reduce: every rank's is the same, the global one)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -310,7 +315,70 @@ def test_the_step_feed_sums_a_window_of_steps_and_their_losses_in_one_all_reduce
             total = (2 + step) + (3 + step)  # both ranks'
             assert seen[step] == ([answer], total, total + 2 * 2, answer + 2)
         loss = {s: 3 * s / ((2 + s) + (3 + s)) for s in range(1, 8)}  # (s x 1 + s x 2) / total
+        known = {s: {"train_loss": loss[s], **({"grad_norm": 0.5 * s} if s % 2 else {})} for s in range(1, 8)}
         assert losses[1] == losses[2] == losses[3] == losses[4] == {}
-        assert losses[5] == pytest.approx({s: loss[s] for s in range(1, 5)}, rel=1e-12)
+        assert losses[5].keys() == {1, 2, 3, 4} and losses["settled"].keys() == {5, 6, 7}
+        for s in range(1, 8):
+            assert losses[5 if s < 5 else "settled"][s] == pytest.approx(known[s], rel=1e-12)
         assert losses[6] == losses[7] == {}
-        assert losses["settled"] == pytest.approx({s: loss[s] for s in range(5, 8)}, rel=1e-12)
+
+
+def _grad_norm_rank(rank: int, world: int, port: int, specs: dict, out_dir: str) -> None:
+    """One gloo rank: each spec's engine as the worker builds it (`setup_engine`), one step of two
+    examples through `train_step`, against the norm of the same step's gradients on a copy of the
+    model taken before it."""
+    import copy
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+
+    from memory_probe import _deepspeed_config, _join_as_a_cpu_worker
+    from orchestrator.spec import JobSpec
+    from orchestrator.training.steps import StepFeed, TrainedPositionsLoss, train_step
+    from orchestrator.training.worker import setup_engine
+
+    _join_as_a_cpu_worker(rank, world, port)
+    cpu, results = torch.device("cpu"), {}
+    for name, dump in specs.items():
+        spec = JobSpec.model_validate(dump)
+        torch.manual_seed(0)
+        engine = setup_engine(spec, SimpleNamespace(use_gpu=False, deepspeed_config=_deepspeed_config(spec, world, 2)),
+                              cpu)
+        examples = [_example(5, 30, 0), _example(9, 12, 300)]
+        twin = copy.deepcopy(engine.module)
+        twin.train()
+        with TrainedPositionsLoss(twin) as twin_loss:
+            twin_loss(twin, StepFeed(iter([examples]), 1, 0, cpu).next(1).batches[0], cpu).backward()
+        want = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in twin.parameters()
+                                                     if p.grad is not None])).item()
+        feed = StepFeed(iter([examples]), 1, 0, cpu)
+        train_step(engine, feed, 1, 1, cpu, world, TrainedPositionsLoss(engine.module))
+        feed.settle()
+        results[name] = {"want": want, "got": feed.step_metrics()[1].get("grad_norm")}
+    Path(out_dir, "grad_norms.json").write_text(json.dumps(results))
+
+
+def test_every_engine_logs_its_steps_gradient_norm_before_clipping(tiny_base, tmp_path):
+    """fp32 without ZeRO (DeepSpeed drops the norm it clips with: `keep_fp32_grad_norm` keeps it)
+    and bf16 ZeRO-2 (DeepSpeed keeps its own): the step's `grad_norm` is the norm of the step's
+    gradients, taken before clipping (`max_grad_norm` here far below it), as HF Trainer logs it."""
+    import json
+
+    from memory_probe import spawn_ranks
+    from orchestrator.spec import parse_spec
+
+    def spec(dtype: str, stage: int) -> dict:
+        return parse_spec({
+            "name": "norm", "model": {"base": str(tiny_base), "dtype": dtype}, "quantization": {"bits": None},
+            "peft": {"method": "lora", "r": 8, "dropout": 0.0}, "data": {"train": "unused.jsonl", "max_seq_len": 64},
+            "training": {"max_steps": 2, "micro_batch_size": 2, "max_grad_norm": 1e-4},
+            "distributed": {"num_workers": 1, "deepspeed": {"stage": stage}}}).model_dump()
+
+    spawn_ranks(_grad_norm_rank, 1, {"fp32-z0": spec("float32", 0), "bf16-z2": spec("bfloat16", 2)}, str(tmp_path))
+    norms = json.loads((tmp_path / "grad_norms.json").read_text())
+    for name, rel in (("fp32-z0", 1e-5), ("bf16-z2", 1e-2)):  # bf16: the twin's norm is of bf16 gradients
+        got, want = norms[name]["got"], norms[name]["want"]
+        assert got is not None and want > 100 * 1e-4, norms  # clipped: the norm before clipping, not 1e-4
+        assert got == pytest.approx(want, rel=rel), norms

@@ -221,13 +221,14 @@ class StepFeed:
     """The micro batches of a worker's coming steps, read `ahead` steps at a time. One all-reduce
     per read sums the steps' token counts over the ranks and the train losses of the steps
     trained since the last read (each rank reads, trains and settles the same steps, so their
-    collectives match). A step's loss is known at the next read, or at `settle()`."""
+    collectives match). A step's loss and gradient norm are known at the next read, or at `settle()`."""
 
     def __init__(self, stream, grad_accum: int, pad_id: int, device, ahead: int = STEPS_AHEAD):
         self.stream, self.grad_accum, self.pad_id, self.device, self.ahead = stream, grad_accum, pad_id, device, ahead
         self._queue: list[StepBatches] = []
-        self._trained: list[tuple[int, object, float]] = []  # (step, summed loss on the device, total)
-        self._losses: dict[int, float] = {}
+        # (step, summed loss on the device, total, gradient norm or None)
+        self._trained: list[tuple[int, object, float, object]] = []
+        self._metrics: dict[int, dict[str, float]] = {}
 
     def next(self, remaining: int) -> StepBatches:
         """The next step's batches, read with the next min(ahead, remaining) steps' when none
@@ -249,18 +250,21 @@ class StepFeed:
             self._queue = [StepBatches(b, c, total, tokens, t, slots)
                            for (b, c, t, slots), total, tokens in zip(steps, sums, sums[len(steps):])]
 
-    def trained(self, step: int, loss_sum, total: float) -> None:
-        """Step `step` summed `loss_sum` (a 0-d tensor on the device) over its trained tokens on this rank."""
-        self._trained.append((step, loss_sum, total))
+    def trained(self, step: int, loss_sum, total: float, grad_norm=None) -> None:
+        """Step `step` summed `loss_sum` (a 0-d tensor on the device) over its trained tokens on this
+        rank. `grad_norm`: the norm of the step's gradients before clipping, over every rank's (as
+        DeepSpeed computes it), a number or a 0-d tensor on the device; None where none was computed."""
+        self._trained.append((step, loss_sum, total, grad_norm))
 
     def settle(self) -> None:
         """Sum the losses not yet summed over the ranks now (every rank calls it at the same step)."""
         if self._trained:
             self._reduce([])
 
-    def losses(self) -> dict[int, float]:
-        """The train losses summed over the ranks since the last call, by step."""
-        done, self._losses = self._losses, {}
+    def step_metrics(self) -> dict[int, dict[str, float]]:
+        """By step, the steps summed over the ranks since the last call: {"train_loss": ...}, with
+        "grad_norm" where the step has one."""
+        done, self._metrics = self._metrics, {}
         return done
 
     def _reduce(self, numbers: list[float]) -> list[float]:
@@ -270,10 +274,12 @@ class StepFeed:
         trained, self._trained = self._trained, []
         values = torch.tensor(numbers, dtype=torch.float64, device=self.device)
         if trained:
-            values = torch.cat([values, torch.stack([loss for _, loss, _ in trained])])
+            values = torch.cat([values, torch.stack([loss for _, loss, _, _ in trained])])
         sums = all_reduce_sum(values, self.device) if values.numel() else []
-        for (step, _, total), loss in zip(trained, sums[len(numbers):]):
-            self._losses[step] = loss / max(total, 1.0)
+        for (step, _, total, norm), loss in zip(trained, sums[len(numbers):]):
+            self._metrics[step] = {"train_loss": loss / max(total, 1.0)}
+            if norm is not None:  # read after the all-reduce's results: the device has long computed it
+                self._metrics[step]["grad_norm"] = float(norm)
         return sums[:len(numbers)]
 
 
@@ -386,7 +392,8 @@ def train_step(engine, feed: StepFeed, step: int, remaining: int, device, world:
     one mean over all of them. DeepSpeed divides each micro batch's loss by grad_accum and
     averages the gradients over ranks, so micro batch b's mean loss over its n_b tokens is scaled
     by n_b x grad_accum x world / T: the gradients sum to d(sum of token losses / T). The summed
-    loss stays on the device; the feed sums it over the ranks later (`StepFeed.losses`)."""
+    loss stays on the device; the feed sums it over the ranks later (`StepFeed.step_metrics`), with
+    the step's gradient norm where DeepSpeed computed one (`engine.get_global_grad_norm()`)."""
     import torch
 
     start = time.perf_counter()
@@ -401,7 +408,8 @@ def train_step(engine, feed: StepFeed, step: int, remaining: int, device, world:
         engine.backward(loss * (n * grad_accum * world / max(total, 1.0)))
         engine.step()
         loss_sum += loss.detach().double() * n
-    feed.trained(step, loss_sum, total)
+    norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    feed.trained(step, loss_sum, total, norm)
     elapsed = time.perf_counter() - start
     return {"learning_rate": engine.get_lr()[0], "tokens_per_s": batch_set.tokens / elapsed, "step_time_s": elapsed,
             "real_token_share": batch_set.local_tokens / max(batch_set.slots, 1)}  # rank 0's: real / (rows x width)

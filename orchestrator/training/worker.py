@@ -170,7 +170,21 @@ def setup_engine(spec: JobSpec, job: WorkerJob, device):
         # One worker, ZeRO-0: nothing to average, yet after every backward DeepSpeed would flatten
         # each gradient, all-reduce the buffer with itself and copy it back (docs/benchmarks.md).
         engine.enable_backward_allreduce = False
+    keep_fp32_grad_norm(engine)
     return engine
+
+
+def keep_fp32_grad_norm(engine) -> None:
+    """An fp32 engine without ZeRO clips its gradients with DeepSpeed's `clip_grad_norm_` and drops
+    the norm it returns, so its `get_global_grad_norm()` stays None where every other engine (bf16,
+    fp16, ZeRO 1-3) keeps the step's norm: keep it there too, and every run logs `grad_norm`."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_the_norm():  # DeepSpeedEngine.clip_fp32_gradients, the norm kept
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_keep_the_norm
 
 
 # How many tokens each logged generation gets: enough to see the answer take shape, cheap (about
@@ -329,21 +343,20 @@ def train_loop_per_worker(config: dict) -> None:
             if evaluated or save:  # a step that is reported or checkpointed carries its own loss
                 feed.settle()
         tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
-        # Losses arrive with the feed's next read: each is logged at its own step; the progress
-        # bar shows the latest one known.
-        losses = feed.losses()
-        if losses:
-            train_loss = losses[max(losses)]
-        if step in losses:
-            metrics["train_loss"] = losses.pop(step)
+        # Losses and gradient norms arrive with the feed's next read: each is logged at its own
+        # step; the progress bar shows the latest loss known.
+        known = feed.step_metrics()
+        if known:
+            train_loss = known[max(known)]["train_loss"]
+        metrics.update(known.pop(step, {}))
         if evaluated:
             metrics.update(run_eval(step))
         if last:  # rank 0's peak memory, for `orchestrator compare`
             metrics["peak_memory_bytes"] = float(peak_memory_bytes(job.use_gpu))
         with watch("log"):
             if logger:
-                for earlier in sorted(losses):
-                    logger.log(earlier, {"train_loss": losses[earlier]})
+                for earlier in sorted(known):
+                    logger.log(earlier, known[earlier])
                 logger.log(step, metrics)
                 # An unreachable MLflow never stops training: what is not sent stays buffered,
                 # and at the end whatever is still unsent travels in the final checkpoint.
