@@ -353,6 +353,38 @@ def test_serve_completes_concurrent_requests_together(versions, served):
             assert answer["choices"][0]["text"] == send(ask)[1]["choices"][0]["text"], ask
 
 
+def test_serve_streams_concurrent_requests_together(versions, served):
+    """Eight streamed requests sent at once, four to each served version: every one streams a whole
+    answer (its usage counted), the replica generated some of them in one batch (the header), and a
+    stream generated alone is the answer that request gets unstreamed by itself."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.serving.deployment import BATCH_HEADER
+
+    prompts = [PROMPT, "There is a cat.", PROMPT + " It is big.", "A small fish in a lake."]
+    asks = [{"model": ref, "prompt": p, "max_tokens": 2 * TOKENS, "stream_options": {"include_usage": True}}
+            for ref in (f"models:/{NAME}/1", f"models:/{NAME}@production") for p in prompts]
+
+    def stream(body: dict) -> tuple[int, str, dict]:
+        request = urllib.request.Request(f"{served}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            events = [json.loads(line[len(b"data: "):]) for line in response
+                      if line.startswith(b"data: ") and line.strip() != b"data: [DONE]"]
+            return (int(response.headers[BATCH_HEADER]), "".join(c["text"] for e in events for c in e["choices"]),
+                    events[-1]["usage"])
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(stream, asks))
+    assert max(size for size, _, _ in together) >= 2, [size for size, _, _ in together]
+    for ask, (size, text, usage) in zip(asks, together):
+        assert 1 <= size <= len(asks) and text and usage["prompt_tokens"] > 0, (size, text, usage)
+        if size == 1:
+            lone = {k: v for k, v in ask.items() if k != "stream_options"}
+            assert text == post(f"{served}/v1/completions", lone)["choices"][0]["text"], ask
+
+
 def test_serve_follows_alias_moves_on_reload(versions, served):
     """production rolled back to version 1: after a reload the deployment serves version 1 under
     models:/prod@production, with no restart; promoted to 2 again, version 2."""
@@ -382,14 +414,14 @@ def test_requests_to_two_adapters_share_one_batch(versions):
     each answer names the version that wrote it."""
     import torch
 
-    from orchestrator.models.inference import _prompt_ids
+    from orchestrator.models.inference import prompt_ids
     from orchestrator.serving.adapters import ServedAdapters
 
     refs = [f"models:/{NAME}/1", f"models:/{NAME}/2"]
     adapters = ServedAdapters(refs, versions["uri"])
     adapters.load()
     names, model = [f"{NAME}/1", f"{NAME}/2"], adapters.model
-    ids = torch.tensor([_prompt_ids(adapters.tokenizer, adapters._prompt(refs[0], PROMPT, None)[2])] * 2)
+    ids = torch.tensor([prompt_ids(adapters.tokenizer, adapters._prompt(refs[0], PROMPT, None)[2])] * 2)
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=names).logits[:, -1].float()
         alone = []

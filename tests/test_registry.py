@@ -308,6 +308,40 @@ def test_served_requests_gathered_together_share_one_generation(registered):
         assert answer.tokens == counted and answer.prompt_tokens > 0
 
 
+def test_streams_that_arrive_together_generate_as_one_batch(registered):
+    """`ServedAdapters.stream`, what a replica runs for each streamed request: streams that arrive
+    together (here 3, from 3 threads, max_batch 3) generate as one left-padded batch (the model's
+    passes see 3 rows), each told its batch's size, and each one's pieces join to exactly its answer
+    in `complete_batch` of the same prompts in one batch. A stream closed after its first piece
+    stops there, while the others still answer whole; the lock is free once the last is read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.models.inference import complete_batch, format_prompt
+    from orchestrator.serving.adapters import ServedAdapters
+
+    uri, ref = registered["uri"], f"models:/{NAME}/1"
+    # A wide window, closed as soon as the batch is full: the test never depends on how fast threads start.
+    served = ServedAdapters([ref], uri, max_batch=len(PROMPTS), batch_wait_s=60.0)
+    served.load()
+    rows: list[int] = []
+    hook = served.model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            streams = list(pool.map(lambda p: served.stream(ref, prompt=p, max_tokens=16), PROMPTS))
+        assert [s.batch_size for s in streams] == [len(PROMPTS)] * len(PROMPTS)
+        first = next(streams[0].pieces)
+        streams[0].pieces.close()  # its reader went away: the others go on
+        answers = ["".join(s.pieces) for s in streams[1:]]
+    finally:
+        hook.remove()
+    assert set(rows) == {len(PROMPTS)}, rows
+    loaded = served._prompt(ref, PROMPT, None)[1]
+    want = complete_batch(loaded, [format_prompt(loaded, p) for p in PROMPTS], 16, batch_size=len(PROMPTS))
+    assert answers == want[1:] and all(answers), (answers, want)
+    assert want[0].startswith(first) and first, (first, want[0])
+    assert not served.lock.locked()
+
+
 def test_a_stream_closed_early_stops_generating(registered):
     """A streamed completion whose reader goes away (serve: a client that disconnected) stops
     generating at its next token: when `close()` returns, the guard (serve's adapter lock) is free
@@ -316,25 +350,26 @@ def test_a_stream_closed_early_stops_generating(registered):
     are the whole answer."""
     import threading
 
-    from orchestrator.models.inference import complete_formatted, format_prompt, load_adapter, stream_formatted
+    from orchestrator.models.inference import complete_formatted, format_prompt, load_adapter, stream_batch
 
     loaded = load_adapter(registered["adapter"])
     text, tokens = format_prompt(loaded, PROMPTS[0]), 48
+    one_stream = lambda **kwargs: stream_batch(loaded, [text], tokens, **kwargs)[0]  # a batch of one
     passes: list[int] = []
     hook = loaded.model.get_input_embeddings().register_forward_hook(lambda *_: passes.append(1))  # one per pass
     try:
-        whole = list(stream_formatted(loaded, text, tokens))
+        whole = list(one_stream())
         assert "".join(whole) == complete_formatted(loaded, text, tokens) and len(whole) >= 4, whole
         needed = len(passes)
         passes.clear()
         lock = threading.Lock()
-        pieces = stream_formatted(loaded, text, tokens, guard=lock)
+        pieces = one_stream(guard=lock)
         assert next(pieces) == whole[0]
         pieces.close()
         assert not lock.locked() and len(passes) < needed, (len(passes), needed)
         passes.clear()
         cancel = threading.Event()  # as serve sets it when Serve cancels a stream whose client left
-        pieces = stream_formatted(loaded, text, tokens, cancel=cancel)
+        pieces = one_stream(cancels=[cancel])
         first = next(pieces)
         cancel.set()
         rest = list(pieces)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def complete_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, b
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     tok = loaded.tokenizer
-    ids = [_prompt_ids(tok, t) for t in texts]
+    ids = [prompt_ids(tok, t) for t in texts]
     same_length_only = _padding_shifts_positions(loaded.model)
     batches: list[list[int]] = []
     for i in sorted(range(len(ids)), key=lambda i: len(ids[i])):
@@ -241,67 +242,115 @@ def _generate(loaded: Loaded, enc: dict, max_new_tokens: int, decoding: Decoding
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
 
 
-def _prompt_ids(tok, text: str) -> list[int]:
+def prompt_ids(tok, text: str) -> list[int]:
     """A formatted prompt's token ids. A chat template that writes the BOS token itself: no second
     one (as in training)."""
     return tok(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))["input_ids"]
 
 
-def stream_formatted(loaded: Loaded, text: str, max_new_tokens: int = 64, guard=None, decoding: Decoding = GREEDY,
-                     cancel=None):
-    """`complete_formatted`'s answer in pieces, as the model writes it: a generator of text whose
-    pieces join to exactly `complete_formatted(loaded, text, max_new_tokens, decoding)` (the same
-    tokens, decoded as they come, up to a stop string; whitespace at either end held back, as that
-    answer is stripped).
+def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, guard=None,
+                 decoding: Decoding = GREEDY, cancels: list | None = None, adapters: list[str] | None = None) -> list:
+    """The answers of `texts` generated as one batch, each in pieces as the model writes it: one
+    generator per text, whose pieces join to exactly that text's answer in `complete_batch(loaded,
+    texts, max_new_tokens, batch_size=len(texts), decoding=decoding, adapters=adapters)` (the same
+    tokens, decoded as they come, up to a stop string; whitespace at either end held back, as those
+    answers are stripped). The prompts are padded on the left as there; a prompt or prefix tuning
+    adapter's batch takes prompts of one length only.
 
     Generation runs in a thread of its own, inside `guard` (a context manager; `serve` holds its
-    adapter lock there, so no other request switches the adapter mid-answer). It stops at the next
-    token once the generator is closed, or once `cancel` (a threading.Event) is set: a reader that
-    went away frees the guard then, not after `max_new_tokens`. An error in generation is raised
-    from the generator once the pieces before it are out."""
+    adapter lock there, so no other request switches the adapter mid-answer), from now. A text's
+    generation stops at the next token once its generator is closed or collected, or once its
+    `cancels[i]` (a threading.Event) is set: a reader that went away costs the others nothing more,
+    and the batch, with its guard, ends when every text's generation has (the last reader to stop
+    waits for that). An error in generation is raised from every generator once the pieces before
+    it are out."""
     import threading
 
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers.generation.streamers import BaseStreamer
 
     tok = loaded.tokenizer
-    enc = {"input_ids": torch.tensor([_prompt_ids(tok, text)], device=input_device(loaded.model))}
-    enc["attention_mask"] = torch.ones_like(enc["input_ids"])
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    ids = [prompt_ids(tok, t) for t in texts]
+    if len({len(i) for i in ids}) > 1 and _padding_shifts_positions(loaded.model):
+        raise ValueError("a prompt or prefix tuning adapter generates prompts of one length at a time: "
+                         f"these have {sorted({len(i) for i in ids})} tokens")
+    enc = tok.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+    enc = {k: v.to(input_device(loaded.model)) for k, v in enc.items()}
+    cancels = list(cancels) if cancels is not None else [threading.Event() for _ in texts]
+    # Each text's own streamer (TextIteratorStreamer's decoding and queue, one row's tokens each).
+    rows = [TextIteratorStreamer(tok, skip_prompt=False, skip_special_tokens=True) for _ in texts]
+    ends = {tok.eos_token_id, tok.pad_token_id} - {None}  # a finished row is padded after its EOS
     failed: list[BaseException] = []
-    reader_gone = cancel if cancel is not None else threading.Event()
 
-    class UntilTheReaderGoes(StoppingCriteria):
+    class Rows(BaseStreamer):
+        """generate's tokens, one per row at each step, sent to the rows' streamers until each row ends."""
+
+        def __init__(self):
+            self.prompt, self.open = True, [True] * len(rows)
+
+        def put(self, value):
+            if self.prompt:  # generate's first call: the prompts
+                self.prompt = False
+                return
+            for i, token in enumerate(value.reshape(-1).tolist()):
+                if self.open[i] and (token in ends or cancels[i].is_set()):
+                    self.open[i] = False
+                    rows[i].end()
+                elif self.open[i]:
+                    rows[i].put(torch.tensor([token]))
+
+        def end(self):
+            for i, row in enumerate(rows):
+                if self.open[i]:
+                    self.open[i] = False
+                    row.end()
+
+    class UntilTheReadersGo(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), reader_gone.is_set(), dtype=torch.bool, device=input_ids.device)
+            return torch.tensor([c.is_set() for c in cancels], dtype=torch.bool, device=input_ids.device)
+
+    streamer = Rows()
 
     def generate() -> None:
         try:
             with guard if guard is not None else contextlib.nullcontext(), torch.no_grad():
                 decoding.seed_rng()
                 _generate(loaded, enc, max_new_tokens, decoding, streamer=streamer,
-                          stopping_criteria=StoppingCriteriaList([UntilTheReaderGoes()]))
-        except BaseException as e:  # noqa: BLE001  raised in the caller's thread, below
+                          stopping_criteria=StoppingCriteriaList([UntilTheReadersGo()]),
+                          **({"adapter_names": adapters} if adapters else {}))
+        except BaseException as e:  # noqa: BLE001  raised in the readers' threads, below
             failed.append(e)
-            streamer.end()  # the reader below stops waiting
+        finally:
+            streamer.end()  # every reader stops waiting
 
     thread = threading.Thread(target=generate, daemon=True, name="stream-generate")
     thread.start()
-    started, held = False, ""
-    try:
-        for piece in decoding.until_stop(streamer):
-            if not started:
-                piece = piece.lstrip()
-                started = bool(piece)
-            body = (held + piece).rstrip()
-            if body:
-                yield body
-            held = (held + piece)[len(body):]
-    finally:  # the answer is out, or the reader left: generation stops at its next token
-        reader_gone.set()
-        thread.join()
-    if failed:
-        raise failed[0]
+
+    def pieces(i: int):
+        started, held = False, ""
+        try:
+            for piece in decoding.until_stop(rows[i]):
+                if not started:
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                body = (held + piece).rstrip()
+                if body:
+                    yield body
+                held = (held + piece)[len(body):]
+        finally:  # the answer is out, or the reader left: this row stops at its next token
+            cancels[i].set()
+            # The last reader: the batch and its guard end now (never joined from itself, were a
+            # reader collected in the generation thread).
+            if all(c.is_set() for c in cancels) and threading.current_thread() is not thread:
+                thread.join()
+        if failed:
+            raise failed[0]
+
+    readers = [pieces(i) for i in range(len(texts))]
+    for reader, cancel in zip(readers, cancels):
+        weakref.finalize(reader, cancel.set)  # a generator never read (or dropped) stops its row
+    return readers
 
 
 def _padding_shifts_positions(model) -> bool:

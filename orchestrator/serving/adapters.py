@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
+import queue
 import tempfile
 import threading
+import time
 import weakref
+from concurrent.futures import Future
 from pathlib import Path
 from typing import NamedTuple
 
 
-LORA = "LoRA adapters"  # complete_many's group of the LoRA adapters of the shared base
+LORA = "LoRA adapters"  # the batch group of the LoRA adapters of the shared base
+# Requests a replica completes together at most (`serve --max-batch`): concurrent greedy requests with
+# the same max_tokens and stop strings share one batched generation, streamed or not. A batch gathers
+# for up to BATCH_WAIT_S after its first request.
+MAX_BATCH = 8
+BATCH_WAIT_S = 0.01
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")  # their batches take prompts of one length
 
 
 def model_id(ref: str) -> str:
@@ -37,19 +47,45 @@ class Answer(NamedTuple):
 
 class Stream(NamedTuple):
     """One request's streamed completion (`ServedAdapters.stream`): its pieces, its prompt's length
-    in tokens, a function counting the answer's tokens, and the version that answers."""
+    in tokens, a function counting the answer's tokens, the version that answers, and how many
+    streams generate in its batch, itself included."""
 
     pieces: object
     prompt_tokens: int
     count: object
     version: str
+    batch_size: int = 1
+
+
+class _Waiting(NamedTuple):
+    """A streamed request waiting for its batch: the group it may share a batch with
+    (`ServedAdapters._group`), its version, model, formatted prompt, max_tokens, decoding and stop
+    flag, and where its batch sends (its pieces, the batch's size) once it starts."""
+
+    group: tuple
+    name: str
+    loaded: object
+    text: str
+    max_tokens: int
+    decoding: object
+    cancel: threading.Event
+    batched: Future
+
+
+# A replica's stream batcher leaves after this long without a stream (the next stream starts another):
+# no thread keeps an unused ServedAdapters, and its model, alive.
+BATCHER_IDLE_S = 30.0
 
 
 class ServedAdapters:
     """Versions loaded once each, under the names `NAME/VERSION`: adapters of one base in one peft
     model, whole models (merged, full, freeze) on their own."""
 
-    def __init__(self, refs: list[str], tracking_uri: str):
+    def __init__(self, refs: list[str], tracking_uri: str, max_batch: int = MAX_BATCH,
+                 batch_wait_s: float = BATCH_WAIT_S):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.refs = [model_id(r) for r in refs]
         self.tracking_uri = tracking_uri
         self.model = None
@@ -64,6 +100,9 @@ class ServedAdapters:
         self.in_use: collections.Counter = collections.Counter()  # version name -> streams not gone
         self.retired: set[str] = set()
         self._gone: collections.deque = collections.deque()        # streams gone, counted under the lock
+        self._streams: queue.Queue = queue.Queue()  # streamed requests waiting for a batch (_batch_streams)
+        self._batcher: threading.Thread | None = None
+        self._alone = itertools.count()  # a sampled request's group of its own
 
     def load(self) -> dict[str, str]:
         """Resolve every reference (aliases may have moved) and load the versions not loaded yet;
@@ -192,18 +231,28 @@ class ServedAdapters:
             raise answer
         return answer.text, answer.prompt_tokens
 
+    def _group(self, name: str, loaded, text: str, max_tokens: int, decoding) -> tuple:
+        """What a request may share a batch with: greedy requests with the same `max_tokens` and
+        stop strings, to one version or to LoRA adapters of the shared base (peft's mixed-adapter
+        batch: each row through its own adapter); to a prompt or prefix tuning adapter, only with
+        prompts of one length (a padded prompt would shift its positions). A sampled request shares
+        with none, so its seed gives the answer it gives alone."""
+        from orchestrator.models.inference import prompt_ids
+
+        method = None if name in self.whole else self.specs[name].peft.method
+        length = len(prompt_ids(loaded.tokenizer, text)) if method in PROMPT_LEARNING else None
+        return (LORA if method == "lora" else name, length, max_tokens, decoding,
+                next(self._alone) if decoding.samples else None)
+
     def complete_many(self, requests: list[dict]) -> list:
         """The completions of several requests (each `complete`'s arguments as a dict), in their
         order: an `Answer` each, or the exception that request raised (a reference not
         served: KeyError), the others answered all the same.
 
-        Greedy requests with the same `max_tokens` and stop strings are completed together,
-        left-padded into one batch (`complete_batch`: the answers each would get alone, up to the
-        last float bits of the padded positions), when they go to one version, or to LoRA adapters
-        of the shared base (peft's mixed-adapter batch: each row through its own adapter); a prompt
-        or prefix tuning adapter's batch generates prompts of one length at a time. A sampled
-        request is completed alone, so its seed gives the answer it gives alone. All under the
-        lock: the versions resolved, set and used in one step, a reload waits."""
+        The requests that may share a batch (`_group`) are completed together, left-padded into one
+        batch (`complete_batch`: the answers each would get alone, up to the last float bits of the
+        padded positions). All under the lock: the versions resolved, set and used in one step, a
+        reload waits."""
         from orchestrator.models.inference import GREEDY, complete_batch
 
         answers: list = [None] * len(requests)
@@ -218,12 +267,10 @@ class ServedAdapters:
                     prompts.append(None)
                     answers[i] = e
                     continue
-                decoding = r.get("decoding") or GREEDY
-                alone = i if decoding.samples else None
-                name = prompts[i][0]
-                shared = name if name in self.whole or self.specs[name].peft.method != "lora" else LORA
-                groups.setdefault((shared, r.get("max_tokens", 64), decoding, alone), []).append(i)
-            for (_, max_tokens, decoding, _), members in groups.items():
+                name, loaded, text = prompts[i]
+                groups.setdefault(self._group(name, loaded, text, r.get("max_tokens", 64), r.get("decoding") or GREEDY),
+                                  []).append(i)
+            for (_, _, max_tokens, decoding, _), members in groups.items():
                 names = [prompts[i][0] for i in members]
                 self._activate(names[0])
                 loaded = prompts[members[0]][1]
@@ -240,22 +287,98 @@ class ServedAdapters:
         return answers
 
     def stream(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
-               max_tokens: int = 64, decoding=None, cancel=None):
-        """`complete`'s answer in pieces as the model writes them (a generator that joins to the same
-        text; setting the threading.Event `cancel` stops it at the next token), as a `Stream`, by
-        the version `ref` is served as now: a reload before the generation starts leaves that
-        version loaded for it."""
-        from orchestrator.models.inference import GREEDY, stream_formatted
+               max_tokens: int = 64, decoding=None, cancel=None) -> Stream:
+        """`complete`'s answer in pieces as the model writes them, as a `Stream` (a generator joining
+        to the answer `complete_many` gives the request in the same batch; setting the
+        threading.Event `cancel` stops it at the next token), by the version `ref` is served as
+        now: a reload before the generation starts leaves that version loaded for it.
 
+        Streams that arrive together generate as one batch, grouped as `complete_many` groups
+        (`_batch_streams`); returns once this one's batch has started."""
+        from orchestrator.models.inference import GREEDY
+
+        decoding = decoding or GREEDY
         with self.lock:
             self._settle()
             name, loaded, text = self._prompt(ref, prompt, messages)
             self.in_use[name] += 1
-        pieces = stream_formatted(loaded, text, max_tokens, guard=self._using(name), decoding=decoding or GREEDY,
-                                  cancel=cancel)
+            waiting = _Waiting(self._group(name, loaded, text, max_tokens, decoding), name, loaded, text, max_tokens,
+                               decoding, cancel if cancel is not None else threading.Event(), Future())
+            self._streams.put(waiting)  # under the lock: a batcher leaving when idle sees it
+            if self._batcher is None:
+                self._batcher = threading.Thread(target=self._batch_streams, daemon=True, name="stream-batcher")
+                self._batcher.start()
+        try:
+            pieces, batch_size = waiting.batched.result()
+        except BaseException:
+            self._gone.append(name)
+            raise
         weakref.finalize(pieces, self._gone.append, name)  # read to the end, closed, or never started
         return Stream(pieces, _count(loaded.tokenizer, text, prompt=True),
-                      lambda answer: _count(loaded.tokenizer, answer), f"models:/{name}")
+                      lambda answer: _count(loaded.tokenizer, answer), f"models:/{name}", batch_size)
+
+    def _batch_streams(self) -> None:
+        """The replica's stream batcher, a thread while streams come: it takes the first stream
+        waiting, gathers those that arrive within `batch_wait_s` (and any already waiting) that
+        share its group, up to `max_batch`, and starts their batch; the next batch forms when this
+        one's generation has ended, from the streams that came meanwhile. It leaves after
+        BATCHER_IDLE_S without a stream."""
+        waiting: list[_Waiting] = []
+        while True:
+            if not waiting:
+                try:
+                    waiting.append(self._streams.get(timeout=BATCHER_IDLE_S))
+                except queue.Empty:
+                    with self.lock:
+                        if self._streams.empty():
+                            self._batcher = None
+                            return
+                    continue
+            with contextlib.suppress(queue.Empty):  # those that came while the last batch generated
+                while True:
+                    waiting.append(self._streams.get_nowait())
+            deadline = time.monotonic() + self.batch_wait_s
+            while (sum(w.group == waiting[0].group for w in waiting) < self.max_batch
+                   and (left := deadline - time.monotonic()) > 0):
+                try:
+                    waiting.append(self._streams.get(timeout=left))
+                except queue.Empty:
+                    break
+            batch = [w for w in waiting if w.group == waiting[0].group][:self.max_batch]
+            waiting = [w for w in waiting if all(w is not b for b in batch)]
+            self._start_stream_batch(batch).wait()
+            del batch  # its streams' pieces are their readers' alone: a stream dropped is collected
+
+    def _start_stream_batch(self, batch: list[_Waiting]) -> threading.Event:
+        """Start generating `batch` (`stream_batch`, under the lock with its first version set; the
+        prompts in order of length, as `complete_batch` orders them) and hand each stream its
+        pieces; returns an event set when the generation has ended."""
+        from orchestrator.models.inference import prompt_ids, stream_batch
+
+        ended = threading.Event()
+
+        @contextlib.contextmanager
+        def generating():
+            try:
+                with self._using(names[0]):
+                    yield
+            finally:
+                ended.set()
+
+        try:
+            batch = sorted(batch, key=lambda w: len(prompt_ids(w.loaded.tokenizer, w.text)))
+            names = [w.name for w in batch]
+            readers = stream_batch(batch[0].loaded, [w.text for w in batch], batch[0].max_tokens, guard=generating(),
+                                   decoding=batch[0].decoding, cancels=[w.cancel for w in batch],
+                                   adapters=names if len(set(names)) > 1 else None)
+        except Exception as e:  # noqa: BLE001  the batch's answers
+            ended.set()
+            for w in batch:
+                w.batched.set_exception(e)
+            return ended
+        for w, reader in zip(batch, readers):
+            w.batched.set_result((reader, len(batch)))
+        return ended
 
 
 def _count(tokenizer, text: str, prompt: bool = False) -> int:

@@ -7,14 +7,15 @@ No `from __future__ import annotations` here: FastAPI reads the handlers' annota
 imported inside `build_app`) as objects; as strings it could not resolve them and would take
 `request` for a query parameter (HTTP 422)."""
 
+from orchestrator.serving.adapters import BATCH_WAIT_S, MAX_BATCH
+
 APP_NAME = "orchestrator"
-# Requests a replica completes together (the default of `max_batch`): concurrent non-streamed greedy
-# requests with the same max_tokens and stop strings share one batched generation
-# (ServedAdapters.complete_many). Serve gathers a batch for up to BATCH_WAIT_S after its first
-# request, and lets a replica hold two batches' worth, so the next batch gathers while one runs.
-MAX_BATCH = 8
-BATCH_WAIT_S = 0.01
-BATCH_HEADER = "x-orchestrator-batch-size"  # on a non-streamed answer: the requests completed with it
+# Requests a replica completes together at most, by default: MAX_BATCH (ServedAdapters: concurrent
+# greedy requests with the same max_tokens and stop strings share one batched generation). Serve
+# gathers non-streamed requests for up to BATCH_WAIT_S after the first (`@serve.batch`), and lets a
+# replica hold two batches' worth, so the next batch gathers while one runs; streams are gathered
+# the same way by the replica's own batcher (ServedAdapters.stream).
+BATCH_HEADER = "x-orchestrator-batch-size"  # on every answer: the requests generated in its batch
 
 
 def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_every: float | None = None,
@@ -41,7 +42,7 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
         def __init__(self, refs: list[str], tracking_uri: str, reload_every: float | None):
             from orchestrator.serving.adapters import ServedAdapters
 
-            self.adapters = ServedAdapters(refs, tracking_uri)
+            self.adapters = ServedAdapters(refs, tracking_uri, max_batch=max_batch)
             self.adapters.load()
             if reload_every:
                 # Every replica re-resolves on its own timer: a moved alias reaches all of them
@@ -76,11 +77,12 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                 args["decoding"] = Decoding(**args["decoding"])
                 if stream:
                     cancel = threading.Event()
-                    # Resolved under the replica's lock, which a generation may hold: off the event loop.
+                    # Waits for the lock, which a generation may hold, and for its batch to start: off the event loop.
                     s = await asyncio.to_thread(self.adapters.stream, ref, **args, cancel=cancel)
                     events = openai_api.stream_events(ref, s.pieces, s.version, chat, s.prompt_tokens, s.count,
                                                       args["max_tokens"], include_usage)
-                    return StreamingResponse(_until_disconnected(events, cancel), media_type="text/event-stream")
+                    return StreamingResponse(_until_disconnected(events, cancel), media_type="text/event-stream",
+                                             headers={BATCH_HEADER: str(s.batch_size)})
                 answer = await self._complete(dict(ref=ref, **args))
             except openai_api.RequestError as e:
                 return JSONResponse(e.to_json(), status_code=e.status)
