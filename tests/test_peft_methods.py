@@ -139,6 +139,29 @@ def test_generate_cli_loads_the_registered_version(trained):
     assert proc.stdout.strip()
 
 
+def test_served_requests_share_a_batch_as_the_method_allows(trained):
+    """Each method's registered version as `serve` holds it (ServedAdapters): three greedy requests
+    gathered together run as one batch, except that a prompt or prefix tuning adapter's batch takes
+    prompts of one length (padding would shift its positions): the two of one length together, the
+    third alone. Each answer's batch size (the x-orchestrator-batch-size header) counts the
+    requests generated with it."""
+    from orchestrator.models.inference import prompt_ids
+    from orchestrator.serving.adapters import PROMPT_LEARNING, ServedAdapters
+
+    method, spec, summary, _ = trained
+    ref = summary.registered_model["uri"]
+    served = ServedAdapters([ref], summary.tracking_uri)
+    served.load()
+    prompts = ["Describe the animal.\nA cat.", "Describe the animal.\nA dog.",
+               "Describe the animal.\nA small brown owl at the river."]
+    name, loaded, _ = served._prompt(ref, prompts[0], None)
+    lengths = [len(prompt_ids(loaded.tokenizer, served._prompt(ref, p, None)[2])) for p in prompts]
+    assert lengths[0] == lengths[1] != lengths[2], lengths
+    answers = served.complete_many([dict(ref=ref, prompt=p, max_tokens=6) for p in prompts])
+    want = [2, 2, 1] if spec.peft.method in PROMPT_LEARNING else [3, 3, 3]
+    assert [a.batch_size for a in answers] == want and all(a.text for a in answers), (method, answers)
+
+
 # --- the planner counts what peft builds ---------------------------------------------------------
 
 COUNT_CASES = {
