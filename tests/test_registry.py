@@ -342,6 +342,25 @@ def test_streams_that_arrive_together_generate_as_one_batch(registered):
     assert not served.lock.locked()
 
 
+def test_serve_batch_benchmark_stays_runnable(registered):
+    """benchmarks/serve_batch.py, smoke-sized (2 requests, 4 tokens, one round): both modes answer
+    every request, one at a time in batches of 1, batched in batches of at most 2 (the 2
+    non-streamed requests in one). Its timings are not asserted (docs/serving.md has them)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("serve_batch", REPO / "benchmarks" / "serve_batch.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.run(f"models:/{NAME}/1", registered["uri"], requests=2, tokens=4, rounds=1)
+    for mode, sizes in (("batched", [2, 2]), ("one_at_a_time", [1, 1])):
+        streamed, whole = results[mode]["streamed"][0], results[mode]["not_streamed"][0]
+        assert whole["batch_sizes"] == sizes and 1 <= min(streamed["batch_sizes"]) <= max(streamed["batch_sizes"]) <= 2
+        assert 0 < streamed["first_piece_median_s"] <= streamed["first_piece_max_s"] <= streamed["wall_s"], streamed
+    assert results["one_at_a_time"]["streamed"][0]["batch_sizes"] == [1, 1]
+
+
 def test_a_stream_closed_early_stops_generating(registered):
     """A streamed completion whose reader goes away (serve: a client that disconnected) stops
     generating at its next token: when `close()` returns, the guard (serve's adapter lock) is free

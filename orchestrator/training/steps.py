@@ -262,8 +262,8 @@ class StepFeed:
             self._reduce([])
 
     def step_metrics(self) -> dict[int, dict[str, float]]:
-        """By step, the steps summed over the ranks since the last call: {"train_loss": ...}, with
-        "grad_norm" where the step has one."""
+        """The steps settled since the last call, by step: {"train_loss": its loss over every rank's
+        trained tokens}, with "grad_norm" where the step has one."""
         done, self._metrics = self._metrics, {}
         return done
 
