@@ -1,7 +1,7 @@
 """Concurrent requests to one served version: batched, as `serve` completes them, against one at a time.
 
     python benchmarks/serve_batch.py                 # after `make demo`: models:/quickstart@candidate
-    python benchmarks/serve_batch.py --model models:/NAME@ALIAS --tracking-uri URI --requests 8 --tokens 48
+    python benchmarks/serve_batch.py --model models:/NAME@ALIAS --tracking-uri URI --requests 8 --tokens 48 --threads 1
 
 The version is held as a `serve` replica holds it (`ServedAdapters`; no HTTP, no Ray Serve), on
 this machine's CPU or GPU as `generate` would load it. `--requests` prompts are sent at once, each
@@ -13,11 +13,13 @@ from a thread of its own, for at most `--tokens` tokens each, `--rounds` times p
   calls of at most max_batch each, one after another (max_batch 1: one call per request), in a
   worker thread as Serve runs them.
 
-Both modes generate in threads other than the main one, as a replica does. On a machine with as
-few cores as torch has intra-op threads plus one more OpenMP pool (this project's 2-core machine),
-GNU OpenMP stops spinning its workers between parallel regions there, and a small model's many
-small operations pay a wake-up each: the same generation took 2.3x the main thread's time
-(0.18 against 0.08 s, 48 tokens), and as long as the main thread's with 1 intra-op thread.
+Both modes generate in threads other than the main one, as a replica does, with `--threads` intra-op
+threads (Ray sets OMP_NUM_THREADS to a replica's CPUs: 1 for `orchestrator serve`). On this project's
+2-core machine, with torch's 2 intra-op threads, the same generation took 2.3x as long there as
+in the main thread (0.18 against 0.08 s, 48 tokens), and as long with 1 intra-op thread; likely
+GNU OpenMP letting its workers spin less once its threads (a pool per thread that runs torch)
+outnumber the cores, so each of a small model's many small operations pays a wake-up
+(OMP_WAIT_POLICY=PASSIVE makes the main thread as slow).
 
 Prints one JSON object: per mode, each round's wall time until the last answer is out, the batch
 sizes the answers report, and for streams the time from each request to its first piece (median
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -74,7 +77,10 @@ def run(ref: str, tracking_uri: str, requests: int = 8, tokens: int = 48, rounds
     """Both modes, batched (`max_batch`, serve's default) and one at a time (max_batch 1)."""
     from orchestrator.serving.adapters import MAX_BATCH, ServedAdapters
 
-    results = {"model": ref, "requests": requests, "tokens": tokens, "rounds": rounds}
+    import torch
+
+    results = {"model": ref, "requests": requests, "tokens": tokens, "rounds": rounds,
+               "intra_op_threads": torch.get_num_threads()}
     for label, size in (("batched", max_batch or MAX_BATCH), ("one_at_a_time", 1)):
         served = ServedAdapters([ref], tracking_uri, max_batch=size)
         served.load()
@@ -91,7 +97,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=None, help="the batched mode's (default: serve's, 8)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's intra-op threads, as a replica with that many CPUs gets them (default: 1, "
+                             "as `orchestrator serve`'s replicas)")
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported: every thread's default
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     print(json.dumps(run(args.model, args.tracking_uri, args.requests, args.tokens, args.rounds, args.max_batch)))
 
