@@ -461,7 +461,7 @@ def test_prompt_learning_batches_only_prompts_of_one_length(method, tiny_base):
     import peft
     import torch
 
-    from orchestrator.models.inference import Loaded, complete_batch, complete_formatted, format_prompt
+    from orchestrator.models.inference import Loaded, complete_batch, complete_formatted, format_prompt, stream_batch
     from orchestrator.models.loading import load_base, load_tokenizer
     from orchestrator.spec import load_spec
 
@@ -473,6 +473,12 @@ def test_prompt_learning_batches_only_prompts_of_one_length(method, tiny_base):
     loaded = Loaded(model=model, tokenizer=load_tokenizer(str(tiny_base)), spec=spec)
     texts = [format_prompt(loaded, p) for p in PROMPTS]
     assert complete_batch(loaded, texts, 12, batch_size=8) == [complete_formatted(loaded, t, 12) for t in texts]
+    # Streamed as one batch (which `serve` never forms for such an adapter): refused by every reader,
+    # checked under the guard, where the adapter that generates is set; a prompt alone streams its answer.
+    for reader in stream_batch(loaded, texts, 12):
+        with pytest.raises(ValueError, match="one length at a time"):
+            list(reader)
+    assert "".join(stream_batch(loaded, texts[:1], 12)[0]) == complete_formatted(loaded, texts[0], 12)
 
 
 @pytest.mark.parametrize("gpus, model_gib, gpu_gib, expected", [

@@ -255,7 +255,7 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
     texts, max_new_tokens, batch_size=len(texts), decoding=decoding, adapters=adapters)` (the same
     tokens, decoded as they come, up to a stop string; whitespace at either end held back, as those
     answers are stripped). The prompts are padded on the left as there; a prompt or prefix tuning
-    adapter's batch takes prompts of one length only.
+    adapter's batch takes prompts of one length only (of several: a ValueError from every generator).
 
     Generation runs in a thread of its own, inside `guard` (a context manager; `serve` holds its
     adapter lock there, so no other request switches the adapter mid-answer), from now. A text's
@@ -272,9 +272,6 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
 
     tok = loaded.tokenizer
     ids = [prompt_ids(tok, t) for t in texts]
-    if len({len(i) for i in ids}) > 1 and _padding_shifts_positions(loaded.model):
-        raise ValueError("a prompt or prefix tuning adapter generates prompts of one length at a time: "
-                         f"these have {sorted({len(i) for i in ids})} tokens")
     enc = tok.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
     enc = {k: v.to(input_device(loaded.model)) for k, v in enc.items()}
     cancels = list(cancels) if cancels is not None else [threading.Event() for _ in texts]
@@ -315,6 +312,10 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
     def generate() -> None:
         try:
             with guard if guard is not None else contextlib.nullcontext(), torch.no_grad():
+                # Under the guard: the adapter it sets is the one whose padding matters.
+                if len({len(i) for i in ids}) > 1 and _padding_shifts_positions(loaded.model):
+                    raise ValueError("a prompt or prefix tuning adapter generates prompts of one length at a "
+                                     f"time: these have {sorted({len(i) for i in ids})} tokens")
                 decoding.seed_rng()
                 _generate(loaded, enc, max_new_tokens, decoding, streamer=streamer,
                           stopping_criteria=StoppingCriteriaList([UntilTheReadersGo()]),
