@@ -23,7 +23,9 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
     """The bound Serve application (not started). `max_batch`: requests a replica completes
     together at most (1: each alone, every answer exactly `generate`'s)."""
     import asyncio
+    import functools
     import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -33,8 +35,9 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
     from orchestrator.serving import openai_api
 
     api = FastAPI(title="orchestrator serve")
+    ongoing = max(2 * max_batch, 8)  # requests a replica holds at once
 
-    @serve.deployment(name="OpenAIServer", num_replicas=replicas, max_ongoing_requests=max(2 * max_batch, 8),
+    @serve.deployment(name="OpenAIServer", num_replicas=replicas, max_ongoing_requests=ongoing,
                       ray_actor_options={"num_cpus": cpus_per_replica,
                                          **({"num_gpus": gpus_per_replica} if gpus_per_replica else {})})
     @serve.ingress(api)
@@ -43,6 +46,10 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
             from orchestrator.serving.adapters import ServedAdapters
 
             self.adapters = ServedAdapters(refs, tracking_uri, max_batch=max_batch)
+            # A stream waits in a thread, for its batch to start and then for each piece: a thread of its
+            # own per ongoing request. asyncio's default pool (min(32, CPUs + 4) threads) capped a stream
+            # batch at 5 on a 2-core node, the running batch's readers holding the other threads.
+            self.stream_threads = ThreadPoolExecutor(ongoing, thread_name_prefix="stream")
             self.adapters.load()
             if reload_every:
                 # Every replica re-resolves on its own timer: a moved alias reaches all of them
@@ -78,11 +85,12 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
                 if stream:
                     cancel = threading.Event()
                     # Waits for the lock, which a generation may hold, and for its batch to start: off the event loop.
-                    s = await asyncio.to_thread(self.adapters.stream, ref, **args, cancel=cancel)
+                    s = await asyncio.get_running_loop().run_in_executor(
+                        self.stream_threads, functools.partial(self.adapters.stream, ref, **args, cancel=cancel))
                     events = openai_api.stream_events(ref, s.pieces, s.version, chat, s.prompt_tokens, s.count,
                                                       args["max_tokens"], include_usage)
-                    return StreamingResponse(_until_disconnected(events, cancel), media_type="text/event-stream",
-                                             headers={BATCH_HEADER: str(s.batch_size)})
+                    return StreamingResponse(_until_disconnected(events, cancel, self.stream_threads),
+                                             media_type="text/event-stream", headers={BATCH_HEADER: str(s.batch_size)})
                 answer = await self._complete(dict(ref=ref, **args))
             except openai_api.RequestError as e:
                 return JSONResponse(e.to_json(), status_code=e.status)
@@ -111,17 +119,18 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
     return OpenAIServer.bind(refs, tracking_uri, reload_every)
 
 
-async def _until_disconnected(events, cancel):
+async def _until_disconnected(events, cancel, threads=None):
     """The server-sent `events` of a streamed answer as the model writes them, each read in a
-    worker thread (the replica's event loop stays free). When the client goes away Serve cancels
-    this generator (a plain generator it would only leave suspended, its generation running on to
-    `max_tokens` with the adapter lock held: measured), and `cancel` stops the generation at its
-    next token."""
+    worker thread of `threads` (an executor; None: asyncio's default), so the replica's event loop
+    stays free. When the client goes away Serve cancels this generator (a plain generator it would
+    only leave suspended, its generation running on to `max_tokens` with the adapter lock held:
+    measured), and `cancel` stops the generation at its next token."""
     import asyncio
 
     done = object()
     try:
-        while (event := await asyncio.to_thread(next, events, done)) is not done:
+        loop = asyncio.get_running_loop()
+        while (event := await loop.run_in_executor(threads, next, events, done)) is not done:
             yield event
     finally:
         cancel.set()
