@@ -254,7 +254,8 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
     generator per text, whose pieces join to exactly that text's answer in `complete_batch(loaded,
     texts, max_new_tokens, batch_size=len(texts), decoding=decoding, adapters=adapters)` (the same
     tokens, decoded as they come, up to a stop string; whitespace at either end held back, as those
-    answers are stripped). The prompts are padded on the left as there; a prompt or prefix tuning
+    answers are stripped). The prompts are padded on the left and ordered by length as there (the
+    generators stay in the texts' order); a prompt or prefix tuning
     adapter's batch takes prompts of one length only (of several: a ValueError from every generator).
 
     Generation runs in a thread of its own, inside `guard` (a context manager; `serve` holds its
@@ -272,7 +273,8 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
 
     tok = loaded.tokenizer
     ids = [prompt_ids(tok, t) for t in texts]
-    enc = tok.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))  # row r generates text order[r]
+    enc = tok.pad({"input_ids": [ids[i] for i in order]}, padding=True, padding_side="left", return_tensors="pt")
     enc = {k: v.to(input_device(loaded.model)) for k, v in enc.items()}
     cancels = list(cancels) if cancels is not None else [threading.Event() for _ in texts]
     # Each text's own streamer (TextIteratorStreamer's decoding and queue, one row's tokens each).
@@ -290,7 +292,7 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
             if self.prompt:  # generate's first call: the prompts
                 self.prompt = False
                 return
-            for i, token in enumerate(value.reshape(-1).tolist()):
+            for i, token in zip(order, value.reshape(-1).tolist()):
                 if self.open[i] and (token in ends or cancels[i].is_set()):
                     self.open[i] = False
                     rows[i].end()
@@ -305,7 +307,7 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
 
     class UntilTheReadersGo(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.tensor([c.is_set() for c in cancels], dtype=torch.bool, device=input_ids.device)
+            return torch.tensor([cancels[i].is_set() for i in order], dtype=torch.bool, device=input_ids.device)
 
     streamer = Rows()
 
@@ -319,7 +321,7 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
                 decoding.seed_rng()
                 _generate(loaded, enc, max_new_tokens, decoding, streamer=streamer,
                           stopping_criteria=StoppingCriteriaList([UntilTheReadersGo()]),
-                          **({"adapter_names": adapters} if adapters else {}))
+                          **({"adapter_names": [adapters[i] for i in order]} if adapters else {}))
         except BaseException as e:  # noqa: BLE001  raised in the readers' threads, below
             failed.append(e)
         finally:

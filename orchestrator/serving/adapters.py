@@ -350,11 +350,11 @@ class ServedAdapters:
             del batch  # its streams' pieces are their readers' alone: a stream dropped is collected
 
     def _start_stream_batch(self, batch: list[_Waiting]) -> threading.Event:
-        """Start generating `batch` (`stream_batch`, under the lock with its first version set; the
-        prompts in order of length, as `complete_batch` orders them) and hand each stream its
-        pieces; returns an event set when the generation has ended."""
-        from orchestrator.models.inference import prompt_ids, stream_batch
+        """Start generating `batch` (`stream_batch`, under the lock with its first version set) and
+        hand each stream its pieces; returns an event set when the generation has ended."""
+        from orchestrator.models.inference import stream_batch
 
+        names = [w.name for w in batch]
         ended = threading.Event()
 
         @contextlib.contextmanager
@@ -366,8 +366,6 @@ class ServedAdapters:
                 ended.set()
 
         try:
-            batch = sorted(batch, key=lambda w: len(prompt_ids(w.loaded.tokenizer, w.text)))
-            names = [w.name for w in batch]
             readers = stream_batch(batch[0].loaded, [w.text for w in batch], batch[0].max_tokens, guard=generating(),
                                    decoding=batch[0].decoding, cancels=[w.cancel for w in batch],
                                    adapters=names if len(set(names)) > 1 else None)
