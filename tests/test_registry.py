@@ -348,8 +348,6 @@ def test_serve_batch_benchmark_stays_runnable(registered):
     non-streamed requests in one). Its timings are not asserted (docs/serving.md has them)."""
     import importlib.util
 
-    from conftest import REPO
-
     spec = importlib.util.spec_from_file_location("serve_batch", REPO / "benchmarks" / "serve_batch.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
