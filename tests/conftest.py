@@ -47,7 +47,9 @@ QUICKSTART_RUN = "e2e-zero2"
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory, ray_local, tiny_base):
     """(spec, summary) of QLoRA on the 4-bit base, ZeRO-2 on 2 workers, 60 steps, evaluated every
-    20, registered as QUICKSTART_RUN (adapter, @candidate) and QUICKSTART_RUN-merged."""
+    20, registered as QUICKSTART_RUN (adapter, @candidate) and QUICKSTART_RUN-merged. The run's
+    progress updates, (task, step, total, metrics) as the CLI's bar gets them, are in
+    QUICKSTART_PROGRESS."""
     from orchestrator.spec import load_spec
     from orchestrator.training.recipe import run_job
 
@@ -56,7 +58,10 @@ def quickstart_run(tmp_path_factory, ray_local, tiny_base):
             "tracking.uri": f"sqlite:///{tmp}/mlflow.db", "storage.path": str(tmp / "runs"),
             "training.max_steps": 60, "training.eval_every": 20}
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()])
-    return spec, run_job(spec)
+    return spec, run_job(spec, progress=lambda *update: QUICKSTART_PROGRESS.append(update))
+
+
+QUICKSTART_PROGRESS: list[tuple] = []
 
 
 def free_port() -> int:

@@ -64,6 +64,27 @@ def test_run_is_tracked_with_metrics_params_artifacts_and_tags(zero2_run):
     assert '"stage": 2' in open(ds).read()
 
 
+def test_progress_shows_the_latest_loss_and_gradient_norm(zero2_run):
+    """What the CLI's training bar shows (cli.common.BAR_METRICS): after the first steps, every
+    update carries the latest known step's train_loss and grad_norm, and the last one equals the
+    values MLflow logged for the last step."""
+    from conftest import QUICKSTART_PROGRESS
+
+    from orchestrator.cli.common import BAR_METRICS
+
+    _, summary = zero2_run
+    training = [(step, metrics) for task, step, _, metrics in QUICKSTART_PROGRESS if task == "training"]
+    later = [metrics for step, metrics in training if step >= 20]
+    assert later and all({"train_loss", "grad_norm"} <= metrics.keys() for metrics in later), training
+    assert {"train_loss", "grad_norm", "eval_loss"} <= set(BAR_METRICS)
+    client = client_for(summary)
+    step, last = training[-1]
+    assert step == 60
+    for key in ("train_loss", "grad_norm"):
+        [logged] = [m.value for m in client.get_metric_history(summary.run_id, key) if m.step == 60]
+        assert last[key] == pytest.approx(logged, rel=1e-6), key
+
+
 def test_fine_tuning_lowers_eval_loss(zero2_run):
     _, summary = zero2_run
     m = summary.metrics

@@ -98,9 +98,13 @@ def measured(value) -> bool:
     return value is not None and value == value
 
 
+# What the training bar shows beside the step count: the latest known of each.
+BAR_METRICS = ("train_loss", "grad_norm", "eval_loss")
+
+
 def _progress_bar():
     """A progress display on stderr, and the `progress(label, done, total, metrics)` callback
-    that adds one bar per label (pre-training, training) and shows the latest losses."""
+    that adds one bar per label (pre-training, training) and shows the latest losses and gradient norm."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # Redrawn twice a second, as often as the driver polls the workers' progress: rich's default
@@ -114,7 +118,7 @@ def _progress_bar():
         if label not in tasks:
             bar.start()
             tasks[label] = bar.add_task(label, total=total, info="")
-        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "eval_loss") if measured(metrics.get(k)))
+        info = "  ".join(f"{k} {metrics[k]:.3f}" for k in BAR_METRICS if measured(metrics.get(k)))
         bar.update(tasks[label], completed=done, info=info)
 
     return bar, on_progress

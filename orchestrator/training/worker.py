@@ -333,7 +333,7 @@ def train_loop_per_worker(config: dict) -> None:
         # sends leave the training thread.
         logger.send()
         logger.start_background()
-    tokens, train_loss = 0.0, None
+    tokens, latest = 0.0, {}  # latest: the last step whose loss and gradient norm are known
     for step in range(state.step + 1, job.total_steps + 1):
         last = step == job.total_steps
         evaluated = step % t.eval_every == 0 or last
@@ -344,10 +344,10 @@ def train_loop_per_worker(config: dict) -> None:
                 feed.settle()
         tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
         # Losses and gradient norms arrive with the feed's next read: each is logged at its own
-        # step; the progress bar shows the latest loss known.
+        # step; the progress bar shows the latest ones known.
         known = feed.step_metrics()
         if known:
-            train_loss = known[max(known)]["train_loss"]
+            latest = known[max(known)]
         metrics.update(known.pop(step, {}))
         if evaluated:
             metrics.update(run_eval(step))
@@ -366,7 +366,7 @@ def train_loop_per_worker(config: dict) -> None:
                     logger.flush()
                 elif "eval_loss" in metrics and not last:
                     logger.send()  # the MLflow UI shows each evaluation as it happens
-            progress(step, metrics if train_loss is None else {**metrics, "train_loss": train_loss})
+            progress(step, {**metrics, **latest})
         if save or (job.report_evals and "eval_loss" in metrics):
             pending = logger.close(job.final_flush_timeout_s) if logger and last else []
             state.step = step
