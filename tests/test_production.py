@@ -1,5 +1,5 @@
 """From candidate to production on real runs: two adapters of the built-in base registered under
-one name (2 steps: worse; 12 steps: better), evaluated beyond loss, compared side by side, and
+one name (2 steps: worse; LATER_STEPS steps: better), evaluated beyond loss, compared side by side, and
 promoted only on the evidence of an evaluation; every move recorded."""
 
 from __future__ import annotations
@@ -19,9 +19,17 @@ NAME = "prod"
 FEW = ["--max-examples", "6", "--max-new-tokens", "24"]  # cheap: 6 examples, 24 new tokens each
 
 
+# Steps of version 2. The tests tell the two versions apart by their greedy answers and logits.
+# With 12 steps they passed in CI, yet on a fresh machine (its built-in base pre-trained there)
+# both versions answered "It is an animal." and their logits differed by 0.42 against a bound of
+# 0.59; with 40, version 2 answers in the data's pattern ("It is a wolf. It lives in the forest.
+# ...") and the logits differ by 3.9 against 0.69 (measured 2026-12-07).
+LATER_STEPS = 40
+
+
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory, ray_local, tiny_base):
-    """models:/prod/1 trained 2 steps, models:/prod/2 trained 12 steps (@candidate), one tracking
+    """models:/prod/1 trained 2 steps, models:/prod/2 trained LATER_STEPS (@candidate), one tracking
     store; each run's `registry.promote` gate (eval_loss on 6 examples) applied as `orchestrator
     run` applies it: version 1 takes production unopposed, version 2 wins it on evidence."""
     from orchestrator.evaluation.gate import promote_after_run
@@ -29,7 +37,7 @@ def versions(tmp_path_factory, ray_local, tiny_base):
 
     tmp = tmp_path_factory.mktemp("production")
     summaries, gates = [], []
-    for steps in (2, 12):
+    for steps in (2, LATER_STEPS):
         sets = {"name": NAME, "registry.name": NAME, "tracking.experiment": NAME,
                 "tracking.uri": f"sqlite:///{tmp}/mlflow.db", "storage.path": str(tmp / "runs"),
                 "training.max_steps": steps, "training.eval_every": steps, "registry.promote.alias": "production",
@@ -68,7 +76,7 @@ def evaluation_runs(uri: str) -> list:
 
 
 def test_evaluate_against_side_by_side(versions):
-    """Both versions on the same examples: the 12-step adapter has the lower loss and a higher
+    """Both versions on the same examples: the longer-trained adapter has the lower loss and a higher
     ROUGE-L; every metric is reported for both with its difference, every example with both
     outputs; the run, its table and the versions' eval tags are in MLflow."""
     from mlflow import MlflowClient
@@ -113,7 +121,7 @@ def test_evaluate_loss_is_the_training_eval_loss(versions):
 
 def test_training_logs_generations_at_each_evaluation(versions):
     """The run's generations table: the same 3 eval prompts completed at each evaluation (the base
-    at step 0, the adapter at step 12), each row with its step, prompt, reference and output."""
+    at step 0, the adapter at step LATER_STEPS), each row with its step, prompt, reference and output."""
     from orchestrator.data.records import read_jsonl
     from orchestrator.tracking.evaluations import GENERATIONS_TABLE, read_table
 
@@ -121,7 +129,7 @@ def test_training_logs_generations_at_each_evaluation(versions):
     rows = read_table(versions["uri"], summary.run_id, GENERATIONS_TABLE)
     first = [r for _, r in read_jsonl(EVAL)[:3]]
     assert [(r["step"], r["prompt"], r["reference"]) for r in rows] == [
-        (step, f"{x['instruction']}\n{x['input']}", x["output"]) for step in (0, 12) for x in first]
+        (step, f"{x['instruction']}\n{x['input']}", x["output"]) for step in (0, LATER_STEPS) for x in first]
     assert all(r["output"] for r in rows)
     assert [r["output"] for r in rows[:3]] != [r["output"] for r in rows[3:]]  # the adapter changed the answers
 
@@ -139,7 +147,7 @@ def test_a_run_promotes_itself_only_on_evidence(versions):
 
 
 def test_promotion_gate_moves_the_alias_only_on_evidence(versions):
-    """A rollback by hand (production -> 1); the 12-step version 2 passes the gate and takes
+    """A rollback by hand (production -> 1); the longer-trained version 2 passes the gate and takes
     production back; the 2-step version 1 fails it: exit 1, production stays at 2. Both
     evaluation runs are in MLflow, and every move names who, when, from which version and the
     evidence."""
@@ -420,7 +428,7 @@ def test_requests_to_two_adapters_share_one_batch(versions):
     refs = [f"models:/{NAME}/1", f"models:/{NAME}/2"]
     adapters = ServedAdapters(refs, versions["uri"])
     adapters.load()
-    names, model = [f"{NAME}/1", f"{NAME}/2"], adapters.model
+    names, model = [f"{NAME}/1", f"{NAME}/2"], adapters.shared["lora"]
     ids = torch.tensor([prompt_ids(adapters.tokenizer, adapters._prompt(refs[0], PROMPT, None)[2])] * 2)
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=names).logits[:, -1].float()
@@ -467,7 +475,7 @@ def test_a_stream_keeps_its_version_through_a_reload(versions):
         del stream
         gc.collect()
         assert adapters.complete(ref, PROMPT, max_tokens=TOKENS)[0] == generated(uri, f"models:/{NAME}/1")
-        assert set(adapters.specs) == set(adapters.model.peft_config) == {f"{NAME}/1"}, adapters.specs
+        assert set(adapters.specs) == set(adapters.shared["lora"].peft_config) == {f"{NAME}/1"}, adapters.specs
     finally:
         cli("registry", "promote", NAME, "2", "--alias", "production", "--tracking-uri", uri)
 

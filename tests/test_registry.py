@@ -257,7 +257,7 @@ def test_merged_and_adapter_versions_are_served_as_generate_answers(registered):
     uri, refs = registered["uri"], [f"models:/{NAME}-merged/1", f"models:/{NAME}/1"]
     served = ServedAdapters(refs, uri)
     assert served.load() == {ref: ref for ref in refs}
-    assert list(served.whole) == [f"{NAME}-merged/1"] and served.model is not None
+    assert list(served.whole) == [f"{NAME}-merged/1"] and list(served.shared) == ["lora"]
     for ref in refs:
         result = CliRunner().invoke(app, ["generate", ref, PROMPT, "--max-new-tokens", "16", "--tracking-uri", uri])
         assert result.exit_code == 0, result.output
@@ -265,6 +265,38 @@ def test_merged_and_adapter_versions_are_served_as_generate_answers(registered):
         text, prompt_tokens = served.complete(ref, prompt=PROMPT, max_tokens=16)
         stream = served.stream(ref, prompt=PROMPT, max_tokens=16)
         assert text == "".join(stream.pieces) == want and prompt_tokens > 0 and stream.count(text) > 0, ref
+
+
+def test_adapters_of_two_peft_methods_are_served_from_one_replica(registered, tmp_path):
+    """peft holds adapters of one type per model ("Cannot combine adapters with different peft
+    types"): a replica serving a LoRA and a prompt tuning version of one base holds a copy of the
+    base for each method, answers each request as `generate` answers for its version, and drops
+    a method's copy with its last version."""
+    from orchestrator.models.inference import complete, load_adapter
+    from orchestrator.serving.adapters import ServedAdapters, model_id
+    from orchestrator.spec import load_spec
+    from orchestrator.tracking.registry import download_model
+    from orchestrator.training.recipe import run_job
+
+    uri = registered["uri"]
+    sets = {"name": f"{NAME}-pt", "registry.name": f"{NAME}-pt", "peft.method": "prompt_tuning",
+            "peft.num_virtual_tokens": 4, "tracking.uri": uri, "storage.path": str(tmp_path / "runs"),
+            "training.max_steps": 4, "training.eval_every": 4, "training.eval_batches": 1,
+            "distributed.num_workers": 1}
+    run_job(load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()]))
+    refs = [f"models:/{NAME}/1", f"models:/{NAME}-pt/1"]
+    served = ServedAdapters(refs, uri)
+    assert served.load() == {ref: ref for ref in refs}
+    assert sorted(served.shared) == ["lora", "prompt_tuning"] and not served.whole
+    prompts = [PROMPT, "Describe the animal.\nA cat."]
+    answers = served.complete_many([dict(ref=ref, prompt=p, max_tokens=8) for ref in refs for p in prompts])
+    for i, ref in enumerate(refs):
+        alone = load_adapter(download_model(ref, tmp_path / f"v{i}", uri))
+        want = [complete(alone, p, max_new_tokens=8) for p in prompts]
+        assert [a.text for a in answers[2 * i:2 * i + 2]] == want, ref
+    served.refs = [model_id(refs[0])]
+    served.load()
+    assert list(served.shared) == ["lora"] and set(served.specs) == {f"{NAME}/1"}
 
 
 def test_served_requests_gathered_together_share_one_generation(registered):
@@ -286,7 +318,7 @@ def test_served_requests_gathered_together_share_one_generation(registered):
     requests.insert(3, dict(ref=adapter, prompt=PROMPT, max_tokens=16, decoding=sampled))
     requests.append(dict(ref="models:/nope/1", prompt=PROMPT, max_tokens=16))
     rows: list[int] = []  # the batch size of each pass of the adapters' model
-    hook = served.model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    hook = served.shared["lora"].get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
     try:
         answers = served.complete_many(requests)
     finally:
@@ -324,7 +356,7 @@ def test_streams_that_arrive_together_generate_as_one_batch(registered):
     served = ServedAdapters([ref], uri, max_batch=len(PROMPTS), batch_wait_s=60.0)
     served.load()
     rows: list[int] = []
-    hook = served.model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    hook = served.shared["lora"].get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             streams = list(pool.map(lambda p: served.stream(ref, prompt=p, max_tokens=16), PROMPTS))

@@ -79,7 +79,8 @@ BATCHER_IDLE_S = 30.0
 
 class ServedAdapters:
     """Versions loaded once each, under the names `NAME/VERSION`: adapters of one base in one peft
-    model, whole models (merged, full, freeze) on their own."""
+    model per PEFT method (peft combines adapters of one type only: a LoRA and a prompt tuning
+    version each have a copy of the base), whole models (merged, full, freeze) on their own."""
 
     def __init__(self, refs: list[str], tracking_uri: str, max_batch: int = MAX_BATCH,
                  batch_wait_s: float = BATCH_WAIT_S):
@@ -88,7 +89,7 @@ class ServedAdapters:
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.refs = [model_id(r) for r in refs]
         self.tracking_uri = tracking_uri
-        self.model = None
+        self.shared: dict[str, object] = {}   # PEFT method -> the peft model holding its adapters
         self.tokenizer = None
         self.base: tuple | None = None        # (model.base, base sha256) every adapter must share
         self.specs: dict[str, object] = {}    # version name -> the job spec it was trained with
@@ -145,21 +146,27 @@ class ServedAdapters:
                                  f"versions share ({self.base[0]}): serve versions of one base together")
             base_path = resolve_base(spec.model)
             check_base(local, spec, base_path)
-            if self.model is None:
-                from peft import PeftModel
-
+            if self.tokenizer is None:
                 # As `generate` loads it (models.inference.load_adapter): the base's revision, the
                 # job's chat template.
                 self.tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision,
                                                 spec.data.chat_template)
-                # A replica given a GPU (k8s render --serve --gpu) holds the model there, as `generate` would.
-                self.model = PeftModel.from_pretrained(load_base_for_inference(spec, base_path), str(local),
-                                                       adapter_name=name)
-                self.model.eval()
                 self.base = base
+            method = spec.peft.method
+            if method not in self.shared:
+                from peft import PeftModel
+
+                # A replica given a GPU (k8s render --serve --gpu) holds the model there, as `generate` would.
+                self.shared[method] = PeftModel.from_pretrained(load_base_for_inference(spec, base_path), str(local),
+                                                                adapter_name=name)
+                self.shared[method].eval()
             else:
-                self.model.load_adapter(str(local), adapter_name=name)
+                self.shared[method].load_adapter(str(local), adapter_name=name)
         self.specs[name] = spec
+
+    def model_of(self, name: str):
+        """The peft model that holds adapter version `name` (loaded, not a whole model)."""
+        return self.shared[self.specs[name].peft.method]
 
     def _unload(self, name: str) -> None:
         """Drop version `name` (under the lock), or retire it while streams still use it."""
@@ -167,7 +174,11 @@ class ServedAdapters:
             self.retired.add(name)
             return
         if self.whole.pop(name, None) is None:
-            self.model.delete_adapter(name)
+            method = self.specs[name].peft.method
+            if len(self.shared[method].peft_config) == 1:  # its method's last adapter: the base copy goes too
+                del self.shared[method]
+            else:
+                self.shared[method].delete_adapter(name)
         del self.specs[name]
 
     def _settle(self) -> None:
@@ -197,7 +208,8 @@ class ServedAdapters:
         if ref not in self.active:
             raise KeyError(ref)
         name = self.active[ref]
-        loaded = self.whole.get(name) or Loaded(model=self.model, tokenizer=self.tokenizer, spec=self.specs[name])
+        loaded = self.whole.get(name) or Loaded(model=self.model_of(name), tokenizer=self.tokenizer,
+                                                spec=self.specs[name])
         if messages is not None and loaded.spec.data.format == "chat":
             return name, loaded, loaded.tokenizer.apply_chat_template(messages, tokenize=False,
                                                                       add_generation_prompt=True)
@@ -218,7 +230,7 @@ class ServedAdapters:
     def _activate(self, name: str) -> None:
         """Make `name` the adapter the shared model runs (a whole model needs nothing)."""
         if name not in self.whole:
-            self.model.set_adapter(name)
+            self.model_of(name).set_adapter(name)
 
     def complete(self, ref: str, prompt: str | None = None, messages: list[dict] | None = None,
                  max_tokens: int = 64, decoding=None) -> tuple[str, int]:

@@ -1,5 +1,5 @@
 """The Ray Serve application behind `orchestrator serve`: one deployment (N replicas), each
-replica holding the base once with every served adapter (`ServedAdapters`), behind a FastAPI
+replica holding the base once per PEFT method with every served adapter (`ServedAdapters`), behind a FastAPI
 ingress speaking the OpenAI API; `/v1/reload` (and, with `reload_every`, a timer) re-resolves the
 aliases. Ray, Serve and FastAPI are imported inside the functions.
 
