@@ -87,7 +87,7 @@ def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
     from orchestrator.data.tokenize import load_datasets
     from orchestrator.models.adapters import prepare_for_training
     from orchestrator.models.inference import complete, load_adapter
-    from orchestrator.models.loading import load_base, resolve_base
+    from orchestrator.models.loading import load_base, resolve_base, torch_dtype
     from orchestrator.training.steps import evaluate
     from orchestrator.training.worker import seed_everything
 
@@ -117,7 +117,12 @@ def test_frozen_weights_unchanged_and_reload_gives_the_trained_model(trained):
     t = spec.training
     reloaded = evaluate(loaded.model, data.eval, t.micro_batch_size, loaded.tokenizer.pad_token_id, 0, 1,
                         torch.device("cpu"), t.eval_batches)
-    assert reloaded == pytest.approx(summary.metrics["eval_loss"], rel=1e-3, abs=1e-3)
+    # The run evaluated in the engine's compute dtype (the adapter's weights and products rounded to
+    # it); the reloaded adapter runs in float32 (peft's autocast). The losses agree within the
+    # compute dtype's eps (bf16: 0.78%; measured 0.1%, and 0.6% in test_production) beside the
+    # summary's 4 decimals; a reload that lost the adapter scores at least 5% worse (each method learns).
+    eps = torch.finfo(torch_dtype(spec.model.dtype)).eps
+    assert reloaded == pytest.approx(summary.metrics["eval_loss"], rel=eps, abs=1e-4)
     assert isinstance(complete(loaded, "Describe the animal.\nA cat.", max_new_tokens=4), str)
 
     # The same logits as the trained model: the weights DeepSpeed held at the last step, put into
