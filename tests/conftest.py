@@ -100,3 +100,29 @@ def bucket_keys(client, bucket: str) -> list[str]:
 def adapter_copies(under: Path) -> list[Path]:
     """Adapter files (a checkpoint's or a registered version's) anywhere under `under`."""
     return list(under.rglob("adapter_config.json"))
+
+
+# Two prompts of one length in tokens (no padding in a batch of them).
+SAME_LENGTH_PROMPTS = ["Describe the animal.\nA cat.", "Describe the animal.\nA dog."]
+
+
+def serve_two_versions_gathered(spec, summary, max_tokens: int):
+    """The run's registered version registered again (version 2, no retraining), both held as a
+    `serve` replica holds them (ServedAdapters), and SAME_LENGTH_PROMPTS to each gathered into one
+    `complete_many`: (the ServedAdapters, its answers to [v1, v1, v2, v2], version 1's answers
+    each alone)."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.serving.adapters import ServedAdapters
+
+    uri = summary.tracking_uri
+    result = CliRunner().invoke(app, ["register", summary.run_id, "--mode", "adapter", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    refs = [f"models:/{spec.registered_name}/1", f"models:/{spec.registered_name}/2"]
+    served = ServedAdapters(refs, uri)
+    served.load()
+    answers = served.complete_many([dict(ref=ref, prompt=p, max_tokens=max_tokens)
+                                    for ref in refs for p in SAME_LENGTH_PROMPTS])
+    alone = [served.complete(refs[0], prompt=p, max_tokens=max_tokens)[0] for p in SAME_LENGTH_PROMPTS]
+    return served, answers, alone

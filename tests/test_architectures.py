@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.spec import load_spec
 
-from conftest import REPO
+from conftest import REPO, serve_two_versions_gathered
 from held_weights import assert_same_logits_as_deepspeed_held
 
 _SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
@@ -193,6 +193,21 @@ def test_zero3_trains_every_targeted_layer_and_registers_it_whole(trained_zero3)
     if family == "mixtral":
         assert any(".mlp.experts." in n for n in registered), sorted(registered)[:4]
     assert summary.planned["trainable_params"] == sum(t.numel() for t in registered.values())
+
+
+def test_lora_on_fused_experts_is_served_in_batches_per_version(trained_zero3):
+    """peft cannot put a LoRA on a mixture of experts' fused expert weights (its target_parameters)
+    in a mixed-adapter batch ("does not support mixed adapter batches yet"): requests gathered
+    together to two such versions (the Mixtral run registered again as version 2) are completed
+    in one batch per version, each answer the one its version gives alone."""
+    family, spec, summary, _ = trained_zero3
+    if family != "mixtral":
+        pytest.skip("the mixture of experts: Mixtral")
+    served, answers, alone = serve_two_versions_gathered(spec, summary, max_tokens=4)
+    assert served.shared["lora"].peft_config[f"{spec.registered_name}/1"].target_parameters
+    assert not [a for a in answers if isinstance(a, Exception)], answers
+    assert [a.batch_size for a in answers] == [2, 2, 2, 2]
+    assert [a.text for a in answers] == alone * 2, (answers, alone)
 
 
 # --- target presets per family (meta device, no training) -------------------------------------------

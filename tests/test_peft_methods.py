@@ -12,7 +12,7 @@ import pytest
 from orchestrator.search.compare import preset_overrides
 from orchestrator.spec import load_spec
 
-from conftest import REPO
+from conftest import REPO, serve_two_versions_gathered
 from held_weights import assert_same_logits_as_deepspeed_held
 
 # method -> (compare preset, extra overrides): the presets are what `orchestrator compare` runs.
@@ -165,6 +165,20 @@ def test_served_requests_share_a_batch_as_the_method_allows(trained):
     answers = served.complete_many([dict(ref=ref, prompt=p, max_tokens=6) for p in prompts])
     want = [2, 2, 1] if spec.peft.method in PROMPT_LEARNING else [3, 3, 3]
     assert [a.batch_size for a in answers] == want and all(a.text for a in answers), (method, answers)
+
+
+def test_dora_versions_served_together_batch_per_version(trained):
+    """peft refuses DoRA in a mixed-adapter batch ("Cannot pass `adapter_names` when DoRA is
+    enabled"): requests gathered together to two DoRA versions (the lora method's run, on the dora
+    preset, registered again as version 2) are completed in one batch per version, each answer
+    the one its version gives alone."""
+    method, spec, summary, _ = trained
+    if not spec.peft.use_dora:
+        pytest.skip("the lora method's run is the DoRA one (the dora preset)")
+    _, answers, alone = serve_two_versions_gathered(spec, summary, max_tokens=6)
+    assert not [a for a in answers if isinstance(a, Exception)], answers
+    assert [a.batch_size for a in answers] == [2, 2, 2, 2]
+    assert [a.text for a in answers] == alone * 2 and all(alone), (answers, alone)
 
 
 # --- the planner counts what peft builds ---------------------------------------------------------

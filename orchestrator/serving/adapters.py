@@ -245,16 +245,25 @@ class ServedAdapters:
 
     def _group(self, name: str, loaded, text: str, max_tokens: int, decoding) -> tuple:
         """What a request may share a batch with: greedy requests with the same `max_tokens` and
-        stop strings, to one version or to LoRA adapters of the shared base (peft's mixed-adapter
-        batch: each row through its own adapter); to a prompt or prefix tuning adapter, only with
-        prompts of one length (a padded prompt would shift its positions). A sampled request shares
-        with none, so its seed gives the answer it gives alone."""
+        stop strings, to one version or to LoRA adapters of the shared base that peft can mix in one
+        batch (`_mixes`); to a prompt or prefix tuning adapter, only with prompts of one length (a
+        padded prompt would shift its positions). A sampled request shares with none, so its seed
+        gives the answer it gives alone."""
         from orchestrator.models.inference import prompt_ids
 
         method = None if name in self.whole else self.specs[name].peft.method
         length = len(prompt_ids(loaded.tokenizer, text)) if method in PROMPT_LEARNING else None
-        return (LORA if method == "lora" else name, length, max_tokens, decoding,
+        return (LORA if method == "lora" and self._mixes(name) else name, length, max_tokens, decoding,
                 next(self._alone) if decoding.samples else None)
+
+    def _mixes(self, name: str) -> bool:
+        """Whether LoRA version `name` may share peft's mixed-adapter batch with the other LoRA
+        versions (each row through its own adapter, `adapter_names`). peft refuses DoRA there
+        ("Cannot pass `adapter_names` when DoRA is enabled"), and any batch at all once an adapter
+        of the model targets parameters (a mixture of experts' fused expert weights: "does not
+        support mixed adapter batches yet")."""
+        configs = self.shared["lora"].peft_config
+        return not configs[name].use_dora and not any(c.target_parameters for c in configs.values())
 
     def complete_many(self, requests: list[dict]) -> list:
         """The completions of several requests (each `complete`'s arguments as a dict), in their
