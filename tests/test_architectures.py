@@ -204,7 +204,7 @@ def test_lora_on_fused_experts_is_served_in_batches_per_version(trained_zero3):
     if family != "mixtral":
         pytest.skip("the mixture of experts: Mixtral")
     served, answers, alone = serve_two_versions_gathered(spec, summary, max_tokens=4)
-    assert served.shared["lora"].peft_config[f"{spec.registered_name}/1"].target_parameters
+    assert served.model_of(f"{spec.registered_name}/1").peft_config[f"{spec.registered_name}/1"].target_parameters
     assert not [a for a in answers if isinstance(a, Exception)], answers
     assert [a.batch_size for a in answers] == [2, 2, 2, 2]
     assert [a.text for a in answers] == alone * 2, (answers, alone)

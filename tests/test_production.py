@@ -428,7 +428,8 @@ def test_requests_to_two_adapters_share_one_batch(versions):
     refs = [f"models:/{NAME}/1", f"models:/{NAME}/2"]
     adapters = ServedAdapters(refs, versions["uri"])
     adapters.load()
-    names, model = [f"{NAME}/1", f"{NAME}/2"], adapters.shared["lora"]
+    names = [f"{NAME}/1", f"{NAME}/2"]
+    model = adapters.model_of(names[0])
     ids = torch.tensor([prompt_ids(adapters.tokenizer, adapters._prompt(refs[0], PROMPT, None)[2])] * 2)
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=names).logits[:, -1].float()
@@ -475,7 +476,7 @@ def test_a_stream_keeps_its_version_through_a_reload(versions):
         del stream
         gc.collect()
         assert adapters.complete(ref, PROMPT, max_tokens=TOKENS)[0] == generated(uri, f"models:/{NAME}/1")
-        assert set(adapters.specs) == set(adapters.shared["lora"].peft_config) == {f"{NAME}/1"}, adapters.specs
+        assert set(adapters.specs) == set(adapters.model_of(f"{NAME}/1").peft_config) == {f"{NAME}/1"}, adapters.specs
     finally:
         cli("registry", "promote", NAME, "2", "--alias", "production", "--tracking-uri", uri)
 

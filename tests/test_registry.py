@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import QUICKSTART_RUN, REPO
+from conftest import QUICKSTART_RUN, REPO, SAME_LENGTH_PROMPTS
 
 PROMPT = "Fill in the fact card for the animal.\nA brown owl at the river."
 NAME = QUICKSTART_RUN
@@ -257,7 +257,7 @@ def test_merged_and_adapter_versions_are_served_as_generate_answers(registered):
     uri, refs = registered["uri"], [f"models:/{NAME}-merged/1", f"models:/{NAME}/1"]
     served = ServedAdapters(refs, uri)
     assert served.load() == {ref: ref for ref in refs}
-    assert list(served.whole) == [f"{NAME}-merged/1"] and list(served.shared) == ["lora"]
+    assert list(served.whole) == [f"{NAME}-merged/1"] and len(served.shared) == 1
     for ref in refs:
         result = CliRunner().invoke(app, ["generate", ref, PROMPT, "--max-new-tokens", "16", "--tracking-uri", uri])
         assert result.exit_code == 0, result.output
@@ -267,36 +267,43 @@ def test_merged_and_adapter_versions_are_served_as_generate_answers(registered):
         assert text == "".join(stream.pieces) == want and prompt_tokens > 0 and stream.count(text) > 0, ref
 
 
-def test_adapters_of_two_peft_methods_are_served_from_one_replica(registered, tmp_path):
-    """peft holds adapters of one type per model ("Cannot combine adapters with different peft
-    types"): a replica serving a LoRA and a prompt tuning version of one base holds a copy of the
-    base for each method, answers each request as `generate` answers for its version, and drops
-    a method's copy with its last version."""
+def test_each_version_is_served_on_the_base_its_job_loads(registered, tmp_path):
+    """A replica serving the session's QLoRA version, a prompt tuning version and a LoRA version
+    trained on the unquantized bf16 base, all of one base, holds a peft model for each (peft
+    combines adapters of one type only: "Cannot combine adapters with different peft types"; the
+    bf16 LoRA needs the base as its job loads it, not 4-bit). Requests to all three gathered
+    together are each answered as `generate` answers for the version, in a batch of that version's
+    own; unloading a version drops its model."""
     from orchestrator.models.inference import complete, load_adapter
-    from orchestrator.serving.adapters import ServedAdapters, model_id
+    from orchestrator.serving.adapters import ServedAdapters, model_id, shared_key
     from orchestrator.spec import load_spec
     from orchestrator.tracking.registry import download_model
     from orchestrator.training.recipe import run_job
 
     uri = registered["uri"]
-    sets = {"name": f"{NAME}-pt", "registry.name": f"{NAME}-pt", "peft.method": "prompt_tuning",
-            "peft.num_virtual_tokens": 4, "tracking.uri": uri, "storage.path": str(tmp_path / "runs"),
-            "training.max_steps": 4, "training.eval_every": 4, "training.eval_batches": 1,
-            "distributed.num_workers": 1}
-    run_job(load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()]))
-    refs = [f"models:/{NAME}/1", f"models:/{NAME}-pt/1"]
+    others = {f"{NAME}-pt": {"peft.method": "prompt_tuning", "peft.num_virtual_tokens": 4},
+              f"{NAME}-bf16": {"quantization.bits": "null"}}
+    for name, sets in others.items():
+        sets = {"name": name, "registry.name": name, "tracking.uri": uri, "storage.path": str(tmp_path / "runs"),
+                "training.max_steps": 4, "training.eval_every": 4, "training.eval_batches": 1,
+                "distributed.num_workers": 1, **sets}
+        run_job(load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()]))
+    refs = [f"models:/{NAME}/1", *(f"models:/{name}/1" for name in others)]
     served = ServedAdapters(refs, uri)
     assert served.load() == {ref: ref for ref in refs}
-    assert sorted(served.shared) == ["lora", "prompt_tuning"] and not served.whole
-    prompts = [PROMPT, "Describe the animal.\nA cat."]
+    assert len(served.shared) == 3 and not served.whole
+    assert not getattr(served.model_of(f"{NAME}-bf16/1"), "is_loaded_in_4bit", False)
+    assert served.model_of(f"{NAME}/1").is_loaded_in_4bit
+    prompts = SAME_LENGTH_PROMPTS
     answers = served.complete_many([dict(ref=ref, prompt=p, max_tokens=8) for ref in refs for p in prompts])
+    assert [a.batch_size for a in answers] == [2] * 6, answers
     for i, ref in enumerate(refs):
         alone = load_adapter(download_model(ref, tmp_path / f"v{i}", uri))
         want = [complete(alone, p, max_new_tokens=8) for p in prompts]
         assert [a.text for a in answers[2 * i:2 * i + 2]] == want, ref
     served.refs = [model_id(refs[0])]
     served.load()
-    assert list(served.shared) == ["lora"] and set(served.specs) == {f"{NAME}/1"}
+    assert list(served.shared) == [shared_key(served.specs[f"{NAME}/1"])] and set(served.specs) == {f"{NAME}/1"}
 
 
 def test_served_requests_gathered_together_share_one_generation(registered):
@@ -318,7 +325,8 @@ def test_served_requests_gathered_together_share_one_generation(registered):
     requests.insert(3, dict(ref=adapter, prompt=PROMPT, max_tokens=16, decoding=sampled))
     requests.append(dict(ref="models:/nope/1", prompt=PROMPT, max_tokens=16))
     rows: list[int] = []  # the batch size of each pass of the adapters' model
-    hook = served.shared["lora"].get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    embeddings = served.model_of(f"{NAME}/1").get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
     try:
         answers = served.complete_many(requests)
     finally:
@@ -356,7 +364,8 @@ def test_streams_that_arrive_together_generate_as_one_batch(registered):
     served = ServedAdapters([ref], uri, max_batch=len(PROMPTS), batch_wait_s=60.0)
     served.load()
     rows: list[int] = []
-    hook = served.shared["lora"].get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    embeddings = served.model_of(f"{NAME}/1").get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             streams = list(pool.map(lambda p: served.stream(ref, prompt=p, max_tokens=16), PROMPTS))

@@ -20,8 +20,8 @@ def serve(models: Optional[List[str]] = typer.Argument(None, help="models:/NAME@
           host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every one)."),
           port: int = typer.Option(8000, "--port", help="HTTP port."),
           replicas: int = typer.Option(1, "--replicas", min=1, help="Replicas of the deployment (each loads "
-                                                                     "the base once per PEFT method, and each "
-                                                                     "merged version)."),
+                                                                     "the base once per PEFT method and "
+                                                                     "quantization, and each merged version)."),
           reload_every: Optional[float] = typer.Option(None, "--reload-every", min=1.0,
                                                        help="Re-resolve the aliases every S seconds (every replica)."),
           max_batch: int = typer.Option(MAX_BATCH, "--max-batch", min=1,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 
-LORA = "LoRA adapters"  # the batch group of the LoRA adapters of the shared base
+LORA = "LoRA adapters"  # with a shared model's key: the batch group of LoRA adapters that peft mixes
 # Requests a replica completes together at most (`serve --max-batch`): concurrent greedy requests with
 # the same max_tokens and stop strings share one batched generation, streamed or not. A batch gathers
 # for up to BATCH_WAIT_S after its first request.
@@ -77,10 +77,19 @@ class _Waiting(NamedTuple):
 BATCHER_IDLE_S = 30.0
 
 
+def shared_key(spec) -> tuple:
+    """Which adapter versions one peft model can hold: one PEFT method, on the base loaded as the
+    job loads it (dtype, quantization, attention kernel; the base itself is checked apart)."""
+    m = spec.model
+    return (spec.peft.method, m.dtype, m.attn_implementation, tuple(sorted(spec.quantization.model_dump().items())))
+
+
 class ServedAdapters:
     """Versions loaded once each, under the names `NAME/VERSION`: adapters of one base in one peft
-    model per PEFT method (peft combines adapters of one type only: a LoRA and a prompt tuning
-    version each have a copy of the base), whole models (merged, full, freeze) on their own."""
+    model per PEFT method and way of loading the base (`shared_key`): peft combines adapters of one
+    type only, and an adapter answers as `generate` answers for it only on the base loaded as its
+    job loads it (a QLoRA version on the 4-bit base, a LoRA version trained in bf16 on the bf16
+    one). Whole models (merged, full, freeze) on their own."""
 
     def __init__(self, refs: list[str], tracking_uri: str, max_batch: int = MAX_BATCH,
                  batch_wait_s: float = BATCH_WAIT_S):
@@ -89,7 +98,7 @@ class ServedAdapters:
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.refs = [model_id(r) for r in refs]
         self.tracking_uri = tracking_uri
-        self.shared: dict[str, object] = {}   # PEFT method -> the peft model holding its adapters
+        self.shared: dict[tuple, object] = {}  # shared_key -> the peft model holding those adapters
         self.tokenizer = None
         self.base: tuple | None = None        # (model.base, base sha256) every adapter must share
         self.specs: dict[str, object] = {}    # version name -> the job spec it was trained with
@@ -152,21 +161,21 @@ class ServedAdapters:
                 self.tokenizer = load_tokenizer(base_path, spec.model.trust_remote_code, spec.model.revision,
                                                 spec.data.chat_template)
                 self.base = base
-            method = spec.peft.method
-            if method not in self.shared:
+            key = shared_key(spec)
+            if key not in self.shared:
                 from peft import PeftModel
 
                 # A replica given a GPU (k8s render --serve --gpu) holds the model there, as `generate` would.
-                self.shared[method] = PeftModel.from_pretrained(load_base_for_inference(spec, base_path), str(local),
-                                                                adapter_name=name)
-                self.shared[method].eval()
+                self.shared[key] = PeftModel.from_pretrained(load_base_for_inference(spec, base_path), str(local),
+                                                             adapter_name=name)
+                self.shared[key].eval()
             else:
-                self.shared[method].load_adapter(str(local), adapter_name=name)
+                self.shared[key].load_adapter(str(local), adapter_name=name)
         self.specs[name] = spec
 
     def model_of(self, name: str):
         """The peft model that holds adapter version `name` (loaded, not a whole model)."""
-        return self.shared[self.specs[name].peft.method]
+        return self.shared[shared_key(self.specs[name])]
 
     def _unload(self, name: str) -> None:
         """Drop version `name` (under the lock), or retire it while streams still use it."""
@@ -174,11 +183,11 @@ class ServedAdapters:
             self.retired.add(name)
             return
         if self.whole.pop(name, None) is None:
-            method = self.specs[name].peft.method
-            if len(self.shared[method].peft_config) == 1:  # its method's last adapter: the base copy goes too
-                del self.shared[method]
+            key = shared_key(self.specs[name])
+            if len(self.shared[key].peft_config) == 1:  # the model's last adapter: its copy of the base goes too
+                del self.shared[key]
             else:
-                self.shared[method].delete_adapter(name)
+                self.shared[key].delete_adapter(name)
         del self.specs[name]
 
     def _settle(self) -> None:
@@ -253,7 +262,8 @@ class ServedAdapters:
 
         method = None if name in self.whole else self.specs[name].peft.method
         length = len(prompt_ids(loaded.tokenizer, text)) if method in PROMPT_LEARNING else None
-        return (LORA if method == "lora" and self._mixes(name) else name, length, max_tokens, decoding,
+        mixed = method == "lora" and self._mixes(name)
+        return ((LORA, shared_key(self.specs[name])) if mixed else name, length, max_tokens, decoding,
                 next(self._alone) if decoding.samples else None)
 
     def _mixes(self, name: str) -> bool:
@@ -262,7 +272,7 @@ class ServedAdapters:
         ("Cannot pass `adapter_names` when DoRA is enabled"), and any batch at all once an adapter
         of the model targets parameters (a mixture of experts' fused expert weights: "does not
         support mixed adapter batches yet")."""
-        configs = self.shared["lora"].peft_config
+        configs = self.model_of(name).peft_config
         return not configs[name].use_dora and not any(c.target_parameters for c in configs.values())
 
     def complete_many(self, requests: list[dict]) -> list:
