@@ -12,7 +12,7 @@ import pytest
 from orchestrator.search.compare import preset_overrides
 from orchestrator.spec import load_spec
 
-from conftest import REPO, serve_two_versions_gathered
+from conftest import REPO, SAME_LENGTH_PROMPTS, serve_two_versions_gathered
 from held_weights import assert_same_logits_as_deepspeed_held
 
 # method -> (compare preset, extra overrides): the presets are what `orchestrator compare` runs.
@@ -31,27 +31,46 @@ STEPS = 10
 MODE = {"freeze": "changed-weights", "full": "full-model"}
 
 
-def method_spec(tmp, method: str, **extra):
+def method_spec(tmp, store, method: str):
+    """The method's job: its checkpoints under `tmp`, tracked and registered in `store`'s MLflow
+    database."""
     preset, overrides = METHODS[method]
     sets = [*preset_overrides(preset, "pm"),
             *(f"{k}={v}" for k, v in {
-                "name": f"pm-{method}", "registry.name": f"pm-{method}", "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
+                "name": f"pm-{method}", "registry.name": f"pm-{method}",
+                "tracking.uri": f"sqlite:///{store}/mlflow.db",
                 "storage.path": str(tmp / "runs"), "training.max_steps": STEPS, "training.eval_every": STEPS,
-                "training.eval_batches": 2, "distributed.num_workers": 1, **overrides, **extra}.items())]
+                "training.eval_batches": 2, "distributed.num_workers": 1, **overrides}.items())]
     return load_spec(REPO / "jobs" / "quickstart.yaml", sets)
 
 
-@pytest.fixture(scope="module", params=list(METHODS))
-def trained(request, tmp_path_factory, ray_local, tiny_base):
-    """One short run per method, registered, and its registered version downloaded."""
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ray_local, tiny_base):
+    """method -> (spec, summary, its registered version downloaded): one short run per method,
+    trained when first asked for, every method's registered in one MLflow store (so one replica
+    can serve them together)."""
     from orchestrator.tracking.registry import download_model
     from orchestrator.training.recipe import run_job
 
-    tmp = tmp_path_factory.mktemp(request.param)
-    spec = method_spec(tmp, request.param)
-    summary = run_job(spec)
-    saved = download_model(summary.registered_model["uri"], tmp / "registered", summary.tracking_uri)
-    return request.param, spec, summary, saved
+    store = tmp_path_factory.mktemp("peft-methods")
+    done: dict[str, tuple] = {}
+
+    def run(method: str) -> tuple:
+        if method not in done:
+            tmp = store / method
+            spec = method_spec(tmp, store, method)
+            summary = run_job(spec)
+            done[method] = (spec, summary, download_model(summary.registered_model["uri"], tmp / "registered",
+                                                          summary.tracking_uri))
+        return done[method]
+
+    return run
+
+
+@pytest.fixture(scope="module", params=list(METHODS))
+def trained(request, runs):
+    """(method, spec, summary, registered version downloaded) of each method's run."""
+    return (request.param, *runs(request.param))
 
 
 def test_each_method_learns(trained):
@@ -170,15 +189,47 @@ def test_served_requests_share_a_batch_as_the_method_allows(trained):
 def test_dora_versions_served_together_batch_per_version(trained):
     """peft refuses DoRA in a mixed-adapter batch ("Cannot pass `adapter_names` when DoRA is
     enabled"): requests gathered together to two DoRA versions (the lora method's run, on the dora
-    preset, registered again as version 2) are completed in one batch per version, each answer
-    the one its version gives alone."""
+    preset, registered again as version 2) are completed in one batch per version, its answers
+    the other version's (the same weights)."""
     method, spec, summary, _ = trained
     if not spec.peft.use_dora:
         pytest.skip("the lora method's run is the DoRA one (the dora preset)")
-    _, answers, alone = serve_two_versions_gathered(spec, summary, max_tokens=6)
+    _, answers = serve_two_versions_gathered(spec, summary, max_tokens=6)
     assert not [a for a in answers if isinstance(a, Exception)], answers
     assert [a.batch_size for a in answers] == [2, 2, 2, 2]
-    assert [a.text for a in answers] == alone * 2 and all(alone), (answers, alone)
+    # The versions hold the same weights, and each batch ran the same computation.
+    assert [a.text for a in answers[:2]] == [a.text for a in answers[2:]] and all(a.text for a in answers), answers
+
+
+def test_one_replica_serves_every_methods_version(runs):
+    """Every method's registered version, all of one base, in one replica as `serve` holds them
+    (ServedAdapters): a peft model per PEFT method (peft combines adapters of one type only:
+    "Cannot combine adapters with different peft types"; the IA3 one on its 8-bit base), the
+    freeze and full versions as models of their own. Requests to all of them gathered together
+    are each completed in a batch of its version's own, as the version loaded alone (as
+    `generate` loads it) completes the same batch; unloading a version drops its model."""
+    from orchestrator.models.inference import complete_batch, format_prompt, load_adapter
+    from orchestrator.serving.adapters import ServedAdapters, model_id
+
+    versions = {method: runs(method) for method in METHODS}
+    refs = [f"models:/{spec.registered_name}/1" for spec, _, _ in versions.values()]
+    served = ServedAdapters(refs, versions["lora"][1].tracking_uri)
+    assert served.load() == {ref: ref for ref in refs}
+    assert len(served.shared) == 5 and sorted(served.whole) == ["pm-freeze/1", "pm-full/1"]
+    # Each on the base as its job loads it: the IA3 version on bitsandbytes' 8-bit layers, the
+    # (DoRA) LoRA version on the bf16 ones.
+    layers = {method: {type(m).__name__ for m in served.model_of(f"pm-{method}/1").modules()}
+              for method in ("ia3", "lora")}
+    assert "Linear8bitLt" in layers["ia3"] and not {"Linear8bitLt", "Linear4bit"} & layers["lora"], layers
+    answers = served.complete_many([dict(ref=ref, prompt=p, max_tokens=6) for ref in refs for p in SAME_LENGTH_PROMPTS])
+    assert [a.batch_size for a in answers] == [2] * 2 * len(refs), answers
+    for i, (method, (_, _, saved)) in enumerate(versions.items()):
+        alone = load_adapter(saved)
+        want = complete_batch(alone, [format_prompt(alone, p) for p in SAME_LENGTH_PROMPTS], 6)
+        assert [a.text for a in answers[2 * i:2 * i + 2]] == want, method
+    served.refs = [model_id(refs[0])]
+    served.load()
+    assert len(served.shared) == 1 and not served.whole and set(served.specs) == {"pm-lora/1"}
 
 
 # --- the planner counts what peft builds ---------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import QUICKSTART_RUN, REPO, SAME_LENGTH_PROMPTS
+from conftest import QUICKSTART_RUN, REPO
 
 PROMPT = "Fill in the fact card for the animal.\nA brown owl at the river."
 NAME = QUICKSTART_RUN
@@ -267,43 +267,25 @@ def test_merged_and_adapter_versions_are_served_as_generate_answers(registered):
         assert text == "".join(stream.pieces) == want and prompt_tokens > 0 and stream.count(text) > 0, ref
 
 
-def test_each_version_is_served_on_the_base_its_job_loads(registered, tmp_path):
-    """A replica serving the session's QLoRA version, a prompt tuning version and a LoRA version
-    trained on the unquantized bf16 base, all of one base, holds a peft model for each (peft
-    combines adapters of one type only: "Cannot combine adapters with different peft types"; the
-    bf16 LoRA needs the base as its job loads it, not 4-bit). Requests to all three gathered
-    together are each answered as `generate` answers for the version, in a batch of that version's
-    own; unloading a version drops its model."""
-    from orchestrator.models.inference import complete, load_adapter
-    from orchestrator.serving.adapters import ServedAdapters, model_id, shared_key
+def test_adapter_versions_share_a_model_only_on_a_base_loaded_alike():
+    """`serve` holds adapter versions of one base in one peft model per `shared_key`: a version
+    answers as `generate` answers for it only on the base loaded as its job loads it (a LoRA
+    trained on the bf16 base not on the 4-bit one), and peft combines adapters of one type only.
+    How the job trained and the adapter's own shape do not matter. (tests/test_peft_methods.py
+    serves every method's version from one replica.)"""
+    from orchestrator.serving.adapters import shared_key
     from orchestrator.spec import load_spec
-    from orchestrator.tracking.registry import download_model
-    from orchestrator.training.recipe import run_job
 
-    uri = registered["uri"]
-    others = {f"{NAME}-pt": {"peft.method": "prompt_tuning", "peft.num_virtual_tokens": 4},
-              f"{NAME}-bf16": {"quantization.bits": "null"}}
-    for name, sets in others.items():
-        sets = {"name": name, "registry.name": name, "tracking.uri": uri, "storage.path": str(tmp_path / "runs"),
-                "training.max_steps": 4, "training.eval_every": 4, "training.eval_batches": 1,
-                "distributed.num_workers": 1, **sets}
-        run_job(load_spec(REPO / "jobs" / "quickstart.yaml", [f"{k}={v}" for k, v in sets.items()]))
-    refs = [f"models:/{NAME}/1", *(f"models:/{name}/1" for name in others)]
-    served = ServedAdapters(refs, uri)
-    assert served.load() == {ref: ref for ref in refs}
-    assert len(served.shared) == 3 and not served.whole
-    assert not getattr(served.model_of(f"{NAME}-bf16/1"), "is_loaded_in_4bit", False)
-    assert served.model_of(f"{NAME}/1").is_loaded_in_4bit
-    prompts = SAME_LENGTH_PROMPTS
-    answers = served.complete_many([dict(ref=ref, prompt=p, max_tokens=8) for ref in refs for p in prompts])
-    assert [a.batch_size for a in answers] == [2] * 6, answers
-    for i, ref in enumerate(refs):
-        alone = load_adapter(download_model(ref, tmp_path / f"v{i}", uri))
-        want = [complete(alone, p, max_new_tokens=8) for p in prompts]
-        assert [a.text for a in answers[2 * i:2 * i + 2]] == want, ref
-    served.refs = [model_id(refs[0])]
-    served.load()
-    assert list(served.shared) == [shared_key(served.specs[f"{NAME}/1"])] and set(served.specs) == {f"{NAME}/1"}
+    def key(*sets: str) -> tuple:
+        return shared_key(load_spec(REPO / "jobs" / "quickstart.yaml", list(sets)))
+
+    qlora = key()
+    assert key("training.max_steps=5", "distributed.num_workers=1", "distributed.deepspeed.stage=3", "peft.r=4",
+               "peft.use_dora=true", "data.max_seq_len=32") == qlora
+    for other in (["quantization.bits=null"], ["quantization.bits=8"], ["quantization.double_quant=false"],
+                  ["quantization.quant_type=fp4"], ["model.dtype=float32"], ["model.attn_implementation=eager"],
+                  ["peft.method=ia3"], ["peft.method=prompt_tuning"]):
+        assert key(*other) != qlora, other
 
 
 def test_served_requests_gathered_together_share_one_generation(registered):
