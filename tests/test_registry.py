@@ -282,6 +282,8 @@ def test_adapter_versions_share_a_model_only_on_a_base_loaded_alike():
     qlora = key()
     assert key("training.max_steps=5", "distributed.num_workers=1", "distributed.deepspeed.stage=3", "peft.r=4",
                "peft.use_dora=true", "data.max_seq_len=32") == qlora
+    # 4-bit's own settings do not part unquantized (or 8-bit) bases.
+    assert key("quantization.bits=null", "quantization.double_quant=false") == key("quantization.bits=null")
     for other in (["quantization.bits=null"], ["quantization.bits=8"], ["quantization.double_quant=false"],
                   ["quantization.quant_type=fp4"], ["model.dtype=float32"], ["model.attn_implementation=eager"],
                   ["peft.method=ia3"], ["peft.method=prompt_tuning"]):

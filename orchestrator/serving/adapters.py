@@ -80,8 +80,9 @@ BATCHER_IDLE_S = 30.0
 def shared_key(spec) -> tuple:
     """Which adapter versions one peft model can hold: one PEFT method, on the base loaded as the
     job loads it (dtype, quantization, attention kernel; the base itself is checked apart)."""
-    m = spec.model
-    return (spec.peft.method, m.dtype, m.attn_implementation, tuple(sorted(spec.quantization.model_dump().items())))
+    m, q = spec.model, spec.quantization
+    quantized = (q.bits, q.quant_type, q.double_quant) if q.bits == 4 else (q.bits,)  # the rest only for 4-bit
+    return (spec.peft.method, m.dtype, m.attn_implementation, quantized)
 
 
 class ServedAdapters:
@@ -273,7 +274,7 @@ class ServedAdapters:
         of the model targets parameters (a mixture of experts' fused expert weights: "does not
         support mixed adapter batches yet")."""
         configs = self.model_of(name).peft_config
-        return not configs[name].use_dora and not any(c.target_parameters for c in configs.values())
+        return not configs[name].use_dora and not any(getattr(c, "target_parameters", None) for c in configs.values())
 
     def complete_many(self, requests: list[dict]) -> list:
         """The completions of several requests (each `complete`'s arguments as a dict), in their

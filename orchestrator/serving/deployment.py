@@ -1,7 +1,8 @@
 """The Ray Serve application behind `orchestrator serve`: one deployment (N replicas), each
 replica holding the base once per PEFT method and quantization, with every served adapter
 (`ServedAdapters`), behind a FastAPI ingress speaking the OpenAI API; `/v1/reload` (and, with
-`reload_every`, a timer) re-resolves the aliases. Ray, Serve and FastAPI are imported inside the functions.
+`reload_every`, a timer) re-resolves the aliases. Ray, Serve and FastAPI are imported inside the
+functions.
 
 No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`Request`,
 imported inside `build_app`) as objects; as strings it could not resolve them and would take
