@@ -176,8 +176,7 @@ def test_served_requests_share_a_batch_as_the_method_allows(trained):
     ref = summary.registered_model["uri"]
     served = ServedAdapters([ref], summary.tracking_uri)
     served.load()
-    prompts = ["Describe the animal.\nA cat.", "Describe the animal.\nA dog.",
-               "Describe the animal.\nA small brown owl at the river."]
+    prompts = [*SAME_LENGTH_PROMPTS, "Describe the animal.\nA small brown owl at the river."]
     name, loaded, _ = served._prompt(ref, prompts[0], None)
     lengths = [len(prompt_ids(loaded.tokenizer, served._prompt(ref, p, None)[2])) for p in prompts]
     assert lengths[0] == lengths[1] != lengths[2], lengths

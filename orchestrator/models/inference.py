@@ -255,8 +255,8 @@ def stream_batch(loaded: Loaded, texts: list[str], max_new_tokens: int = 64, gua
     texts, max_new_tokens, batch_size=len(texts), decoding=decoding, adapters=adapters)` (the same
     tokens, decoded as they come, up to a stop string; whitespace at either end held back, as those
     answers are stripped). The prompts are padded on the left and ordered by length as there (the
-    generators stay in the texts' order); a prompt or prefix tuning
-    adapter's batch takes prompts of one length only (of several: a ValueError from every generator).
+    generators stay in the texts' order); a prompt or prefix tuning adapter's batch takes prompts
+    of one length only (of several: a ValueError from every generator).
 
     Generation runs in a thread of its own, inside `guard` (a context manager; `serve` holds its
     adapter lock there, so no other request switches the adapter mid-answer), from now. A text's

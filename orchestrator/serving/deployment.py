@@ -122,10 +122,10 @@ def build_app(refs: list[str], tracking_uri: str, replicas: int = 1, reload_ever
 
 async def _until_disconnected(events, cancel, threads):
     """The server-sent `events` of a streamed answer as the model writes them, each read in a
-    worker thread of `threads` (an executor), so the replica's event loop
-    stays free. When the client goes away Serve cancels this generator (a plain generator it would
-    only leave suspended, its generation running on to `max_tokens` with the adapter lock held:
-    measured), and `cancel` stops the generation at its next token."""
+    worker thread of `threads` (an executor), so the replica's event loop stays free. When the
+    client goes away Serve cancels this generator (a plain generator it would only leave suspended,
+    its generation running on to `max_tokens` with the adapter lock held: measured), and `cancel`
+    stops the generation at its next token."""
     import asyncio
 
     done = object()
