@@ -1,7 +1,7 @@
 """The built-in demo base model (builtin:tiny-llama) and the quickstart demo data.
 
 Cache mechanics and build determinism are tested on a shrunken recipe (a few optimizer
-steps, built in seconds); the real recipe is built once (about a minute on one core)
+steps, built in seconds); the real recipe is built once (about a minute and a half on one core)
 in the default cache, which the rest of the test session shares.
 """
 
@@ -194,13 +194,20 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
 
 
-def test_build_is_byte_identical(tmp_path):
+def test_build_is_byte_identical_on_another_cpu(tmp_path, monkeypatch):
+    """The second build runs as on a CPU with AVX2 and without AVX-512: torch told to use its AVX2
+    kernels, MKL its AVX2 code paths. Unpinned (without PINNED_NUMERICS) the two builds' weights
+    differ on a CPU with AVX-512 (this machine's); pinned they are byte-identical."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     bm._build(SHRUNK, a)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     bm._build(SHRUNK, b)
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    numerics = json.loads((b / bm.BUILD_INFO_FILE).read_text())["numerics"]
+    assert numerics == {**bm.PINNED_NUMERICS, "cpu_capability": "AVX2"} == {**bm._numerics(), "cpu_capability": "AVX2"}
 
 
 # --- the real recipe -----------------------------------------------------------------
@@ -210,6 +217,18 @@ def test_build_is_byte_identical(tmp_path):
 def tiny_llama_dir() -> Path:
     """The real builtin:tiny-llama in the default cache (shared with the rest of the suite)."""
     return bm.resolve_builtin("builtin:tiny-llama")
+
+
+def test_real_model_is_the_documented_bytes(tiny_llama_dir):
+    """The model this machine built is the one docs/demo.md names: the same bytes as on the machine
+    that wrote it there, whatever this CPU's instruction set."""
+    import hashlib
+    import re
+
+    demo = (REPO / "docs" / "demo.md").read_text()
+    documented = re.search(r"`model.safetensors` has the SHA-256\s+`([0-9a-f]{64})`", demo)
+    assert documented, "docs/demo.md names no SHA-256 of the built-in model"
+    assert hashlib.sha256((tiny_llama_dir / "model.safetensors").read_bytes()).hexdigest() == documented[1]
 
 
 def test_real_model_loads_and_knows_its_world(tiny_llama_dir):
