@@ -142,8 +142,12 @@ def test_chat_template(tokenizer):
 # --- cache mechanics and determinism (shrunken recipe) -------------------------------
 
 
-def test_build_once_then_cached(tmp_path, monkeypatch):
-    calls = []
+@pytest.fixture(scope="module")
+def concurrent_build(tmp_path_factory) -> dict:
+    """SHRUNK resolved by 3 threads at once in an empty cache (the real child-process build), with
+    each build call and progress update they made."""
+    root = tmp_path_factory.mktemp("cache")
+    calls, seen_progress, results = [], [], []
     real_build = bm._build
 
     def counting_build(spec, out_dir, progress=None):
@@ -151,35 +155,38 @@ def test_build_once_then_cached(tmp_path, monkeypatch):
         time.sleep(0.5)  # widen the race window for the concurrent callers below
         return real_build(spec, out_dir, progress=progress)
 
-    monkeypatch.setattr(bm, "_build", counting_build)
-    seen_progress = []
-    results = []
-
     def progress(step: int, total: int) -> None:
         seen_progress.append((step, total))
 
     def call() -> None:
-        results.append(bm._resolve_spec(SHRUNK, tmp_path, progress))
+        results.append(bm._resolve_spec(SHRUNK, root, progress))
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bm, "_build", counting_build)
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return {"root": root, "calls": calls, "progress": seen_progress, "results": results}
+
+
+def test_build_once_then_cached(concurrent_build):
+    root, calls, results = concurrent_build["root"], concurrent_build["calls"], concurrent_build["results"]
     assert len(calls) == 1, "concurrent callers must build once"
-    assert len(set(results)) == 1
+    assert len(results) == 3 and len(set(results)) == 1
     path = results[0]
-    assert path == tmp_path / SHRUNK.dir_name()
-    assert seen_progress[-1] == (SHRUNK.steps, SHRUNK.steps)
+    assert path == root / SHRUNK.dir_name()
+    assert concurrent_build["progress"][-1] == (SHRUNK.steps, SHRUNK.steps)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", bm.BUILD_INFO_FILE):
         assert (path / name).is_file(), name
     assert "chat_template" in json.loads((path / "tokenizer_config.json").read_text())
     # no temp dirs left behind
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [SHRUNK.dir_name()]
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [SHRUNK.dir_name()]
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]
     t0 = time.time()
-    assert bm._resolve_spec(SHRUNK, tmp_path) == path
+    assert bm._resolve_spec(SHRUNK, root) == path
     assert time.time() - t0 < 0.5 and len(calls) == 1
 
 
@@ -194,13 +201,12 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
 
 
-def test_build_is_byte_identical_on_another_cpu(tmp_path, monkeypatch):
-    """The second build runs as on a CPU with AVX2 and without AVX-512: torch told to use its AVX2
+def test_build_is_byte_identical_on_another_cpu(concurrent_build, tmp_path, monkeypatch):
+    """A second build runs as on a CPU with AVX2 and without AVX-512: torch told to use its AVX2
     kernels, MKL its AVX2 code paths. Unpinned (without PINNED_NUMERICS) the two builds' weights
     differ on a CPU with AVX-512 (this machine's); pinned they are byte-identical."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    bm._build(SHRUNK, a)
+    a, b = concurrent_build["root"] / SHRUNK.dir_name(), tmp_path / "b"
+    b.mkdir()
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     bm._build(SHRUNK, b)
