@@ -78,6 +78,41 @@ def test_progress_updates_are_throttled_but_evaluations_and_the_last_step_always
     assert ProgressSender(job, rank=1)(100, {"eval_loss": 1.0}) is False  # other ranks never send
 
 
+def test_a_training_worker_never_changes_its_environment(tmp_path, monkeypatch):
+    """A training worker starts with TRAINING_WORKER_ENV (Ray's runtime env); its metric logger
+    then sets no variable, and its sends set MLflow's URIs once, at the first send (before the
+    logger's thread starts), never again: setenv beside the getenv of torch's, gloo's and Ray's
+    threads is a data race in glibc, which killed a restarted worker with SIGSEGV."""
+    import mlflow
+
+    from orchestrator.tracking.metrics import MetricLogger
+    from orchestrator.training.launch import TRAINING_WORKER_ENV
+
+    for k in TRAINING_WORKER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("env")).info.run_id
+    for k, v in TRAINING_WORKER_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = dict(os.environ)
+    logger = MetricLogger(uri, run_id, flush_interval_s=3600)
+    assert dict(os.environ) == before
+    logger.log(1, {"train_loss": 1.0})
+    assert logger.flush()
+    after_first = dict(os.environ)
+    assert set(after_first) - set(before) <= {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"}
+    logger.start_background()
+    for step in (2, 3):
+        logger.log(step, {"train_loss": 1.0})
+        logger.send()  # on the logger's thread
+    assert logger.close(timeout_s=5) == []
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3]
+    assert dict(os.environ) == after_first
+
+
 def test_metric_logger_sends_on_its_interval_and_on_flush(tmp_path):
     import mlflow
 

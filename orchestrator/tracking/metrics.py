@@ -9,11 +9,17 @@ import time
 from typing import Callable
 
 from orchestrator.spec import redact_uri
-from orchestrator.tracking.runs import _client
+from orchestrator.tracking.runs import CLIENT_ENV, _client
 
 # A worker's MLflow calls fail fast when the server is down (MLflow's own default retries for
 # minutes); the logger keeps what it could not send and tries again at its next flush.
 _WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# What a training worker's MLflow calls need in its environment, given to the process when it
+# starts (launch.TRAINING_WORKER_ENV), so that the worker never changes its environment while it
+# runs: setenv beside the getenv of torch's, gloo's and Ray's own threads is a data race in glibc
+# (a restarted rank-0 worker died of SIGSEGV in getenv 0.1 s after its process group came up,
+# 2026-12-07). The setdefault calls below then find every key set.
+WORKER_MLFLOW_ENV = {**CLIENT_ENV, **_WORKER_HTTP_ENV}
 
 
 class MetricLogger:

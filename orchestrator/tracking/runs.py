@@ -55,20 +55,27 @@ def _quiet():
         logger.setLevel(level)
 
 
+# No tqdm bars for artifact transfers in our console output, nor MLflow's "View run ... at: URL"
+# notice when a run ends (its URL is `tracking.uri` as given, user:password@ included).
+CLIENT_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
 def _client(uri: str):
     import mlflow
     from mlflow import MlflowClient
 
-    # No tqdm bars for artifact transfers in our console output.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Nor MLflow's "View run ... at: URL" notice when a run ends: its URL is `tracking.uri` as
-    # given, user:password@ included.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for k, v in CLIENT_ENV.items():
+        os.environ.setdefault(k, v)
     import logging
 
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables..."
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # MLflow keeps these URIs in the environment: set only when they change, so a process changes
+    # its environment once, not at every call (a training worker's sends run beside torch's,
+    # gloo's and Ray's threads, and setenv beside their getenv is a data race in glibc).
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    if mlflow.get_registry_uri() != uri:
+        mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

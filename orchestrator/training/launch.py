@@ -11,6 +11,7 @@ from typing import Callable
 from orchestrator.planning.resources import Resources
 from orchestrator.spec.checks import is_uri
 from orchestrator.storage import read_json, storage_location, storage_root
+from orchestrator.tracking.metrics import WORKER_MLFLOW_ENV
 from orchestrator.training.checkpoint import ADAPTER_DIR, TRAIN_STATE_FILE
 from orchestrator.training.worker import WorkerJob, train_loop_per_worker
 
@@ -35,8 +36,10 @@ WORKER_ENV = {
 # a test suite), where a script run by hand (HF Trainer, torchrun) runs at 0. On a shared 2-core
 # machine this alone made a step 1.7-1.9x slower than HF Trainer's (docs/benchmarks.md). Only the
 # training workers get it (Ray Train's controller and helper actors stay as Ray starts them); a
-# value set in the environment wins.
-TRAINING_WORKER_ENV = {"RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+# value set in the environment wins. They also start with what their MLflow calls need
+# (`WORKER_MLFLOW_ENV`: a worker must not change its environment while its threads run).
+TRAINING_WORKER_ENV = {"RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"),
+                       **{k: os.environ.get(k, v) for k, v in WORKER_MLFLOW_ENV.items()}}
 
 
 @dataclass
