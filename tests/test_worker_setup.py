@@ -88,8 +88,6 @@ def test_a_training_worker_never_changes_its_environment(tmp_path, monkeypatch):
     from orchestrator.tracking.metrics import MetricLogger
     from orchestrator.training.launch import TRAINING_WORKER_ENV
 
-    for k in TRAINING_WORKER_ENV:
-        monkeypatch.delenv(k, raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("env")).info.run_id
