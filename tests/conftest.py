@@ -3,20 +3,60 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BUILTIN_BASE = "builtin:tiny-llama"
+
+# Pre-training the built-in base takes about a minute and a half of one core when it is not in the
+# cache (a fresh machine, CI). It then runs in a process of its own from the end of collection,
+# while the modules that never use it run first on the other core (`pytest_collection_modifyitems`);
+# `tiny_base` waits for it. The process is stopped at the end of the session if still running.
+_base_build: dict = {}
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering and any deselection
+def pytest_collection_modifyitems(session, config, items):
+    users = {item.module for item in items if "tiny_base" in item.fixturenames}
+    # A stable sort by module: each module's tests stay together and in their order.
+    items[:] = sorted(items, key=lambda item: item.module in users)
+    if users and not config.option.collectonly:
+        from orchestrator.models.builtin import is_built
+
+        if not is_built(BUILTIN_BASE):
+            log = tempfile.TemporaryFile()
+            code = f"from orchestrator.models.builtin import resolve_builtin; resolve_builtin({BUILTIN_BASE!r})"
+            _base_build["log"] = log
+            _base_build["process"] = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log,
+                                                      start_new_session=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    process = _base_build.get("process")
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)  # with the build's own child process
+        process.wait()
 
 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
-    """The built-in demo base, built (deterministically) once and cached like `make demo` does."""
+    """The built-in demo base, built (deterministically) once and cached like `make demo` does:
+    by the session's background build when one was started, else here."""
     from orchestrator.models.builtin import resolve_builtin
 
-    return Path(resolve_builtin("builtin:tiny-llama"))
+    if (process := _base_build.get("process")) is not None and process.wait() != 0:
+        log = _base_build["log"]
+        log.seek(0)
+        pytest.fail(f"building {BUILTIN_BASE} failed:\n{log.read().decode(errors='replace')[-3000:]}")
+    return Path(resolve_builtin(BUILTIN_BASE))
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +102,23 @@ def quickstart_run(tmp_path_factory, ray_local, tiny_base):
 
 
 QUICKSTART_PROGRESS: list[tuple] = []
+
+
+def side_by_side(commands: list[list[str]], cwds: list | None = None, env: dict | None = None,
+                 timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Run `commands` as processes at the same time (a CLI process keeps about one core busy;
+    this machine has two) and return their results in order, output as text. Their output goes
+    through temporary files, so no process waits on a full pipe while another is read."""
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
+             for cmd, cwd, (out, err) in zip(commands, cwds or [None] * len(commands), files)]
+    results = []
+    for cmd, proc, (out, err) in zip(commands, procs, files):
+        proc.wait(timeout=timeout)
+        out.seek(0), err.seek(0)
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return results
 
 
 def free_port() -> int:

@@ -1,8 +1,8 @@
 """The built-in demo base model (builtin:tiny-llama) and the quickstart demo data.
 
 Cache mechanics and build determinism are tested on a shrunken recipe (a few optimizer
-steps, built in seconds); the real recipe is built once (about a minute and a half on one core)
-in the default cache, which the rest of the test session shares.
+steps, built in seconds); the real recipe is the session's (conftest's `tiny_base`: built once in
+the default cache, about a minute and a half on one core, while the tests that need no base run).
 """
 
 from __future__ import annotations
@@ -220,9 +220,9 @@ def test_build_is_byte_identical_on_another_cpu(concurrent_build, tmp_path, monk
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_dir() -> Path:
-    """The real builtin:tiny-llama in the default cache (shared with the rest of the suite)."""
-    return bm.resolve_builtin("builtin:tiny-llama")
+def tiny_llama_dir(tiny_base) -> Path:
+    """The real builtin:tiny-llama in the default cache (the session's, conftest's `tiny_base`)."""
+    return tiny_base
 
 
 def test_real_model_is_the_documented_bytes(tiny_llama_dir):
@@ -237,12 +237,13 @@ def test_real_model_is_the_documented_bytes(tiny_llama_dir):
     assert hashlib.sha256((tiny_llama_dir / "model.safetensors").read_bytes()).hexdigest() == documented[1]
 
 
-def test_real_model_loads_and_knows_its_world(tiny_llama_dir):
+def test_real_model_loads_and_knows_its_world(tiny_llama_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
     assert bm.resolve_builtin("builtin:tiny-llama") == tiny_llama_dir
+    assert bm.is_built("builtin:tiny-llama") and not bm.is_built("builtin:tiny-llama", cache_dir=tmp_path)
     assert time.time() - t0 < 0.5
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)

@@ -6,14 +6,13 @@ DeepSpeed with a 4-bit NF4 base, an MLflow sqlite store, and the model registry.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
 from orchestrator.spec import load_spec
 
-from conftest import REPO
+from conftest import REPO, side_by_side
 
 # The demo task: five short sentences about the animal named in the input (train/eval data in
 # jobs/data/quickstart); the base model has never seen this answer format.
@@ -109,17 +108,30 @@ def test_adapter_is_registered_with_alias(zero2_run, tmp_path):
     assert "model.safetensors" not in names
 
 
-def generate(summary, *extra):
-    cmd = [sys.executable, "-m", "orchestrator", "generate", summary.registered_model["uri"], PROMPT,
-           "--tracking-uri", summary.tracking_uri, "--max-new-tokens", "48", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
+def test_no_ray_datasets_actor_starts_for_a_run(zero2_run, ray_local):
+    """Ray Train starts an actor to hand out Ray Datasets at every run, even with none given
+    (launch._trainer_class leaves it out: the workers read their rows themselves). Ray's state API
+    lists the session's actors, the finished ones too."""
+    from ray.util.state import list_actors
+
+    names = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert "RayTrainWorker" in names and "DatasetManager" not in names, names
+
+
+def generate(summary, *variants: tuple[str, ...]) -> list[str]:
+    """`orchestrator generate` of PROMPT by the run's registered model, once per variant of the
+    command's extra options, the processes side by side."""
+    procs = side_by_side([[sys.executable, "-m", "orchestrator", "generate", summary.registered_model["uri"], PROMPT,
+                           "--tracking-uri", summary.tracking_uri, "--max-new-tokens", "48", *extra]
+                          for extra in variants])
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return [proc.stdout.strip() for proc in procs]
 
 
 def test_generate_answers_in_the_direction_of_the_training_data(zero2_run):
     _, summary = zero2_run
-    tuned, base = generate(summary), generate(summary, "--base")
+    tuned, base = generate(summary, (), ("--base",))
     assert tuned != base
     score = lambda text: sum(sentence in text for sentence in PATTERN)
     assert score(tuned) >= 3 > score(base), (tuned, base)

@@ -119,16 +119,20 @@ def test_rng_states_round_trip():
 # --- a worker process dies ---------------------------------------------------------------------------
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once(tmp_path, ray_local, tiny_base):
+def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once(tmp_path, quickstart_run):
     from orchestrator.training.recipe import run_job
 
+    # The session's quickstart run (conftest.py) with checkpoints and a restart allowed: the
+    # uninterrupted run this one must equal. Checkpoints change nothing a step computes.
+    clean_spec, clean = quickstart_run
     # The kill waits for a checkpoint Ray Train has recorded and for a progress update after it
     # (the driver polls every 0.5 s): 50 steps after the first checkpoint leave several polls on a
     # fast machine (with 30 steps and a checkpoint every 5, a quick run once ended first).
-    every, total, evals = 10, 60, 6
-    settings = {"training.max_steps": total, "training.checkpoint_every": every, "training.eval_every": evals,
-                "training.eval_batches": 1, "distributed.max_failures": 1}
-    spec = quickstart(tmp_path, name="fault-worker", **settings)
+    every, total, evals = 10, clean_spec.training.max_steps, clean_spec.training.eval_every
+    assert (total, evals) == (60, 20)
+    spec = quickstart(tmp_path, name="fault-worker", **{
+        "training.max_steps": total, "training.eval_every": evals, "training.checkpoint_every": every,
+        "distributed.max_failures": 1})
     killed: dict = {}
 
     def on_progress(task, step, _total, _metrics):
@@ -157,7 +161,6 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_logs_each_step_once
     assert resumed % every == 0 and killed["saved"] <= resumed <= killed["step"], (killed, resumed)
     assert summary.registered_model["version"] == "1"
     # Exact resume with streamed data: every evaluation equals an uninterrupted run's with the same seed.
-    clean = run_job(quickstart(tmp_path, name="fault-worker-clean", **settings))
     history = lambda s: [m.value for m in sorted(client_for(s.tracking_uri).get_metric_history(s.run_id, "eval_loss"),
                                                   key=lambda m: m.step)]  # noqa: E731
     assert history(summary) == pytest.approx(history(clean), abs=1e-4)

@@ -4,27 +4,35 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, side_by_side
 
 
-def run_cli(*args, cwd):
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "orchestrator", "run", str(REPO / "jobs" / "quickstart.yaml"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, tiny_base) -> dict:
+    """`orchestrator run` of the quickstart as a GPU job, each in an empty working directory, the
+    processes side by side: {case: (its result, its working directory)}."""
+    cases = {"cannot fit": ["--gpu-memory", "100MiB"], "no gpus": ["--gpu-memory", "80GiB"]}
+    cwds = [tmp_path_factory.mktemp(case.replace(" ", "-")) for case in cases]
+    procs = side_by_side([[sys.executable, "-m", "orchestrator", "run", str(REPO / "jobs" / "quickstart.yaml"),
+                           "--set", "distributed.use_gpu=true", *args] for args in cases.values()],
+                         cwds=cwds, env={**os.environ, "COLUMNS": "200"})
+    return dict(zip(cases, zip(procs, cwds)))
 
 
-def test_a_gpu_job_that_cannot_fit_is_refused_with_the_plan_and_changes(tmp_path, tiny_base):
-    proc = run_cli("--set", "distributed.use_gpu=true", "--gpu-memory", "100MiB", cwd=tmp_path)
+def test_a_gpu_job_that_cannot_fit_is_refused_with_the_plan_and_changes(refused):
+    proc, cwd = refused["cannot fit"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "does not fit" in proc.stdout + proc.stderr
     assert "pass --force to run anyway" in proc.stderr
     # Nothing was trained or tracked.
-    assert not (tmp_path / "runs").exists()
+    assert not (cwd / "runs").exists()
 
 
-def test_a_local_gpu_job_without_gpus_is_refused(tmp_path, tiny_base):
-    proc = run_cli("--set", "distributed.use_gpu=true", "--gpu-memory", "80GiB", cwd=tmp_path)
+def test_a_local_gpu_job_without_gpus_is_refused(refused):
+    proc, _ = refused["no gpus"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "distributed.use_gpu: the job asks for 2 GPU worker(s) but this machine has 0 GPU(s)" in proc.stderr
 

@@ -81,6 +81,15 @@ def resolve_builtin(
     return _resolve_spec(_lookup(base), cache_dir=cache_dir, progress=progress)
 
 
+def is_built(base: str, cache_dir: Path | None = None) -> bool:
+    """Whether built-in model ``base`` is in the cache: `resolve_builtin` returns it at once."""
+    return _is_complete(_cache_path(_lookup(base), cache_dir))
+
+
+def _cache_path(spec: BuiltinModelSpec, cache_dir: Path | None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / spec.dir_name()
+
+
 def _is_complete(path: Path) -> bool:
     return (path / BUILD_INFO_FILE).is_file()
 
@@ -90,8 +99,8 @@ def _resolve_spec(
     cache_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_dir / spec.dir_name()
+    final = _cache_path(spec, cache_dir)
+    cache_dir = final.parent
     if _is_complete(final):
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -162,6 +162,27 @@ def _tune_report_callback():
     return TuneReportCallback()
 
 
+def _trainer_class():
+    """Ray Train's `TorchTrainer`, without the callback that serves Ray Datasets to the workers
+    when none is passed (ours read their rows themselves, see `fit`). Ray Train adds it to every
+    run, and it starts an actor process and makes each worker import Ray Data before the training
+    function starts: some 1-1.5 s of every run's start on 2 cores (benchmarks/run.py's fixed
+    overhead). Where a Ray release no longer has it, the plain `TorchTrainer`."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+    except ImportError:
+        return TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
+
+
 def _progress_actor():
     import ray
 
@@ -196,12 +217,12 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
     `datasets=`, hands blocks to whichever worker asks first, which no resumed run could repeat.)"""
     import ray
     from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     progress = _progress_actor()
     job.progress = progress
     storage = storage_root(storage_path)
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=resources.scaling_config(),
