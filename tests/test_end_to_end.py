@@ -108,14 +108,15 @@ def test_adapter_is_registered_with_alias(zero2_run, tmp_path):
     assert "model.safetensors" not in names
 
 
-def test_no_ray_datasets_actor_starts_for_a_run(zero2_run, ray_local):
-    """Ray Train starts an actor to hand out Ray Datasets at every run, even with none given
-    (launch._trainer_class leaves it out: the workers read their rows themselves). Ray's state API
-    lists the session's actors, the finished ones too."""
+def test_a_local_run_starts_no_actor_it_does_not_use(zero2_run, ray_local):
+    """Ray Train starts, at every run, an actor to hand out Ray Datasets (even with none given;
+    launch._trainer_class leaves it out: the workers read their rows themselves) and one that
+    watches the nodes for preemption (off on a local instance, one machine). Each is a process.
+    Ray's state API lists the session's actors, the finished ones too."""
     from ray.util.state import list_actors
 
     names = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
-    assert "RayTrainWorker" in names and "DatasetManager" not in names, names
+    assert "RayTrainWorker" in names and not names & {"DatasetManager", "PreemptionWatcher"}, names
 
 
 def generate(summary, *variants: tuple[str, ...]) -> list[str]:

@@ -55,7 +55,8 @@ class _RecordingActor:
         self.calls: list[int] = []
         self.update = self
 
-    def remote(self, step, metrics):
+    def remote(self, key, step, metrics):
+        assert key == "the-run"
         self.calls.append(step)
 
 
@@ -64,7 +65,7 @@ def test_progress_updates_are_throttled_but_evaluations_and_the_last_step_always
 
     actor = _RecordingActor()
     job = WorkerJob(spec={}, deepspeed_config={}, total_steps=100, data=None, train_examples=0, eval_examples=0, pad_id=0,
-                    use_gpu=False, tracking_uri="", run_id="", progress=actor)
+                    use_gpu=False, tracking_uri="", run_id="", progress=actor, progress_key="the-run")
     send = ProgressSender(job, rank=0, interval_s=3600)
     for step in range(0, 101):
         send(step, {"eval_loss": 1.0} if step % 50 == 0 else {"train_loss": 1.0})

@@ -15,6 +15,11 @@ from orchestrator.tracking.metrics import WORKER_MLFLOW_ENV
 from orchestrator.training.checkpoint import ADAPTER_DIR, TRAIN_STATE_FILE
 from orchestrator.training.worker import WorkerJob, train_loop_per_worker
 
+# Ray Train V2, read by `ray.train` when it is imported. Set when this module is imported (before
+# `run` starts any thread: setenv beside another thread's getenv is a data race in glibc).
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 # Quiet third-party chatter in the workers; our own progress and summary are what users read.
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -77,8 +82,11 @@ def connect(address: str | None = None, verbose: bool = False, dashboard: bool =
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
         env, extra = dict(WORKER_ENV), {}
+        if address is None:
+            # Ray Train watches the nodes for preemption (a drained spot node) with an actor per
+            # run, a process that costs about 2 s of CPU; a local instance is this one machine.
+            env[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
         if dashboard and address is None:
             # Ray's workers find the state API by looking for "the" Ray instance on this machine,
             # and give up when there are several (other users' tests, a cluster); so the
@@ -183,23 +191,39 @@ def _trainer_class():
     return Trainer
 
 
+# The driver's progress actor, created at its first run and shared by every later run of this
+# process's Ray connection (a search's trial, a test session, `compare`): a new actor per run is a
+# process that imports Ray, about 1.2 s of CPU. (Ray job id, handle.)
+_progress: tuple[str, object] | None = None
+
+
 def _progress_actor():
+    """The actor rank 0 sends its progress to, by run (`WorkerJob.progress_key`)."""
+    global _progress
     import ray
+
+    job_id = ray.get_runtime_context().get_job_id()
+    if _progress is not None and _progress[0] == job_id:
+        return _progress[1]
 
     @ray.remote(num_cpus=0)
     class Progress:
-        """Rank 0 pushes (step, metrics) here; the driver polls it for its progress bar."""
+        """Rank 0 pushes (step, metrics) here, by run; the driver polls it for its progress bar."""
 
         def __init__(self):
-            self.step, self.metrics = 0, {}
+            self.runs: dict[str, tuple[int, dict]] = {}
 
-        def update(self, step: int, metrics: dict) -> None:
-            self.step, self.metrics = step, metrics
+        def update(self, key: str, step: int, metrics: dict) -> None:
+            self.runs[key] = (step, metrics)
 
-        def get(self) -> tuple[int, dict]:
-            return self.step, self.metrics
+        def get(self, key: str) -> tuple[int, dict]:
+            return self.runs.get(key, (0, {}))
 
-    return Progress.remote()
+        def forget(self, key: str) -> None:
+            self.runs.pop(key, None)
+
+    _progress = (job_id, Progress.remote())
+    return _progress[1]
 
 
 def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, max_failures: int,
@@ -220,7 +244,7 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
     from ray.train.torch import TorchConfig
 
     progress = _progress_actor()
-    job.progress = progress
+    job.progress, job.progress_key = progress, name
     storage = storage_root(storage_path)
     trainer = _trainer_class()(
         train_loop_per_worker,
@@ -237,7 +261,7 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
     def watch() -> None:
         while not stop.wait(0.5):
             try:
-                step, metrics = ray.get(progress.get.remote(), timeout=5)
+                step, metrics = ray.get(progress.get.remote(name), timeout=5)
             except Exception:  # the actor is gone at shutdown; the bar simply stops
                 return
             if on_progress:
@@ -250,7 +274,7 @@ def fit(job: WorkerJob, *, name: str, resources: Resources, storage_path: str, m
     finally:
         stop.set()
         watcher.join(timeout=2)
-        ray.kill(progress)
+        progress.forget.remote(name)
     if result.checkpoint is None:  # the workers ended without one (tokenizing beside them failed)
         raise RuntimeError(f"the training run {name} ended without a checkpoint")
     if on_progress:

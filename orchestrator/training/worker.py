@@ -47,7 +47,8 @@ class WorkerJob:
     use_gpu: bool
     tracking_uri: str
     run_id: str
-    progress: Any = None  # a Ray actor handle with `update(step, metrics)`, or None
+    progress: Any = None  # a Ray actor handle with `update(progress_key, step, metrics)`, or None
+    progress_key: str = ""  # this run's updates in `progress` (it may serve several runs)
     # Report every evaluation to Ray Train (a search's scheduler needs them); otherwise only
     # checkpoints are reported: each report is a barrier across workers.
     report_evals: bool = False
@@ -421,6 +422,7 @@ class ProgressSender:
 
     def __init__(self, job: WorkerJob, rank: int, interval_s: float = 0.5):
         self.actor = job.progress if rank == 0 else None
+        self.key = job.progress_key
         self.interval_s, self.total = interval_s, job.total_steps
         self._sent_at = -math.inf
 
@@ -431,5 +433,5 @@ class ProgressSender:
         if self.actor is None or (not must and now - self._sent_at < self.interval_s):
             return False
         self._sent_at = now
-        self.actor.update.remote(step, metrics)
+        self.actor.update.remote(self.key, step, metrics)
         return True
