@@ -113,11 +113,17 @@ def side_by_side(commands: list[list[str]], cwds: list | None = None, env: dict 
     procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
              for cmd, cwd, (out, err) in zip(commands, cwds or [None] * len(commands), files)]
     results = []
-    for cmd, proc, (out, err) in zip(commands, procs, files):
-        proc.wait(timeout=timeout)
-        out.seek(0), err.seek(0)
-        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()))
-        out.close(), err.close()
+    try:
+        for cmd, proc, (out, err) in zip(commands, procs, files):
+            proc.wait(timeout=timeout)
+            out.seek(0), err.seek(0)
+            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()))
+    finally:
+        for proc, (out, err) in zip(procs, files):
+            if proc.poll() is None:  # one timed out: none is left running
+                proc.kill()
+                proc.wait()
+            out.close(), err.close()
     return results
 
 

@@ -193,8 +193,9 @@ def _trainer_class():
 
 # The driver's progress actor, created at its first run and shared by every later run of this
 # process's Ray connection (a search's trial, a test session, `compare`): a new actor per run is a
-# process that imports Ray, about 1.2 s of CPU. (Ray job id, handle.)
-_progress: tuple[str, object] | None = None
+# process that imports Ray, about 1.2 s of CPU. ((this node's id, the Ray job's id), handle): a
+# Ray instance started again in the same process numbers its jobs from 1 again, its node is new.
+_progress: tuple[tuple[str, str], object] | None = None
 
 
 def _progress_actor():
@@ -202,8 +203,9 @@ def _progress_actor():
     global _progress
     import ray
 
-    job_id = ray.get_runtime_context().get_job_id()
-    if _progress is not None and _progress[0] == job_id:
+    context = ray.get_runtime_context()
+    connection = (context.get_node_id(), context.get_job_id())
+    if _progress is not None and _progress[0] == connection:
         return _progress[1]
 
     @ray.remote(num_cpus=0)
@@ -222,7 +224,7 @@ def _progress_actor():
         def forget(self, key: str) -> None:
             self.runs.pop(key, None)
 
-    _progress = (job_id, Progress.remote())
+    _progress = (connection, Progress.remote())
     return _progress[1]
 
 
